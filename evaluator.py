@@ -1,0 +1,306 @@
+"""Zero-shot / in-context-learning evaluation: prompt encoding, batched option scoring, batched generation.
+
+Scoring follows the reference exactly (mean option log-prob; SFC as a difference of sums; first argmax on ties) but
+computes it quickly:
+* the token prefix shared by every sequence of the evaluation (e.g. a shared demonstration set) runs once;
+* the prefix shared by one example's candidates runs once per example, batched across examples;
+* only each candidate's remaining tokens run per candidate, batched, reusing those prefixes' key/value caches;
+* the LM head runs only on the positions that predict option tokens.
+Padding uses attention masks and explicit position ids, so every number equals unbatched, per-candidate scoring up to
+floating-point round-off (tests/test_evaluator.py checks this).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from metrics import Prediction, calculate_metric
+from models import TokenizerSettings, model_device
+
+logger = logging.getLogger(__name__)
+
+
+# --- prompt encoding (reference §7.2) ------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    sequences: list[list[int]]   # one token list per candidate (generation: the prompt)
+    option_lens: list[int]       # trailing tokens of each sequence that form the option/answer
+    texts: list[str] = field(default_factory=list)
+
+
+def encode_prompt(template, train_sep: str, demos: Sequence, sample, tokenizer, tokens: TokenizerSettings,
+                  max_length: int, *, sfc: bool = False, icl_sfc: bool = False, generation: bool = False,
+                  generation_with_gold: bool = False, max_new_tokens: int | None = None) -> Encoded:
+    demo_text = train_sep.join(template.verbalize(d, d.correct_candidate).strip() for d in demos).strip()
+    calibrate = sfc or icl_sfc
+    encode = template.encode_sfc if calibrate else template.encode
+    verbalize = template.verbalize_sfc if calibrate else template.verbalize
+    # Only spaces are stripped: templates whose prompt ends in "\n" keep it.
+    unverbalized = encode(sample).strip(" ")
+
+    def with_demos(text: str) -> str:
+        return text if sfc else (demo_text + train_sep + text).lstrip().strip(" ")
+
+    if generation:
+        if calibrate:
+            raise ValueError("SFC calibration (--sfc/--icl_sfc) only applies to classification tasks, "
+                             "not to generation tasks; drop the flag.")
+        if generation_with_gold:
+            verbalized = verbalize(sample, sample.correct_candidate).strip(" ")
+            option_lens = [len(tokens.encode(tokenizer, verbalized)) - len(tokens.encode(tokenizer, unverbalized))]
+            texts = [with_demos(verbalized)]
+        else:
+            option_lens, texts = [0], [with_demos(unverbalized)]
+    else:
+        prompt_len = len(tokens.encode(tokenizer, unverbalized))
+        texts, option_lens = [], []
+        for candidate in sample.candidates:
+            verbalized = verbalize(sample, candidate).strip(" ")
+            option_lens.append(len(tokens.encode(tokenizer, verbalized)) - prompt_len)
+            texts.append(with_demos(verbalized))
+
+    limit = max_length - (max_new_tokens or 0) if generation else max_length
+    sequences = []
+    for text, option_len in zip(texts, option_lens):
+        ids = tokens.encode(tokenizer, text)
+        if len(ids) > limit:
+            logger.warning("Prompt of %d tokens exceeds max_length %d; truncating from the left (oldest demos first).",
+                           len(ids), limit)
+            ids = ids[:1] + ids[len(ids) - limit + 1:] if tokens.bos_id is not None else ids[len(ids) - limit:]
+        if option_len >= len(ids):
+            raise ValueError(f"The option ({option_len} tokens) does not fit in max_length {limit}; "
+                             f"raise --max_length.")
+        sequences.append(ids)
+    return Encoded(sequences, option_lens, texts)
+
+
+# --- batched option scoring -----------------------------------------------------------------------------------------
+
+def _common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
+    first = sequences[0]
+    length = min(len(s) for s in sequences)
+    for other in sequences[1:]:
+        i = 0
+        while i < length and other[i] == first[i]:
+            i += 1
+        length = i
+    return length
+
+
+def _prefix_limit(sequences, option_lens) -> int:
+    """Longest prefix that may be cached: the logit predicting each first option token must stay in the suffix."""
+    return min(len(s) - n - 1 for s, n in zip(sequences, option_lens))
+
+
+def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            ids[i, width - len(row):] = torch.tensor(row)
+            mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _cache_name(model) -> str:
+    """transformers renamed the `past_key_values` argument/output to `cache`; support both spellings."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _positions(mask: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Position ids continuing from `start` (per row) over the real tokens of a left-padded block."""
+    return (start[:, None] + mask.cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id: int,
+                  batch_size: int = 8) -> list[list[torch.Tensor]]:
+    """Log-probs of each sequence's option tokens, as fp32 CPU tensors, grouped like the input.
+
+    `groups` holds one (sequences, option_lens) pair per example; sequences of a group share their prompt, so the
+    prompt runs once per group.
+    """
+    device = model_device(model)
+    all_sequences = [s for seqs, _ in groups for s in seqs]
+    all_lens = [n for _, lens in groups for n in lens]
+    group_prefix = [min(_common_prefix_len(seqs), _prefix_limit(seqs, lens)) for seqs, lens in groups]
+    # The evaluation-wide prefix leaves every group at least one token of its own, so no row is all padding.
+    shared_len = min(_common_prefix_len(all_sequences), _prefix_limit(all_sequences, all_lens), min(group_prefix) - 1)
+    shared_len = max(shared_len, 0)
+    cache_name = _cache_name(model)
+    shared_cache = None
+    if shared_len > 0:
+        out = model(input_ids=torch.tensor([all_sequences[0][:shared_len]], device=device), use_cache=True)
+        shared_cache = getattr(out, cache_name)
+
+    results: list[list[torch.Tensor] | None] = [None] * len(groups)
+    order = sorted(range(len(groups)), key=lambda g: -max(len(s) for s in groups[g][0]))
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        # Stage 1: each group's own prompt part, after the shared prefix.
+        cache = None
+        prefix_mask = torch.ones((len(batch), shared_len), dtype=torch.long, device=device)
+        if shared_cache is not None:
+            cache = copy.deepcopy(shared_cache)
+            cache.batch_repeat_interleave(len(batch))
+        own = [groups[g][0][0][shared_len:group_prefix[g]] for g in batch]
+        ids, mask = _left_pad(own, pad_id, device)
+        full_mask = torch.cat([prefix_mask, mask], dim=1)
+        out = model(input_ids=ids, attention_mask=full_mask, use_cache=True, **{cache_name: cache},
+                    position_ids=_positions(mask, torch.full((len(batch),), shared_len, device=device)),
+                    logits_to_keep=1)
+        cache = getattr(out, cache_name)
+
+        # Stage 2: every candidate's remaining tokens, with its group's cache rows.
+        rows, row_group, row_lens, row_starts = [], [], [], []
+        for slot, g in enumerate(batch):
+            for seq, n in zip(*groups[g]):
+                rows.append(seq[group_prefix[g]:])
+                row_group.append(slot)
+                row_lens.append(n)
+                row_starts.append(group_prefix[g])
+        cache.batch_select_indices(torch.tensor(row_group, device=device))
+        ids, mask = _left_pad(rows, pad_id, device)
+        keep = max(row_lens) + 1
+        out = model(input_ids=ids, attention_mask=torch.cat([full_mask[row_group], mask], dim=1), use_cache=True,
+                    **{cache_name: cache}, position_ids=_positions(mask, torch.tensor(row_starts, device=device)),
+                    logits_to_keep=keep)
+        log_probs = out.logits.float().log_softmax(-1)          # (rows, keep, vocab)
+        targets = ids[:, -keep + 1:] if keep > 1 else ids[:, :0]  # tokens predicted by the kept positions
+        picked = log_probs[:, :-1].gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        row = 0
+        for g in batch:
+            scores = []
+            for n in groups[g][1]:
+                scores.append(picked[row, picked.shape[1] - n:] if n else picked[row, :0])
+                row += 1
+            results[g] = scores
+    return results  # type: ignore[return-value]
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+
+def stop_token_ids(tokenizer, tokens: TokenizerSettings, eos_token: str) -> list[int]:
+    ids = tokenizer(eos_token, add_special_tokens=False)["input_ids"]
+    stops = [ids[-1]] if ids else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in stops:
+        stops.append(tokenizer.eos_token_id)
+    return stops
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 50
+    sampling: bool = False
+    temperature: float = 1.0
+    num_beams: int = 1
+    top_p: float = 0.95
+    top_k: int | None = None
+    max_length: int = 2048
+    eos_token: str = "\n"
+
+
+@torch.inference_mode()
+def generate_batch(model, tokenizer, tokens: TokenizerSettings, prompts: list[list[int]],
+                   options: GenerationOptions) -> list[str]:
+    """Decode continuations of left-padded prompts; each stops at the stop tokens or the budget."""
+    device = model_device(model)
+    ids, mask = _left_pad(prompts, tokens.pad_id, device)
+    budget = min(options.max_new_tokens, options.max_length - max(len(p) for p in prompts))
+    kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams, max_new_tokens=budget,
+                                  eos_token_id=stop_token_ids(tokenizer, tokens, options.eos_token),
+                                  pad_token_id=tokens.pad_id, num_return_sequences=1)
+    if options.sampling:
+        kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
+    else:  # the model's own generation_config may carry sampling settings; greedy must stay greedy
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    output = model.generate(input_ids=ids, attention_mask=mask, position_ids=None, **kwargs)
+    new_tokens = output[:, ids.shape[1]:]
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+
+# --- the evaluator --------------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalSettings:
+    max_length: int = 2048
+    sfc: bool = False
+    icl_sfc: bool = False
+    batch_size: int = 8
+    verbose: bool = False
+    generation: GenerationOptions = field(default_factory=GenerationOptions)
+
+
+def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[list], eval_samples: list,
+            settings: EvalSettings) -> list[dict]:
+    """One prediction record per eval sample; `demo_sets[i]` are the demonstrations of `eval_samples[i]`."""
+    spec = task.spec
+    template = spec.template()
+    if spec.generation and (settings.sfc or settings.icl_sfc):
+        raise ValueError(f"--sfc/--icl_sfc cannot be used with the generation task {spec.name}; drop the flag.")
+    records = []
+    if spec.generation:
+        prompts = [encode_prompt(template, spec.train_sep, demos, sample, tokenizer, tokens, settings.max_length,
+                                 generation=True, max_new_tokens=settings.generation.max_new_tokens)
+                   for demos, sample in zip(demo_sets, eval_samples)]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].sequences[0]))
+        outputs: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start:start + settings.batch_size]
+            texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in batch],
+                                   settings.generation)
+            for i, text in zip(batch, texts):
+                outputs[i] = text
+        for i, (sample, prompt, output) in enumerate(zip(eval_samples, prompts, outputs)):
+            if settings.verbose or i < 3:
+                logger.info("=== example %d ===\nPROMPT:\n%s\nGENERATED: %r  GOLD: %r", i, prompt.texts[0], output,
+                            sample.correct_candidate)
+            records.append({"id": sample.id, "correct_candidate": sample.correct_candidate,
+                            "predicted_candidate": output})
+        return records
+
+    encoded = [encode_prompt(template, spec.train_sep, demos, sample, tokenizer, tokens, settings.max_length)
+               for demos, sample in zip(demo_sets, eval_samples)]
+    groups = [(e.sequences, e.option_lens) for e in encoded]
+    calibration = None
+    if settings.sfc or settings.icl_sfc:
+        calibration = [encode_prompt(template, spec.train_sep, demos, sample, tokenizer, tokens, settings.max_length,
+                                     sfc=settings.sfc, icl_sfc=settings.icl_sfc)
+                       for demos, sample in zip(demo_sets, eval_samples)]
+        groups += [(e.sequences, e.option_lens) for e in calibration]
+    option_log_probs = score_options(model, groups, tokens.pad_id, settings.batch_size)
+
+    for i, sample in enumerate(eval_samples):
+        per_option = option_log_probs[i]
+        if calibration is not None:
+            calibrated = option_log_probs[len(eval_samples) + i]
+            scores = [(lp.sum() - cal.sum()).item() for lp, cal in zip(per_option, calibrated)]
+        else:
+            scores = [lp.mean().item() for lp in per_option]
+        best = max(range(len(scores)), key=lambda j: (scores[j], -j))  # first argmax on ties
+        if isinstance(sample.correct_candidate, list):
+            gold = [sample.candidates.index(c) for c in sample.correct_candidate if c in sample.candidates]
+        else:
+            gold = sample.candidates.index(sample.correct_candidate)
+        if settings.verbose or i < 3:
+            logger.info("=== example %d ===\nPROMPT (candidate 0):\n%s\nCANDIDATES: %r\nSCORES: %s\nPREDICTED %d  GOLD %r",
+                        i, encoded[i].texts[0], sample.candidates, [round(s, 4) for s in scores], best, gold)
+        records.append({"id": sample.id, "correct_candidate": gold, "predicted_candidate": best,
+                        "candidates": sample.candidates, "scores": scores})
+    return records
+
+
+def evaluate(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[list], eval_samples: list,
+             settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
+    records = predict(model, tokenizer, tokens, task, demo_sets, eval_samples, settings)
+    metric = task.spec.metric
+    value = calculate_metric([Prediction(r["correct_candidate"], r["predicted_candidate"]) for r in records], metric)
+    return {metric: value}, records

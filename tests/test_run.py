@@ -1,0 +1,108 @@
+"""run.py end to end: real ICL runs on the embedded model and real data, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import run
+from conftest import ROOT, shared_data_or_skip
+
+
+def run_cli(tmp_path, *args, env=None):
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, env=environment,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("task,num_train,expected_name", [
+    ("SST2", 0, "SST2-smollm2-135m-sampleeval48-onetrainpereval.json"),
+    ("SST2", 4, "SST2-smollm2-135m-sampleeval48-ntrain4-onetrainpereval.json"),
+    ("Copa", 0, "Copa-smollm2-135m-sampleeval48-onetrainpereval.json"),
+    ("Copa", 4, "Copa-smollm2-135m-sampleeval48-ntrain4-onetrainpereval.json"),
+])
+def test_icl_on_embedded_model_and_real_rows(tmp_path, task, num_train, expected_name):
+    data = shared_data_or_skip()
+    done = run_cli(tmp_path, "--task_name", task, "--num_train", str(num_train), "--num_eval", "48",
+                   env={"ZO_DATA_DIR": str(data)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result" / expected_name).read_text())
+    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["data_source"].startswith("local:")
+    assert result["sizes"] == {"train": num_train, "dev": 0, "eval": 48}
+    assert result["config"]["task_name"] == task and result["config"]["num_train"] == num_train
+    predictions = result["predictions"]
+    assert len(predictions) == 48
+    assert result["accuracy"] == pytest.approx(
+        sum(p["predicted_candidate"] == p["correct_candidate"] for p in predictions) / 48)
+    # a pretrained model is far from uniform: its option scores differ between candidates
+    assert any(p["scores"][0] != p["scores"][1] for p in predictions)
+
+
+def test_shared_demo_set_mode_writes_trainset_file(tmp_path):
+    data = shared_data_or_skip()
+    done = run_cli(tmp_path, "--task_name", "SST2", "--num_train", "4", "--num_eval", "16", "--train_set_seed", "5",
+                   "--tag", "icl", env={"ZO_DATA_DIR": str(data)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result" / "SST2-smollm2-135m-sampleeval16-ntrain4-icl-trainset0.json").read_text())
+    assert result["train_set_seed"] == 5 and result["sizes"]["train"] == 4
+
+
+def test_legacy_evaluation_strategy_spelling_is_accepted():
+    args = run.parse_args(["--evaluation_strategy", "steps", "--eval_steps", "10"])
+    assert args.eval_strategy == "steps"
+    args = run.parse_args(["--evaluation_strategy=epoch"])
+    assert args.eval_strategy == "epoch"
+
+
+def test_defaults_follow_the_reference():
+    args = run.parse_args([])
+    assert (args.task_name, args.num_train, args.zo_eps, args.max_length, args.max_new_tokens) == ("SST2", 0, 1e-3, 2048, 50)
+    assert args.only_train_option and args.no_reparam and args.prefix_init_by_real_act and not args.train_as_classification
+    assert args.model_name == "smollm2-135m" and args.output_dir
+
+
+def call_main(tmp_path, monkeypatch, *args):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    return run.main(list(args))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task_name", "Foo"], "Unknown task 'Foo'. Valid task names: SST2"),
+    (["--task_name", "SST2", "--num_dev", "8"], "--num_dev 8 only applies to training"),
+    (["--task_name", "SQuAD", "--sfc"], "task SQuAD is a generation task"),
+    (["--task_name", "SST2", "--icl_sfc"  , "--task_name", "DROP"], "task DROP is a generation task"),
+    (["--task_name", "SST2", "--trainer", "bogus"], "--trainer 'bogus' is not available"),
+    (["--model_name", "no-such-org/no-such-model"], "Cannot load model 'no-such-org/no-such-model'"),
+])
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch, caplog, args, message):
+    monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))
+    assert call_main(tmp_path, monkeypatch, *args, "--num_eval", "4") != 0
+    assert message in caplog.text
+    assert not (tmp_path / "result").exists()
+
+
+def test_bad_data_dir_fails_clearly(tmp_path, monkeypatch, caplog):
+    (tmp_path / "data" / "rte").mkdir(parents=True)
+    (tmp_path / "data" / "rte" / "train.jsonl").write_text('{"premise": "p", "idx": 0, "label": 0}\n')
+    (tmp_path / "data" / "rte" / "validation.jsonl").write_text("")
+    assert call_main(tmp_path, monkeypatch, "--task_name", "RTE", "--data_dir", "data") != 0
+    assert "train.jsonl:1: row lacks field(s) hypothesis" in caplog.text
+    assert call_main(tmp_path, monkeypatch, "--task_name", "CB", "--data_dir", "data") != 0
+    assert "no train.jsonl or train.jsonl.gz in data/cb" in caplog.text
+    assert not (tmp_path / "result").exists()
+
+
+def test_result_file_name_follows_the_reference():
+    args = run.parse_args(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
+                           "--num_train", "1000", "--num_dev", "500", "--tag", "mezo-ft-20000-16-1e-7-1e-3-0"])
+    assert run.result_file_name(args, "trainset0") == os.path.join(
+        "result", "SST2-opt-13b-sampleeval1000-ntrain1000-ndev500-mezo-ft-20000-16-1e-7-1e-3-0-trainset0.json")
+    args = run.parse_args(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
+                           "--num_train", "32", "--tag", "icl", "--sfc"])
+    assert run.result_file_name(args, "onetrainpereval") == os.path.join(
+        "result", "SST2-opt-13b-sfc-sampleeval1000-ntrain32-icl-onetrainpereval.json")

@@ -1,0 +1,578 @@
+"""Tests of zo.py: the ZO maths against dense textbook references, numerics, protocol and checkpointing."""
+import io
+import math
+import os
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from zo import (AdaMUSchedule, MeZO, ZOAdaMU, anneal, param_groups_for_model,  # noqa: E402
+                sample_direction, step_seed)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # the tensors here are tiny: intra-op threads only add overhead (and stall on a busy 2-core box)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+NB = 16  # small noise block so the tiny test tensors span several blocks and chunks
+NO_DECAY = {"lin1.bias", "norm.weight", "norm.bias", "lin2.bias"}
+
+
+class Tiny(nn.Module):
+    """Linear + LayerNorm + tied embedding / output head."""
+
+    def __init__(self, vocab=11, d=8, h=12):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.lin1 = nn.Linear(d, h)
+        self.norm = nn.LayerNorm(h)
+        self.lin2 = nn.Linear(h, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(self.lin2(self.norm(torch.tanh(self.lin1(self.emb(ids))))))
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    model = Tiny().to(dtype)
+    with torch.no_grad():  # non-trivial norm params so that decaying them would show
+        model.norm.weight.add_(0.3 * torch.randn_like(model.norm.weight))
+        model.norm.bias.add_(0.3 * torch.randn_like(model.norm.bias))
+    return model
+
+
+def make_data(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 11, (n, 5), generator=g), torch.randn(n, 5, 11, generator=g)
+
+
+def mse(model, ids, target):
+    return lambda: ((model(ids).to(target.dtype) - target) ** 2).mean()
+
+
+def ordered_names(model):
+    """Parameter names in the optimizer's order (decay group, then no-decay group)."""
+    names = [n for n, _ in model.named_parameters()]
+    return [n for n in names if n not in NO_DECAY] + [n for n in names if n in NO_DECAY]
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ------------------------------------------------------------------------------------ noise
+def test_step_seed_is_pure_and_distinct():
+    assert step_seed(3, 7) == step_seed(3, 7)
+    seeds = {step_seed(b, t) for b in range(4) for t in range(50)}
+    assert len(seeds) == 200
+
+
+def test_noise_distribution_and_independence():
+    n = 200_000
+    s0, s1 = step_seed(0, 0), step_seed(0, 1)
+    z = sample_direction(s0, 0, n, noise_block=n // 2)
+    assert torch.equal(z, sample_direction(s0, 0, n, noise_block=n // 2))  # determinism
+    assert z.dtype == torch.float32 and abs(z.mean()) < 0.01 and abs(z.var() - 1) < 0.02
+    corr = lambda a, b: float(torch.corrcoef(torch.stack([a, b]))[0, 1])  # noqa: E731
+    others = {
+        "tensor": sample_direction(s0, 1, n, noise_block=n // 2),
+        "step": sample_direction(s1, 0, n, noise_block=n // 2),
+        "stream": sample_direction(s0, 0, n, stream=1, noise_block=n // 2),
+        "base seed": sample_direction(step_seed(1, 0), 0, n, noise_block=n // 2),
+    }
+    for name, o in others.items():
+        assert abs(corr(z, o)) < 0.015, name
+    assert abs(corr(z[: n // 2], z[n // 2:])) < 0.02  # block 0 vs block 1 of one tensor
+    r = sample_direction(s0, 0, n, direction="rademacher", noise_block=n // 2)
+    assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
+    assert abs(corr(r, sample_direction(s0, 1, n, direction="rademacher", noise_block=n // 2))) < 0.015
+
+
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+def test_global_rng_untouched(cls):
+    model = make_model()
+    ids, tgt = make_data()
+    opt = cls(param_groups_for_model(model, 0.1), lr=1e-3, eps=1e-2, noise_block=NB)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for _ in range(3):
+        opt.step(mse(model, ids, tgt))
+    assert torch.equal(before, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+def test_processing_chunk_size_does_not_change_noise(cls):
+    """The noise is defined per noise_block; chunk_numel only changes how much is processed at once."""
+    ids, tgt = make_data()
+    finals, calls = [], []
+    extra = dict(schedule=AdaMUSchedule(1, 3, 4)) if cls is ZOAdaMU else {}
+    for chunk in (NB, 3 * NB, 1 << 16):
+        model = make_model()
+        opt = cls(param_groups_for_model(model, 0.1), lr=1e-2, eps=1e-2, noise_block=NB, chunk_numel=chunk, **extra)
+        for _ in range(4):
+            opt.step(mse(model, ids, tgt))
+        finals.append(params_of(model))
+        calls.append(opt.noise_calls)
+    assert calls[0] > calls[1] > calls[2]  # really processed in different chunkings
+    for f in finals[1:]:
+        assert all(torch.equal(f[k], finals[0][k]) for k in f)
+    model = make_model()  # ... while the noise block is part of the definition
+    opt = MeZO(param_groups_for_model(model, 0.1), lr=1e-2, eps=1e-2, noise_block=2 * NB)
+    opt.step(mse(model, ids, tgt))
+    assert not torch.equal(model.lin1.weight, make_model().lin1.weight)
+
+
+# ------------------------------------------------------------------------------ dense references
+def test_param_groups_by_module_type():
+    class MyRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4))
+
+    class Odd(nn.Module):  # name contains "layernorm" but the module is not a norm: decayed
+        def __init__(self):
+            super().__init__()
+            self.layernorm_weight = nn.Parameter(torch.ones(4))
+
+    m = nn.ModuleDict(dict(a=nn.Linear(4, 4), b=MyRMSNorm(), c=Odd(), d=nn.BatchNorm1d(4), e=nn.GroupNorm(2, 4),
+                           f=nn.Linear(4, 4), g=nn.Linear(4, 4)))
+    if hasattr(nn, "RMSNorm"):
+        m["h"] = nn.RMSNorm(4)
+    m["f"].weight = m["a"].weight  # tied: listed once
+    m["g"].requires_grad_(False)  # frozen: not listed
+    decay, plain = param_groups_for_model(m, 0.5)
+    assert decay["weight_decay"] == 0.5 and plain["weight_decay"] == 0.0
+    assert [id(p) for p in decay["params"]] == [id(m["a"].weight), id(m["c"].layernorm_weight)]
+    expect = [m["a"].bias, m["b"].weight, m["d"].weight, m["d"].bias, m["e"].weight, m["e"].bias, m["f"].bias]
+    if hasattr(nn, "RMSNorm"):
+        expect.append(m["h"].weight)
+    assert [id(p) for p in plain["params"]] == [id(p) for p in expect]
+    model = make_model()
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = param_groups_for_model(model, 0.1)
+    assert [names[id(p)] for p in groups[1]["params"]] == [n for n in ordered_names(model) if n in NO_DECAY]
+
+
+def _run_reference(cls, model, ids, tgt, steps, lr, eps, wd, **kw):
+    """Textbook dense algorithm on plain tensors, noise replayed via sample_direction."""
+    names = ordered_names(model)
+    theta = params_of(model)
+    m = {n: torch.zeros_like(theta[n]) for n in names}
+    sched = kw.get("schedule")
+
+    def loss(params):
+        out = torch.func.functional_call(model, params, (ids,))
+        return ((out.to(tgt.dtype) - tgt) ** 2).mean()
+
+    for t in range(steps):
+        seed = step_seed(kw.get("seed", 0), t)
+        noise = lambda i, n, s: sample_direction(seed, i, theta[n].numel(), stream=s,  # noqa: E731
+                                                 noise_block=NB).view_as(theta[n]).to(theta[n].dtype)
+        if cls is MeZO:
+            u = {n: noise(i, n, 0) for i, n in enumerate(names)}
+            w = u
+        else:
+            a, b1, b2 = sched.values(t)
+            zd = {n: math.sqrt(a) * noise(i, n, 0) for i, n in enumerate(names)}
+            zdd = {n: m[n] + math.sqrt(1 - a) * noise(i, n, 1) for i, n in enumerate(names)}
+            u = {n: b1 * zd[n] + (1 - b1) * zdd[n] for n in names}
+            w = {n: u[n] / torch.sqrt(b2 * zd[n] ** 2 + (1 - b2) * zdd[n] ** 2 + 1e-8) for n in names}
+        with torch.no_grad():
+            lp = loss({n: theta[n] + eps * u[n] for n in names})
+            lm = loss({n: theta[n] - eps * u[n] for n in names})
+        g = float((lp - lm) / (2 * eps))
+        for n in names:
+            lam = 0.0 if n in NO_DECAY else wd
+            theta[n] = theta[n] - lr * (g * w[n] + lam * theta[n])
+            m[n] = (1.0 if g >= 0 or not kw.get("signed_momentum", True) else -1.0) * u[n]
+    return theta, m
+
+
+@pytest.mark.parametrize("cls,kw", [
+    (MeZO, {}), (MeZO, dict(keep_direction=True)), (MeZO, dict(exact_restore=True, seed=3)),
+    (ZOAdaMU, dict(schedule=AdaMUSchedule(1, 4, 6))),
+    (ZOAdaMU, dict(schedule=AdaMUSchedule(1, 4, 6), signed_momentum=False)),
+    (ZOAdaMU, dict(schedule=AdaMUSchedule(1, 4, 6), keep_direction=True, exact_restore=True)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_step_matches_dense_reference(cls, kw, dtype):
+    """fp64 pins the formulas down to 1e-10; fp32 shows the fp32 path is the same up to round-off."""
+    # fp32: few steps, since ZO-AdaMU's u/sqrt(v+σ) amplifies round-off where v ~ 0 (cancellation)
+    lr, eps, wd, steps = 1e-2, 1e-2, 0.5, (4 if dtype == torch.float32 else 7)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    ids, tgt = make_data()
+    tgt = tgt.to(dtype)
+    model = make_model(dtype=dtype)
+    opt = cls(param_groups_for_model(model, wd), lr=lr, eps=eps, noise_block=NB, **kw)
+    ref_theta, ref_m = _run_reference(cls, make_model(dtype=dtype), ids, tgt, steps, lr, eps, wd, **kw)
+    for _ in range(steps):
+        opt.step(mse(model, ids, tgt))
+    got = params_of(model)
+    for n in ref_theta:
+        torch.testing.assert_close(got[n], ref_theta[n], **tol, msg=n)
+    if cls is ZOAdaMU:
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(opt.state[p]["momentum"], ref_m[n], **tol)
+    assert opt.step_count == steps
+
+
+def test_rademacher_matches_dense_reference():
+    lr, eps, wd, steps = 1e-2, 1e-2, 0.5, 5
+    ids, tgt = make_data()
+    tgt = tgt.double()
+    model, ref = make_model(dtype=torch.float64), make_model(dtype=torch.float64)
+    opt = MeZO(param_groups_for_model(model, wd), lr=lr, eps=eps, noise_block=NB, direction="rademacher")
+    names = ordered_names(ref)
+    theta = params_of(ref)
+    for t in range(steps):
+        seed = step_seed(0, t)
+        z = {n: sample_direction(seed, i, theta[n].numel(), direction="rademacher", noise_block=NB)
+             .view_as(theta[n]).double() for i, n in enumerate(names)}
+        f = lambda d: ((torch.func.functional_call(ref, d, (ids,)) - tgt) ** 2).mean()  # noqa: E731
+        g = float((f({n: theta[n] + eps * z[n] for n in names}) - f({n: theta[n] - eps * z[n] for n in names}))
+                  / (2 * eps))
+        theta = {n: theta[n] - lr * (g * z[n] + (0 if n in NO_DECAY else wd) * theta[n]) for n in names}
+        opt.step(mse(model, ids, tgt))
+    got = params_of(model)
+    for n in names:
+        torch.testing.assert_close(got[n], theta[n], rtol=1e-10, atol=1e-10)
+
+
+def test_weight_decay_only_on_decay_group():
+    """With g forced to 0 (constant loss) only weight decay acts: θ <- (1-lr·λ)θ on the decay group."""
+    model = make_model()
+    before = params_of(model)
+    opt = MeZO(param_groups_for_model(model, 0.5), lr=0.1, eps=1e-2, noise_block=NB, exact_restore=True)
+    opt.step(lambda: torch.tensor(1.0))
+    for n, p in model.named_parameters():
+        expect = before[n] if n in NO_DECAY else before[n] * 0.95
+        torch.testing.assert_close(p.detach(), expect, rtol=1e-6, atol=0)
+
+
+def test_signed_momentum_keeps_direction_when_g_is_zero():
+    """sign(0) = +1: a flat probe stores m = u instead of collapsing the momentum centre to zero."""
+    model = make_model()
+    opt = ZOAdaMU(param_groups_for_model(model, 0.0), lr=1e-2, eps=1e-2, noise_block=NB)  # t=0 < T1: u = n1
+    opt.step(lambda: torch.tensor(2.0))
+    assert float(opt.last_projected_grad) == 0.0
+    for i, n in enumerate(ordered_names(model)):
+        p = model.get_parameter(n)
+        u = sample_direction(step_seed(0, 0), i, p.numel(), noise_block=NB).view_as(p)
+        assert torch.equal(opt.state[p]["momentum"], u), n
+
+
+def test_fused_update_equals_four_sweep_slow_path():
+    """MeZO's own in-place order (+ε, -2ε, +ε restore, separate update) vs the fused 3-sweep optimizer."""
+    lr, eps, wd = 3e-2, 1e-2, 0.5
+    ids, tgt = make_data()
+    fast, slow = make_model(), make_model()
+    opt = MeZO(param_groups_for_model(fast, wd), lr=lr, eps=eps, noise_block=NB)
+    groups = param_groups_for_model(slow, wd)
+    plist = [(p, gr["weight_decay"]) for gr in groups for p in gr["params"]]
+    for t in range(5):
+        seed = step_seed(0, t)
+        z = [sample_direction(seed, i, p.numel(), noise_block=NB).view_as(p) for i, (p, _) in enumerate(plist)]
+        with torch.no_grad():
+            for (p, _), zi in zip(plist, z):
+                p.add_(zi, alpha=eps)
+            lp = mse(slow, ids, tgt)()
+            for (p, _), zi in zip(plist, z):
+                p.add_(zi, alpha=-2 * eps)
+            lm = mse(slow, ids, tgt)()
+            for (p, _), zi in zip(plist, z):
+                p.add_(zi, alpha=eps)
+            g = float((lp - lm) / (2 * eps))
+            for (p, lam), zi in zip(plist, z):
+                p.sub_(lr * (g * zi + lam * p))
+        opt.step(mse(fast, ids, tgt))
+        assert opt.sweeps == 3 * (t + 1)
+    for (n, a), b in zip(fast.named_parameters(), slow.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+def test_keep_direction_equals_regenerated_noise(cls):
+    ids, tgt = make_data()
+    runs = []
+    for keep in (False, True):
+        model = make_model()
+        opt = cls(param_groups_for_model(model, 0.1), lr=1e-2, eps=1e-2, noise_block=NB, keep_direction=keep,
+                  **(dict(schedule=AdaMUSchedule(1, 3, 5)) if cls is ZOAdaMU else {}))
+        for _ in range(5):
+            opt.probe(mse(model, ids[:4], tgt[:4]))
+            opt.probe(mse(model, ids[4:], tgt[4:]))
+            opt.step()
+        runs.append((params_of(model), opt.noise_calls))
+    (a, calls_regen), (b, calls_keep) = runs
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert calls_keep * 5 == calls_regen  # 1 noise sweep per step instead of 5 (two probes + update)
+
+
+# ------------------------------------------------------------------------------------ protocol
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+def test_gradient_accumulation_equals_big_batch(cls):
+    ids, tgt = make_data(n=8)
+    kw = dict(lr=1e-2, eps=1e-2, noise_block=NB, **(dict(schedule=AdaMUSchedule(1, 3, 5)) if cls is ZOAdaMU else {}))
+    acc, big = make_model(), make_model()
+    opt_a = cls(param_groups_for_model(acc, 0.1), **kw)
+    opt_b = cls(param_groups_for_model(big, 0.1), **kw)
+    for _ in range(4):
+        for k in range(4):
+            opt_a.probe(mse(acc, ids[2 * k:2 * k + 2], tgt[2 * k:2 * k + 2]))
+        opt_a.step()
+        opt_b.step(mse(big, ids, tgt))
+        torch.testing.assert_close(opt_a.last_projected_grad, opt_b.last_projected_grad, rtol=1e-4, atol=1e-5)
+    for (n, a), b in zip(acc.named_parameters(), big.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_probe_offsets_and_sweep_counts():
+    ids, tgt = make_data()
+    model = make_model()
+    theta0 = params_of(model)
+    opt = MeZO(param_groups_for_model(model, 0.0), lr=1e-2, eps=1e-2, noise_block=NB)
+    names = ordered_names(model)
+    z = {n: sample_direction(step_seed(0, 0), i, theta0[n].numel(), noise_block=NB).view_as(theta0[n])
+         for i, n in enumerate(names)}
+    seen = []
+    opt.probe(lambda: seen.append(params_of(model)) or torch.tensor(0.0))
+    assert opt.sweeps == 2
+    opt.probe(lambda: seen.append(params_of(model)) or torch.tensor(0.0))
+    assert opt.sweeps == 4
+    for n in names:  # evaluated at θ+εz, θ-εz, θ+εz, θ-εz; resting at θ-εz
+        for k, sgn in enumerate((1, -1, 1, -1)):
+            torch.testing.assert_close(seen[k][n], theta0[n] + sgn * 1e-2 * z[n], rtol=0, atol=1e-6)
+        torch.testing.assert_close(model.get_parameter(n).detach(), theta0[n] - 1e-2 * z[n], rtol=0, atol=1e-6)
+    with pytest.raises(RuntimeError):
+        opt.state_dict()
+    opt.step()
+    assert opt.sweeps == 5 and opt.step_count == 1
+    with pytest.raises(RuntimeError, match="probe"):
+        opt.step()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_closure_exception_restores_parameters(exact):
+    model = make_model()
+    theta0 = params_of(model)
+    opt = MeZO(param_groups_for_model(model, 0.0), lr=1e-2, eps=1e-2, noise_block=NB, exact_restore=exact)
+    calls = []
+
+    def bad():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("boom")
+        return torch.tensor(1.0)
+    with pytest.raises(KeyError):
+        opt.step(bad)
+    for n, p in model.named_parameters():
+        if exact:
+            assert torch.equal(p, theta0[n]), n
+        else:  # +ε then -ε: round-off only
+            torch.testing.assert_close(p.detach(), theta0[n], rtol=0, atol=1e-6)
+    assert opt.step_count == 0 and opt.sweeps == 3
+
+
+def test_lr_read_at_update_time_by_scheduler():
+    ids, tgt = make_data()
+    model = make_model()
+    theta0 = params_of(model)
+    opt = MeZO(param_groups_for_model(model, 0.1), lr=1e-2, eps=1e-2, noise_block=NB, exact_restore=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.0 if s == 0 else 1.0)
+    opt.step(mse(model, ids, tgt))
+    assert all(torch.equal(p, theta0[n]) for n, p in model.named_parameters())
+    sched.step()
+    opt.step(mse(model, ids, tgt))
+    assert not torch.equal(model.lin1.weight, theta0["lin1.weight"])
+
+
+# ------------------------------------------------------------------------------------ numerics
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+@pytest.mark.parametrize("dtype,exact", [(torch.float32, True), (torch.bfloat16, None)])
+def test_lr0_is_bit_identical(cls, dtype, exact):
+    """fp32 with exact_restore=True and bf16 with the default (auto) stash: 50 steps at lr=0 change nothing."""
+    ids, tgt = make_data()
+    model = make_model(dtype=dtype)
+    theta0 = params_of(model)
+    opt = cls(param_groups_for_model(model, 0.3), lr=0.0, eps=1e-3, noise_block=NB, exact_restore=exact)
+    for _ in range(50):
+        opt.step(mse(model, ids, tgt))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), theta0[n]), n
+
+
+def test_lr0_default_fp32_drift_is_roundoff():
+    """Without a stash (fp32 default) the +ε/-2ε/+ε round trip drifts by round-off only."""
+    ids, tgt = make_data()
+    model = make_model()
+    theta0 = params_of(model)
+    opt = MeZO(param_groups_for_model(model, 0.3), lr=0.0, eps=1e-3, noise_block=NB)
+    for _ in range(50):
+        opt.step(mse(model, ids, tgt))
+    for n, p in model.named_parameters():
+        # each step: 3 roundings at magnitude <= |θ| + 2ε|u| (|u| < 6), half an ulp each
+        ulp = 2.0 ** -23 * (theta0[n].abs().max().item() + 2e-3 * 6)
+        assert (p.detach() - theta0[n]).abs().max().item() <= 50 * 1.5 * ulp, n
+
+
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+def test_nonfinite_loss_skips_update(cls):
+    ids, tgt = make_data()
+    model = make_model()
+    opt = cls(param_groups_for_model(model, 0.3), lr=1e-2, eps=1e-2, noise_block=NB, exact_restore=True,
+              **(dict(schedule=AdaMUSchedule(1, 3, 5)) if cls is ZOAdaMU else {}))
+    for _ in range(2):
+        opt.step(mse(model, ids, tgt))
+    before = params_of(model)
+    moms = {n: opt.state[p].get("momentum") for n, p in model.named_parameters()}
+    moms = {n: (m.clone() if m is not None else None) for n, m in moms.items()}
+    calls = []
+    opt.step(lambda: torch.tensor(float("nan")) if calls.append(1) or len(calls) == 1 else torch.tensor(1.0))
+    assert int(opt.skipped_steps) == 1 and opt.step_count == 3
+    assert not bool(torch.isfinite(opt.last_projected_grad))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+        if cls is ZOAdaMU:
+            assert torch.equal(opt.state[p]["momentum"], moms[n]), n
+    opt.step(mse(model, ids, tgt))  # training goes on
+    assert int(opt.skipped_steps) == 1 and not torch.equal(model.lin1.weight, before["lin1.weight"])
+
+
+@pytest.mark.parametrize("cls,lr", [(MeZO, 0.5), (ZOAdaMU, 0.2)])
+def test_loss_falls_on_least_squares(cls, lr):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 50, generator=g) / math.sqrt(50)
+    y = X @ torch.randn(50, generator=g)
+    w = nn.Parameter(torch.zeros(50))
+    loss = lambda: ((X @ w - y) ** 2).mean()  # noqa: E731
+    kw = dict(schedule=AdaMUSchedule.for_max_steps(400)) if cls is ZOAdaMU else {}
+    opt = cls([w], lr=lr, eps=1e-3, seed=1, **kw)
+    with torch.no_grad():
+        start = float(loss())
+        for _ in range(400):
+            opt.step(loss)
+        assert float(loss()) < 0.15 * start
+
+
+# ------------------------------------------------------------------------------------ state
+@pytest.mark.parametrize("cls,kw", [(MeZO, {}), (ZOAdaMU, dict(schedule=AdaMUSchedule(1, 4, 6))),
+                                    (ZOAdaMU, dict(schedule=AdaMUSchedule(1, 4, 6), state_dtype=torch.bfloat16))])
+def test_state_dict_resume_is_bit_identical(cls, kw):
+    ids, tgt = make_data()
+
+    def build(model):
+        return cls(param_groups_for_model(model, 0.1), lr=1e-2, eps=1e-2, noise_block=NB, seed=5, **kw)
+    model = make_model()
+    opt = build(model)
+    for _ in range(3):
+        opt.step(mse(model, ids, tgt))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for _ in range(3):
+        opt.step(mse(model, ids, tgt))
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2 = make_model(seed=99)
+    model2.load_state_dict(ckpt["model"])
+    opt2 = build(model2)
+    opt2.load_state_dict(ckpt["opt"])
+    assert opt2.step_count == 3
+    for _ in range(3):
+        opt2.step(mse(model2, ids, tgt))
+    assert opt2.step_count == 6
+    for (n, a), b in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(a, b), n
+        if cls is ZOAdaMU:
+            m2 = opt2.state[b]["momentum"]
+            assert m2.dtype == (kw.get("state_dtype") or torch.float32)
+            assert torch.equal(opt.state[a]["momentum"], m2)
+
+
+def test_loading_other_optimizer_state_raises():
+    model = make_model()
+    mezo = MeZO(param_groups_for_model(model, 0.1), lr=1e-2, noise_block=NB)
+    adamu = ZOAdaMU(param_groups_for_model(model, 0.1), lr=1e-2, noise_block=NB)
+    with pytest.raises(ValueError, match="made with optimizer mezo, this run uses zo_adamu"):
+        adamu.load_state_dict(mezo.state_dict())
+    sgd = torch.optim.SGD(param_groups_for_model(model, 0.1), lr=0.1)
+    with pytest.raises(ValueError, match="not a ZO optimizer"):
+        mezo.load_state_dict(sgd.state_dict())
+
+
+def test_only_trainable_tensors_get_state_and_move():
+    ids, tgt = make_data()
+    model = make_model()
+    model.lin1.requires_grad_(False)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    groups = param_groups_for_model(model, 0.1)
+    late = model.lin2.bias  # given to the optimizer, then frozen: also left alone
+    opt = ZOAdaMU(groups, lr=1e-2, eps=1e-2, noise_block=NB, schedule=AdaMUSchedule(1, 3, 5))
+    late.requires_grad_(False)
+    late0 = late.detach().clone()
+    for _ in range(3):
+        opt.step(mse(model, ids, tgt))
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]) and "momentum" not in opt.state.get(p, {})
+    assert torch.equal(late, late0) and "momentum" not in opt.state[late]
+    trainable = [p for gr in groups for p in gr["params"] if p is not late]
+    assert all(opt.state[p]["momentum"].shape == p.shape for p in trainable)
+    assert sum("momentum" in s for s in opt.state.values()) == len(trainable)
+
+
+# ------------------------------------------------------------------------------------ schedule & validation
+@pytest.mark.parametrize("t,expect", [
+    (0, (1, 1, 1)), (1024, (1, 1, 1)), (4000, (0.942, 0.946, 0.939)), (8000, (0.677, 0.724, 0.646)),
+    (12000, (0.283, 0.411, 0.202)), (14000, (0.110, 0.259, 0.037)), (16000, (0.010, 0.131, 0.012)),
+    (19999, (0.010, 0.131, 0.012)), (50000, (0.010, 0.131, 0.012)),
+])
+def test_schedule_reference_values(t, expect):
+    got = AdaMUSchedule().values(t)
+    assert [round(v, 3) for v in got] == pytest.approx(list(expect), abs=1e-9)
+
+
+def test_schedule_options_and_errors():
+    s = AdaMUSchedule(alpha_floor=0.5)
+    assert s.values(12000)[0] == pytest.approx(0.283, abs=5e-4) and s.values(16000)[0] == 0.5
+    assert AdaMUSchedule.for_max_steps(20000) == AdaMUSchedule()
+    small = AdaMUSchedule.for_max_steps(100)
+    assert (small.T1, small.T2, small.T3) == (5, 80, 100)
+    assert AdaMUSchedule.for_max_steps(5).T1 >= 1
+    assert anneal(10, 5, 80, 100, 1.0) == pytest.approx(small.values(10)[0])
+    with pytest.raises(ValueError, match="T1=16000, T2=16000"):
+        AdaMUSchedule(T1=16000, T2=16000)
+    with pytest.raises(ValueError, match="T2=16000, T3=15000"):
+        AdaMUSchedule(T3=15000)
+    with pytest.raises(ValueError, match="phi_beta2=1.5"):
+        AdaMUSchedule(T3=100000)  # the paper caption's 100K steps: the φ=1.5 denominator crosses 0
+    with pytest.raises(ValueError, match="alpha_floor"):
+        AdaMUSchedule(alpha_floor=1.5)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(eps=0.0), "eps"), (dict(eps=-1e-3), "eps"), (dict(lr=-1.0), "learning rate"),
+    (dict(weight_decay=-0.1), "weight_decay"), (dict(direction="uniform"), "direction"),
+    (dict(seed=-1), "seed"), (dict(chunk_numel=24), "chunk_numel"), (dict(noise_block=0), "noise_block"),
+])
+def test_hyperparameter_validation(kw, match):
+    model = make_model()
+    with pytest.raises(ValueError, match=match):
+        MeZO(model.parameters(), **{"lr": 1e-3, "noise_block": NB, **kw})
+
+
+def test_group_and_state_dtype_validation():
+    model = make_model()
+    with pytest.raises(ValueError, match="share eps"):
+        MeZO([{"params": [model.lin1.weight]}, {"params": [model.lin2.weight], "eps": 0.1}], lr=1e-3)
+    with pytest.raises(ValueError, match="state_dtype"):
+        ZOAdaMU(model.parameters(), state_dtype=torch.int8)

@@ -1,0 +1,186 @@
+"""Hugging Face `Trainer` glue: task-metric evaluation for every trainer, and the zeroth-order training step.
+
+`SuiteTrainer` computes the suite's losses (utils.training_loss) and evaluates the dev set by the task metric.
+`ZOTrainer` replaces the backward pass by two seeded, in-place probes of a `zo.ZOOptimizer` and lets the optimizer
+update at the accumulation boundary. Only public hooks are overridden (`compute_loss`, `training_step`,
+`create_optimizer`, `evaluate`), so the HF training loop, schedulers, logging, checkpointing and resume are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+import evaluator
+import metrics
+import zo
+from utils import Objective, option_log_probs, training_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskEval:
+    """What dev evaluation needs besides the model: the task, its dev samples and evaluator settings."""
+    task: object
+    samples: list
+    tokenizer: object
+    tokens: object
+    settings: evaluator.EvalSettings
+
+
+class SuiteTrainer(Trainer):
+    def __init__(self, *args, objective: Objective, task_eval: TaskEval, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.objective = objective
+        self.task_eval = task_eval
+        # our losses are token/example means of one micro-batch: HF must divide them by the accumulation steps
+        self.loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = training_loss(model, inputs, self.objective)
+        return (loss, None) if return_outputs else loss
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Dev loss and the task metric (accuracy / F1) of the dev samples, scored without demonstrations."""
+        model = self.model
+        was_training = model.training
+        model.eval()
+        results = {}
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is not None and not self.objective.non_diff:
+            losses, weights = [], []
+            with torch.inference_mode():
+                for batch in self.get_eval_dataloader(dataset):
+                    batch = self._prepare_inputs(batch)
+                    losses.append(training_loss(model, batch, self.objective).double())
+                    weights.append(len(batch["input_ids"]))
+            weights = torch.tensor(weights, dtype=torch.float64, device=losses[0].device)
+            results[f"{metric_key_prefix}_loss"] = (torch.stack(losses) @ weights).item() / weights.sum().item()
+        te = self.task_eval
+        if te.samples:
+            scores, _ = evaluator.evaluate(model, te.tokenizer, te.tokens, te.task, [[]] * len(te.samples),
+                                           te.samples, te.settings)
+            results.update({f"{metric_key_prefix}_{k}": v for k, v in scores.items()})
+        if was_training:
+            model.train()
+        self.log(results)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, results)
+        return results
+
+
+@dataclass
+class ZOConfig:
+    optimizer: str = "mezo"
+    eps: float = 1e-3
+    direction: str = "gaussian"
+    schedule: dict = field(default_factory=dict)   # AdaMUSchedule fields given on the command line
+    signed_momentum: bool = True
+    state_dtype: torch.dtype | None = None
+    max_consecutive_skips: int = 20
+
+
+ZO_OPTIMIZERS = {"mezo": zo.MeZO, "zo_adamu": zo.ZOAdaMU}
+
+
+class ZOTrainer(SuiteTrainer):
+    def __init__(self, *args, zo_config: ZOConfig, **kwargs):
+        self.zo_config = zo_config
+        super().__init__(*args, **kwargs)
+        self._consecutive_skips = 0
+        self._skips_seen = 0
+        self.add_callback(_ZOLogCallback(self))
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            config, args = self.zo_config, self.args
+            kwargs = dict(lr=args.learning_rate, eps=config.eps, seed=args.seed, direction=config.direction)
+            if config.optimizer == "zo_adamu":
+                kwargs.update(schedule=zo.AdaMUSchedule.for_max_steps(self.state.max_steps or args.max_steps,
+                                                                      **config.schedule),
+                              signed_momentum=config.signed_momentum, state_dtype=config.state_dtype)
+            self.optimizer = ZO_OPTIMIZERS[config.optimizer](zo.param_groups_for_model(model, args.weight_decay),
+                                                             **kwargs)
+        return self.optimizer
+
+    def _probe_loss(self, model, inputs) -> torch.Tensor:
+        if self.objective.non_diff:
+            return non_diff_loss(model, inputs, self.task_eval)
+        with self.compute_loss_context_manager():
+            return training_loss(model, inputs, self.objective)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # Probes run in eval mode (dropout off) so both see the same function of the parameters.
+        model.eval()
+        inputs = self._prepare_inputs(inputs)
+        loss_plus, _ = self._zo_optimizer.probe(lambda: self._probe_loss(model, inputs))
+        return loss_plus.detach() / self.current_gradient_accumulation_steps
+
+    @property
+    def _zo_optimizer(self) -> zo.ZOOptimizer:
+        optimizer = self.optimizer
+        while not isinstance(optimizer, zo.ZOOptimizer):  # accelerate wraps it
+            optimizer = optimizer.optimizer
+        return optimizer
+
+    def log(self, logs, start_time=None):
+        """Training log lines also carry the last projected gradient and loss at θ-εu, the skip count and
+        ZO-AdaMU's schedule; there is no gradient norm to report."""
+        if "loss" in logs:
+            logs.pop("grad_norm", None)
+            optimizer = self._zo_optimizer
+            if optimizer.last_projected_grad is not None:
+                logs["projected_grad"] = float(optimizer.last_projected_grad)
+                logs["loss_minus"] = float(optimizer.last_loss_minus)
+            logs["skipped_steps"] = int(optimizer.skipped_steps)
+            logs.update({k: round(v, 6) for k, v in optimizer.last_schedule.items()})
+        super().log(logs, start_time)
+
+    def check_skips(self) -> None:
+        """Stop with a clear error when the projected gradient keeps coming out non-finite."""
+        optimizer = self._zo_optimizer
+        skipped = int(optimizer.skipped_steps)
+        if skipped > self._skips_seen:
+            self._consecutive_skips += skipped - self._skips_seen
+            logger.warning("ZO step %d skipped: non-finite loss or projected gradient (%d skipped in total)",
+                           self.state.global_step, skipped)
+        else:
+            self._consecutive_skips = 0
+        self._skips_seen = skipped
+        if self._consecutive_skips >= self.zo_config.max_consecutive_skips:
+            raise RuntimeError(f"{self._consecutive_skips} ZO steps in a row had a non-finite loss or projected "
+                               f"gradient; the run diverged. Lower --learning_rate or --zo_eps, or load the weights "
+                               f"in fp32/bf16 instead of fp16.")
+
+
+class _ZOLogCallback(TrainerCallback):
+    def __init__(self, trainer: ZOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.check_skips()
+
+
+@torch.inference_mode()
+def non_diff_loss(model, inputs, task_eval: TaskEval) -> torch.Tensor:
+    """Minus the batch-mean task metric of the model's own predictions (greedy generations or argmax candidates)."""
+    spec = task_eval.task.spec
+    tokenizer, tokens = task_eval.tokenizer, task_eval.tokens
+    if spec.generation:
+        prompts = [row[mask.bool()].tolist() for row, mask in zip(inputs["input_ids"], inputs["attention_mask"])]
+        predictions = evaluator.generate_batch(model, tokenizer, tokens, prompts, task_eval.settings.generation)
+        scores = [metrics.example_score(spec.metric, p, g) for p, g in zip(predictions, inputs["gold"])]
+        return torch.tensor(-sum(scores) / len(scores), dtype=torch.float32)
+    # classification: accuracy of the first-argmax candidate by length-normalised likelihood, as the evaluator
+    log_probs, is_option = option_log_probs(model, inputs)
+    likelihood = (log_probs * is_option).sum(-1) / is_option.sum(-1)
+    correct, start = [], 0
+    for label, count in zip(inputs["labels"].tolist(), inputs["num_options"].tolist()):
+        correct.append(likelihood[start:start + count].argmax() == label)
+        start += count
+    return -torch.stack(correct).float().mean()
