@@ -101,6 +101,13 @@ class SuiteArguments(TrainingArguments):
         "help": "ZO-AdaMU: keep alpha >= this after T2 (the paper text's alpha = 0.5)."})
     zo_unsigned_momentum: bool = field(default=False, metadata={
         "help": "ZO-AdaMU: store m = u as in the paper's Algorithm 1 instead of the released code's sign(g) u."})
+    zo_exact_restore: str = field(default="auto", metadata={
+        "help": "Keep a copy of the weights during a step so probes restore them exactly: auto (16-bit weights only, "
+                "where rounding drift is large), always (fp32 too; one parameter-sized buffer) or never (MeZO's "
+                "memory; fp32 drift stays ~1e-7)."})
+    zo_keep_direction: bool = field(default=False, metadata={
+        "help": "Keep each step's direction in memory: one noise sweep per step instead of three, at the cost of "
+                "one parameter-sized buffer (small models)."})
     zo_state_dtype: str | None = field(default=None, metadata={
         "help": "ZO-AdaMU momentum dtype: float32, bfloat16 or float16 (default: the parameter dtype)."})
     # --- PEFT ---
@@ -175,6 +182,12 @@ def validate(args: SuiteArguments, spec) -> None:
         raise UsageError("--lora and --head_tuning both given; choose one parameter-efficient mode.")
     if args.lora and args.prefix_tuning:
         raise UsageError("--lora and --prefix_tuning both given; choose one parameter-efficient mode.")
+    if args.head_tuning and args.prefix_tuning:
+        raise UsageError("--head_tuning and --prefix_tuning both given; choose one parameter-efficient mode.")
+    if args.linear_probing and (args.lora or args.prefix_tuning or args.head_tuning or args.non_diff
+                                or not args.only_train_option):
+        raise UsageError("--linear_probing fits a head on frozen features of the option tokens; it cannot be "
+                         "combined with --lora/--prefix_tuning/--head_tuning/--non_diff/--no_only_train_option.")
     if args.linear_probing and args.train_as_classification:
         raise UsageError("--linear_probing fits a head on the option tokens; drop --train_as_classification "
                          "(pass --train_as_classification False).")
@@ -197,14 +210,28 @@ def validate(args: SuiteArguments, spec) -> None:
             raise UsageError(f"--zo_optim {args.zo_optim!r} is unknown; choose one of {', '.join(ZO_OPTIMIZERS)}.")
         if args.zo_direction not in ("gaussian", "rademacher"):
             raise UsageError(f"--zo_direction {args.zo_direction!r} is unknown; choose gaussian or rademacher.")
+        if args.zo_exact_restore not in ("auto", "always", "never"):
+            raise UsageError(f"--zo_exact_restore {args.zo_exact_restore!r} is unknown; choose auto, always or never.")
         if args.zo_state_dtype is not None and args.zo_state_dtype not in STATE_DTYPES:
             raise UsageError(f"--zo_state_dtype {args.zo_state_dtype!r} is unknown; choose one of "
                              f"{', '.join(STATE_DTYPES)}.")
+        if args.zo_optim == "zo_adamu" and args.max_steps > 0:
+            import zo
+            schedule = {k: v for k, v in dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3).items() if v is not None}
+            try:
+                zo.AdaMUSchedule.for_max_steps(args.max_steps, **schedule)
+            except ValueError as error:
+                raise UsageError(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.") from None
         if args.fsdp or args.deepspeed:
             raise UsageError("ZO training perturbs whole parameters in place; FSDP/DeepSpeed sharding is not "
                              "meaningful for it. Drop --fsdp/--deepspeed (ZO needs only inference memory).")
     elif args.non_diff:
         raise UsageError("--non_diff optimises a non-differentiable metric and needs --trainer zo.")
+    if args.fsdp:
+        import torch
+        if not torch.cuda.is_available():
+            raise UsageError(f"--fsdp {args.fsdp!r} shards the model over CUDA GPUs, and this machine has none "
+                             f"(torch.cuda.is_available() is False). Drop --fsdp (finetune.sh trains on one device).")
     if args.non_diff and args.train_as_classification and spec.generation:
         raise UsageError("--non_diff on a generation task scores generations; pass --train_as_classification False.")
 
@@ -318,6 +345,9 @@ def load_model(args: SuiteArguments):
         import prefix
         model = prefix.apply_prefix_tuning(model, num_prefix=args.num_prefix, reparam=not args.no_reparam,
                                            init_by_real_act=args.prefix_init_by_real_act, seed=args.seed)
+    elif args.head_tuning:
+        import heads
+        heads.enable_head_tuning(model)
     return model
 
 
@@ -353,6 +383,10 @@ def train_and_evaluate(args, task, model, tokenizer, tokens, train_samples, eval
                        "checkpoint selection.")
         training_args.eval_strategy = "no"
     task_eval = trainer_zo.TaskEval(task, dev_samples or [], tokenizer, tokens, settings)
+    if args.linear_probing:
+        fit_probe(args, model, build(train_samples), tokens, training_args.output_dir)
+        return evaluate_after_training(args, task, model, tokenizer, tokens, train_samples, dev_samples,
+                                       eval_samples, settings)
     common = dict(model=model, args=training_args, train_dataset=build(train_samples),
                   eval_dataset=build(dev_samples) if dev_samples else None,
                   data_collator=utils.TrainCollator(tokens.pad_id), objective=objective, task_eval=task_eval)
@@ -364,7 +398,8 @@ def train_and_evaluate(args, task, model, tokenizer, tokens, train_samples, eval
                     if v is not None}
         zo_config = trainer_zo.ZOConfig(
             optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
-            signed_momentum=not args.zo_unsigned_momentum,
+            signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,
+            exact_restore={"auto": None, "always": True, "never": False}[args.zo_exact_restore],
             state_dtype=getattr(torch_module(), args.zo_state_dtype) if args.zo_state_dtype else None)
         trainer = trainer_zo.ZOTrainer(zo_config=zo_config, **common)
     else:
@@ -378,9 +413,32 @@ def train_and_evaluate(args, task, model, tokenizer, tokens, train_samples, eval
     trainer.train(resume_from_checkpoint=checkpoint)
     if args.save_model:
         save_trained_model(args, trainer, training_args.output_dir)
+    return evaluate_after_training(args, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
+                                   eval_samples, settings)
+
+
+def fit_probe(args, model, dataset, tokens, output_dir: str) -> None:
+    """Linear probing replaces training: a logistic-regression head fitted on frozen option-token features."""
+    import torch
+
+    import heads
+    import utils
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.per_device_train_batch_size, shuffle=False,
+                                         collate_fn=utils.TrainCollator(tokens.pad_id))
+    probe = heads.fit_linear_probe(model, loader, early_stopping=args.lp_early_stopping)
+    heads.apply_linear_probe(model, probe)
+    logger.info("Linear probe: C=%s over %d class tokens", probe.C, len(probe.class_token_ids))
+    if args.save_model:
+        os.makedirs(output_dir, exist_ok=True)
+        probe.save(os.path.join(output_dir, "linear_probe.pt"))
+
+
+def evaluate_after_training(args, task, model, tokenizer, tokens, train_samples, dev_samples, eval_samples,
+                            settings):
+    """Test metrics without demonstrations, plus dev metrics under a dev_ prefix."""
+    import evaluator
     if args.no_eval:
         return None
-    model = trainer.model
     model.eval()
     metrics, records = evaluator.evaluate(model, tokenizer, tokens, task, [[]] * len(eval_samples), eval_samples,
                                           settings)

@@ -81,6 +81,8 @@ class ZOConfig:
     schedule: dict = field(default_factory=dict)   # AdaMUSchedule fields given on the command line
     signed_momentum: bool = True
     state_dtype: torch.dtype | None = None
+    exact_restore: bool | None = None              # None: copy 16-bit weights only (see zo.ZOOptimizer)
+    keep_direction: bool = False
     max_consecutive_skips: int = 20
 
 
@@ -99,7 +101,8 @@ class ZOTrainer(SuiteTrainer):
         if self.optimizer is None:
             model = self.model if model is None else model
             config, args = self.zo_config, self.args
-            kwargs = dict(lr=args.learning_rate, eps=config.eps, seed=args.seed, direction=config.direction)
+            kwargs = dict(lr=args.learning_rate, eps=config.eps, seed=args.seed, direction=config.direction,
+                          exact_restore=config.exact_restore, keep_direction=config.keep_direction)
             if config.optimizer == "zo_adamu":
                 kwargs.update(schedule=zo.AdaMUSchedule.for_max_steps(self.state.max_steps or args.max_steps,
                                                                       **config.schedule),

@@ -126,12 +126,12 @@ class AdaMUSchedule:
 
     @classmethod
     def for_max_steps(cls, max_steps: int, **kwargs) -> "AdaMUSchedule":
-        """The paper's (1024, 16000, 20000)-at-20k-steps shape scaled to `max_steps`."""
+        """The paper's (1024, 16000, 20000)-at-20k-steps shape scaled to `max_steps`; T1/T2/T3 in `kwargs` win."""
         if max_steps < 2:
             raise ValueError(f"max_steps must be >= 2 for an annealing schedule, got {max_steps}")
         T1 = max(1, round(0.0512 * max_steps))
         T2 = max(T1 + 1, round(0.8 * max_steps))
-        return cls(T1=T1, T2=T2, T3=max(T2, max_steps), **kwargs)
+        return cls(**{"T1": T1, "T2": T2, "T3": max(T2, max_steps), **kwargs})
 
 
 # ------------------------------------------------------------------------------------- param groups

@@ -67,9 +67,12 @@ def main():
     parser.add_argument("--max_length", type=int, default=2048)
     parser.add_argument("--demos", choices=["both", "per_example", "shared"], default="both",
                         help="per_example: one demo set per eval example (icl.sh); shared: one set for all")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--data_dir", default=os.environ.get(tasks.DATA_DIR_ENV) or
                         (str(ROOT.parent / "shared" / "data") if (ROOT.parent / "shared" / "data").is_dir() else None))
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     task = tasks.load_task(args.task, args.data_dir)
     tokenizer = models.load_tokenizer(args.model)

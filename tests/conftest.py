@@ -57,6 +57,15 @@ def tiny_model(kind: str, attn_implementation: str = "sdpa", seed: int = 0, dtyp
     return model
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models run fastest on one thread, and a busy 2-core machine makes multi-threaded kernels crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def byte_tokenizer():
     return ByteTokenizer()
@@ -67,3 +76,22 @@ def shared_data_or_skip() -> Path:
     if not (path / "sst2").is_dir():
         pytest.skip(f"real task data not found at {path} (set ZO_DATA_DIR)")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random-weight, two-layer LLaMA (grouped KV heads) saved with the embedded model's real tokenizer, so run.py
+    can train end to end in seconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import models
+    tokenizer = models.load_tokenizer(models.EMBEDDED_ALIAS)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=2048,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -78,6 +78,26 @@ def call_main(tmp_path, monkeypatch, *args):
     (["--task_name", "SST2", "--icl_sfc"  , "--task_name", "DROP"], "task DROP is a generation task"),
     (["--task_name", "SST2", "--trainer", "bogus"], "--trainer 'bogus' is not available"),
     (["--model_name", "no-such-org/no-such-model"], "Cannot load model 'no-such-org/no-such-model'"),
+    # training combinations
+    (["--trainer", "zo", "--num_train", "8"], "needs --train_set_seed S"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_eps", "0"], "--zo_eps 0.0 must be > 0"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "adam"], "--zo_optim 'adam' is unknown"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard"], "FSDP/DeepSpeed"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
+      "--zo_t1", "60", "--zo_t2", "50"], "ZO-AdaMU schedule"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
+      "--zo_t2", "90", "--zo_t3", "80"], "ZO-AdaMU schedule"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--non_diff"], "needs --trainer zo"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--lora", "--head_tuning"], "choose one"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_int8"], "inference only"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_float16", "--fp16"],
+     "AMP cannot unscale fp16 gradients"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--linear_probing",
+      "--train_as_classification"], "--linear_probing fits a head"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard auto_wrap"],
+     "shards the model over CUDA GPUs, and this machine has none"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_best_model_at_end",
+      "--eval_strategy", "steps", "--save_strategy", "steps"], "pass --num_dev N"),
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch, caplog, args, message):
     monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))

@@ -1,0 +1,322 @@
+"""Cost of one zeroth-order step against its two forward passes, against a reference-style step, and its memory.
+
+On one model and one batch, in one process, after warm-up, the median over `--reps` interleaved repetitions of
+    F         one forward pass of the training loss (utils.training_loss: LM head only on the option positions),
+              under torch.inference_mode
+    S_mezo    one real zo.MeZO step (probe at θ+εu and θ-εu with that same loss, then the update)
+    S_adamu   one real zo.ZOAdaMU step
+    R         one MeZO step written exactly as the reference code does it: global torch.manual_seed, torch.normal
+              of every tensor in the parameter dtype, `param.data = param.data + ...`, four noise sweeps
+and the peak memory of inference alone and of each optimizer's training: the RSS high-water mark
+(ru_maxrss) of a fresh subprocess per measurement on CPU, torch.cuda.max_memory_allocated on GPU.
+
+    python bench/zo_step.py                                   # embedded model, 16 x 64 SST2 tokens, full-parameter
+    python bench/zo_step.py --threads 1 --reps 7
+    python bench/zo_step.py --keep_direction                  # adds the opt-in keep_direction figures (separate keys)
+    python bench/zo_step.py --model random:opt-13b --dtype float16 --seq 256      # GPU: random-weight OPT-13B shape
+    python bench/zo_step.py --mode lora                       # or prefix (needs lora.py / prefix.py)
+
+The batch: 16 rows of exactly --seq real SST2 tokens, each row the encoded prompt + gold option of one training
+example (the loss target) preceded by as many earlier training examples as fit (truncated on the left), so every
+position is a real token. Last line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import models  # noqa: E402
+import tasks  # noqa: E402
+import utils  # noqa: E402
+import zo  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# random-weight models built from a config (no download): name -> OPTConfig kwargs
+RANDOM_OPT = {
+    "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, ffn_dim=20480, num_attention_heads=40),
+    "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
+    "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
+}
+LR, EPS, WD = 1e-7, 1e-3, 0.0
+
+
+def device_name(threads: int) -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {threads})"
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------- setup
+def load(args):
+    dtype = DTYPES[args.dtype]
+    tokenizer = models.load_tokenizer(models.EMBEDDED_ALIAS if args.model.startswith("random:") else args.model)
+    if args.model.startswith("random:"):
+        from transformers import AutoModelForCausalLM, OPTConfig
+        name = args.model.split(":", 1)[1]
+        if name not in RANDOM_OPT:
+            raise SystemExit(f"unknown random model {name!r}; choose from {sorted(RANDOM_OPT)}")
+        shape = RANDOM_OPT[name]
+        config = OPTConfig(vocab_size=50272, max_position_embeddings=2048, word_embed_proj_dim=shape["hidden_size"],
+                           do_layer_norm_before=True, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                           pad_token_id=1, bos_token_id=2, eos_token_id=2, **shape)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.eval()
+    else:
+        model = models.load_model(args.model, float16=dtype == torch.float16, bfloat16=dtype == torch.bfloat16)
+    tokens = models.tokenizer_settings(tokenizer, model.config)
+    if args.mode == "lora":
+        try:
+            from lora import apply_lora
+        except ImportError as error:
+            raise SystemExit(f"--mode lora unavailable: cannot import lora.apply_lora ({error})")
+        model = apply_lora(model)
+    elif args.mode == "prefix":
+        try:
+            from prefix import apply_prefix_tuning
+        except ImportError as error:
+            raise SystemExit(f"--mode prefix unavailable: cannot import prefix.apply_prefix_tuning ({error})")
+        model = apply_prefix_tuning(model)
+    model.eval()
+    batch = build_batch(args, tokenizer, tokens, model)
+    return model, batch
+
+
+def build_batch(args, tokenizer, tokens, model):
+    task = tasks.load_task("SST2", args.data_dir)
+    samples = task.sample_subset("train", 0, min(len(task.samples["train"]), 64 * args.batch))
+    records = utils.build_train_records(task, samples, tokenizer, tokens, utils.Objective(), max_length=args.seq)
+    vocab = model.get_input_embeddings().num_embeddings
+    rows, it = [], iter(records)
+    for _ in range(args.batch):
+        last = next(it)
+        ids, option_len = list(last["input_ids"]), last["option_len"]
+        while len(ids) < args.seq:  # earlier real examples as left context
+            ids = list(next(it)["input_ids"]) + ids
+        ids = [i % vocab for i in ids[-args.seq:]]
+        rows.append({"input_ids": ids, "option_len": min(option_len, args.seq - 1)})
+    batch = utils.TrainCollator(tokens.pad_id, pad_to_multiple_of=1)(rows)
+    device = models.model_device(model)
+    assert batch["input_ids"].shape == (args.batch, args.seq) and bool(batch["attention_mask"].all())
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def make_optimizer(name, model, args, **extra):
+    groups = zo.param_groups_for_model(model, WD)
+    kw = dict(lr=LR, eps=EPS, direction=args.direction, **extra)
+    if name == "mezo":
+        return zo.MeZO(groups, **kw)
+    state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
+    return zo.ZOAdaMU(groups, schedule=zo.AdaMUSchedule.for_max_steps(1000), state_dtype=state_dtype, **kw)
+
+
+# ----------------------------------------------------------------------------------- the four measurements
+def forward_fn(model, batch):
+    objective = utils.Objective()
+
+    def run():
+        with torch.inference_mode():
+            return utils.training_loss(model, batch, objective)
+    return run
+
+
+def zo_step_fn(optimizer, model, batch):
+    objective = utils.Objective()
+    closure = lambda: utils.training_loss(model, batch, objective)  # noqa: E731
+    return lambda: optimizer.step(closure)
+
+
+def reference_step_fn(model, batch, args):
+    """MeZO's reference trainer step (zo_perturb_parameters / zo_step / zo_update), verbatim in its arithmetic."""
+    objective = utils.Objective()
+    named = trainable(model)
+    eps, lr, wd = EPS, LR, WD
+
+    def zo_perturb_parameters(random_seed, scaling_factor=1):
+        torch.manual_seed(random_seed)
+        for name, param in named:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            param.data = param.data + scaling_factor * z * eps
+
+    def zo_forward():
+        model.eval()
+        with torch.inference_mode():
+            return utils.training_loss(model, batch, objective).detach()
+
+    def step():
+        zo_random_seed = np.random.randint(1000000000)
+        zo_perturb_parameters(zo_random_seed, scaling_factor=1)
+        loss1 = zo_forward()
+        zo_perturb_parameters(zo_random_seed, scaling_factor=-2)
+        loss2 = zo_forward()
+        projected_grad = ((loss1 - loss2) / (2 * eps)).item()
+        zo_perturb_parameters(zo_random_seed, scaling_factor=1)
+        torch.manual_seed(zo_random_seed)  # zo_update
+        for name, param in named:
+            z = torch.normal(mean=0, std=1, size=param.data.size(), device=param.data.device, dtype=param.data.dtype)
+            if "bias" not in name and "layer_norm" not in name and "layernorm" not in name:
+                param.data = param.data - lr * (projected_grad * z + wd * param.data)
+            else:
+                param.data = param.data - lr * (projected_grad * z)
+        return loss1
+    return step
+
+
+def timed(fn):
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def measure_times(model, batch, args):
+    fns = {"F": forward_fn(model, batch),
+           "S_mezo": zo_step_fn(make_optimizer("mezo", model, args), model, batch),
+           "S_adamu": zo_step_fn(make_optimizer("adamu", model, args), model, batch)}
+    if args.keep_direction:
+        fns["S_mezo_keep"] = zo_step_fn(make_optimizer("mezo", model, args, keep_direction=True), model, batch)
+        fns["S_adamu_keep"] = zo_step_fn(make_optimizer("adamu", model, args, keep_direction=True), model, batch)
+    if not args.no_reference:
+        fns["R"] = reference_step_fn(model, batch, args)
+    for name, fn in fns.items():  # warm-up (allocator, first-touch, one-off builds)
+        for _ in range(args.warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for rep in range(args.reps):  # interleaved, so load from other processes hits every measurement alike
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+        print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), file=sys.stderr, flush=True)
+    return {name: statistics.median(v) for name, v in times.items()}, times
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def memory_child(args):
+    """Runs in a fresh process: load, then either inference only or `--mem_steps` training steps; print the peak."""
+    torch.set_num_threads(args.threads)
+    model, batch = load(args)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    what = args.memory_child
+    if what == "inference":
+        fn = forward_fn(model, batch)
+    elif what == "reference":
+        fn = reference_step_fn(model, batch, args)
+    else:
+        keep = what.endswith("_keep")
+        fn = zo_step_fn(make_optimizer(what.removesuffix("_keep"), model, args, keep_direction=keep), model, batch)
+    for _ in range(args.mem_steps):
+        fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_bytes": int(peak)}))
+
+
+def measure_memory(args, what):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", what, "--model", args.model,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--mode", args.mode, "--dtype", args.dtype,
+           "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps)]
+    if args.data_dir:
+        cmd += ["--data_dir", args.data_dir]
+    if args.zo_state_dtype:
+        cmd += ["--zo_state_dtype", args.zo_state_dtype]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main():
+    default_data = os.environ.get(tasks.DATA_DIR_ENV) or (
+        str(ROOT.parent / "shared" / "data") if (ROOT.parent / "shared" / "data").is_dir() else None)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.EMBEDDED_ALIAS,
+                        help=f"hub id / folder / {models.EMBEDDED_ALIAS}, or random:{{{','.join(RANDOM_OPT)}}}")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--mode", choices=["ft", "lora", "prefix"], default="ft")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--direction", choices=list(zo.DIRECTIONS), default="gaussian")
+    parser.add_argument("--zo_state_dtype", choices=list(DTYPES), default=None)
+    parser.add_argument("--keep_direction", action="store_true", help="also measure the opt-in keep_direction mode")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--mem_steps", type=int, default=3)
+    parser.add_argument("--no_memory", action="store_true")
+    parser.add_argument("--no_reference", action="store_true")
+    parser.add_argument("--data_dir", default=default_data)
+    parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        return memory_child(args)
+
+    torch.set_num_threads(args.threads)
+    model, batch = load(args)
+    n_train = sum(p.numel() for _, p in trainable(model))
+    median, samples = measure_times(model, batch, args)
+    F = median["F"]
+    report = {"device": device_name(args.threads), "threads": args.threads, "model": args.model, "mode": args.mode,
+              "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "direction": args.direction,
+              "trainable_params": n_train, "reps": args.reps,
+              "seconds_median": {k: round(v, 4) for k, v in median.items()},
+              "step_over_2fwd_mezo": round(median["S_mezo"] / (2 * F), 4),
+              "step_over_2fwd_adamu": round(median["S_adamu"] / (2 * F), 4)}
+    if "R" in median:
+        report["mezo_over_reference"] = round(median["S_mezo"] / median["R"], 4)
+        report["reference_over_2fwd"] = round(median["R"] / (2 * F), 4)
+    # per-sample ratios (same repetition) are less sensitive to slow drifts in machine load
+    report["step_over_2fwd_mezo_paired_median"] = round(statistics.median(
+        s / (2 * f) for s, f in zip(samples["S_mezo"], samples["F"])), 4)
+    report["sweep_seconds_mezo"] = round((median["S_mezo"] - 2 * F) / 3, 4)  # 3 noise sweeps per MeZO step
+    if args.keep_direction:
+        report["keep_direction"] = {"step_over_2fwd_mezo": round(median["S_mezo_keep"] / (2 * F), 4),
+                                    "step_over_2fwd_adamu": round(median["S_adamu_keep"] / (2 * F), 4)}
+    if not args.no_memory:
+        kinds = ["inference", "mezo", "adamu"] + ([] if args.no_reference else ["reference"])
+        if args.keep_direction:
+            kinds += ["mezo_keep", "adamu_keep"]
+        peak = {k: measure_memory(args, k) for k in kinds}
+        inf = peak["inference"]
+        report["peak_mb"] = {k: round(v / 2**20, 1) for k, v in peak.items()}
+        report["mem_over_inference_mezo"] = round(peak["mezo"] / inf, 4)
+        report["mem_over_inference_adamu"] = round(peak["adamu"] / inf, 4)
+        state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else DTYPES[args.dtype]
+        momentum_bytes = n_train * state_dtype.itemsize
+        report["mem_target_adamu"] = round(1.05 + momentum_bytes / inf, 4)
+        if "reference" in peak:
+            report["mem_over_inference_reference"] = round(peak["reference"] / inf, 4)
+        if args.keep_direction:
+            report["keep_direction"].update(mem_over_inference_mezo=round(peak["mezo_keep"] / inf, 4),
+                                            mem_over_inference_adamu=round(peak["adamu_keep"] / inf, 4))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""run.py training paths end to end on a tiny random LLaMA with the real tokenizer and real task rows."""
+
+import json
+import os
+
+import pytest
+
+import run
+from conftest import shared_data_or_skip
+
+COMMON = ["--num_train", "24", "--num_dev", "8", "--num_eval", "8", "--train_set_seed", "0", "--max_steps", "3",
+          "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none"]
+
+
+def train(tmp_path, monkeypatch, model_dir, *args):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = run.main(["--model_name", str(model_dir), "--output_dir", str(tmp_path / "out"), *COMMON, *args])
+    assert code == 0
+    files = list((tmp_path / "result").glob("*.json"))
+    assert len(files) == 1
+    return json.loads(files[0].read_text()), files[0].name
+
+
+@pytest.mark.parametrize("trainer_args", [
+    ["--trainer", "regular", "--learning_rate", "1e-3"],
+    ["--trainer", "zo", "--zo_optim", "mezo", "--learning_rate", "1e-3"],
+    ["--trainer", "zo", "--zo_optim", "zo_adamu", "--learning_rate", "1e-4"],
+])
+def test_training_writes_test_and_dev_metrics(tmp_path, monkeypatch, tiny_llama_dir, trainer_args):
+    result, name = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "SST2", "--train_as_classification",
+                         "--eval_strategy", "steps", "--eval_steps", "2", *trainer_args)
+    assert name.endswith("-ntrain24-ndev8-trainset0.json")
+    assert {"accuracy", "dev_accuracy"} <= set(result)
+    assert result["sizes"] == {"train": 24, "dev": 8, "eval": 8}
+    assert not list((tmp_path / "out").glob("checkpoint-*"))  # --save_strategy no
+
+
+def test_zo_generation_task_with_non_differentiable_objective(tmp_path, monkeypatch, tiny_llama_dir):
+    result, _ = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "SQuAD", "--trainer", "zo", "--non_diff",
+                      "--max_new_tokens", "4", "--learning_rate", "1e-3", "--num_eval", "4")
+    assert "f1" in result and "dev_f1" in result
+
+
+def test_zo_non_differentiable_classification(tmp_path, monkeypatch, tiny_llama_dir):
+    result, _ = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "Copa", "--trainer", "zo", "--non_diff",
+                      "--learning_rate", "1e-3")
+    assert "accuracy" in result
+
+
+def test_without_dev_set_evaluation_is_off_and_test_is_untouched(tmp_path, monkeypatch, tiny_llama_dir, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))
+    args = [a for a in COMMON]
+    i = args.index("--num_dev")
+    del args[i:i + 2]
+    assert run.main(["--model_name", str(tiny_llama_dir), "--output_dir", str(tmp_path / "out"), *args,
+                     "--trainer", "zo", "--eval_strategy", "steps", "--eval_steps", "1"]) == 0
+    assert "evaluation during training is turned off" in caplog.text
+    result = json.loads(next((tmp_path / "result").glob("*.json")).read_text())
+    assert "dev_accuracy" not in result and result["sizes"]["dev"] == 0
+
+
+def test_each_train_set_starts_from_pretrained_weights(tmp_path, monkeypatch, tiny_llama_dir):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))
+    args = [a for a in COMMON]
+    i = args.index("--train_set_seed")
+    args[i:i + 2] = ["--num_train_sets", "2"]
+    loads = []
+    original = run.load_model
+    monkeypatch.setattr(run, "load_model", lambda a: loads.append(1) or original(a))
+    assert run.main(["--model_name", str(tiny_llama_dir), "--output_dir", str(tmp_path / "out"), *args,
+                     "--trainer", "zo"]) == 0
+    assert len(loads) == 2
+    assert sorted(p.name for p in (tmp_path / "result").glob("*.json"))[-1].endswith("trainset1.json")
+    assert os.path.isdir(tmp_path / "out" / "trainset1")
+
+
+@pytest.mark.parametrize("trainer", ["regular", "zo"])
+@pytest.mark.parametrize("mode", [["--lora"], ["--prefix_tuning"], ["--head_tuning"]])
+def test_parameter_efficient_modes_train_and_save_only_their_parameters(tmp_path, monkeypatch, tiny_llama_dir,
+                                                                        trainer, mode):
+    result, _ = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "RTE", "--trainer", trainer,
+                      "--learning_rate", "1e-3", "--train_as_classification", "--save_model", *mode)
+    assert {"accuracy", "dev_accuracy"} <= set(result)
+    saved = {p.name for p in (tmp_path / "out").iterdir()}
+    if mode == ["--lora"]:
+        assert "adapter_model.safetensors" in saved and "model.safetensors" not in saved
+    elif mode == ["--prefix_tuning"]:
+        assert "prefix_model.safetensors" in saved and "model.safetensors" not in saved
+    else:
+        assert "model.safetensors" in saved
+
+
+def test_linear_probing_fits_and_evaluates(tmp_path, monkeypatch, tiny_llama_dir):
+    result, _ = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "SST2", "--trainer", "regular",
+                      "--linear_probing", "--lp_early_stopping", "--save_model")
+    assert {"accuracy", "dev_accuracy"} <= set(result)
+    assert (tmp_path / "out" / "linear_probe.pt").is_file()

@@ -1,0 +1,87 @@
+"""The bash wrappers build the reference's command lines (a stand-in `python`/`torchrun` records them)."""
+
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.fixture
+def recorder(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("python", "torchrun"):
+        (bin_dir / name).write_text(f'#!/bin/sh\nprintf "%s\\n" "{name}" "$@" > "{tmp_path}/argv"\n')
+        (bin_dir / name).chmod(0o755)
+
+    def run_script(script, env=None, args=()):
+        environment = {k: v for k, v in os.environ.items() if k not in ("MODEL", "TASK", "MODE", "OPTIM", "LR", "EPS")}
+        environment.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PRECISION="", **(env or {}))
+        done = subprocess.run(["bash", str(ROOT / script), *args], env=environment, capture_output=True, text=True,
+                              cwd=tmp_path)
+        argv = (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else None
+        return done, argv
+    return run_script
+
+
+def flag(argv, name):
+    return argv[argv.index(name) + 1]
+
+
+def test_icl_defaults_run_offline_and_extras_override(recorder):
+    done, argv = recorder("icl.sh", args=["--num_train", "0"])
+    assert done.returncode == 0
+    assert flag(argv, "--model_name") == "smollm2-135m" and flag(argv, "--task_name") == "SST2"
+    assert flag(argv, "--num_eval") == "1000" and "--verbose" in argv
+    assert argv[-2:] == ["--num_train", "0"]  # last occurrence wins in the parser
+
+
+def test_mezo_defaults_are_the_reference(recorder):
+    done, argv = recorder("mezo.sh", env={"TASK": "SST2"})
+    assert done.returncode == 0
+    tag = "mezo-ft-20000-16-1e-5-1e-3-0"
+    assert flag(argv, "--tag") == tag and flag(argv, "--output_dir") == f"result/SST2-smollm2-135m-{tag}"
+    for name, value in [("--trainer", "zo"), ("--zo_optim", "mezo"), ("--learning_rate", "1e-5"), ("--zo_eps", "1e-3"),
+                        ("--per_device_train_batch_size", "16"), ("--lr_scheduler_type", "constant"),
+                        ("--num_train", "1000"), ("--num_dev", "500"), ("--num_eval", "1000"), ("--max_steps", "20000"),
+                        ("--eval_steps", "4000"), ("--save_steps", "4000"), ("--train_set_seed", "0")]:
+        assert flag(argv, name) == value, name
+    assert "--load_best_model_at_end" in argv and "--train_as_classification" in argv
+
+
+@pytest.mark.parametrize("mode,lr,eps,extra", [("ft", "1e-4", "1e-3", []), ("prefix", "1e-4", "1e-2", ["--prefix_tuning"]),
+                                               ("lora", "1e-2", "1e-1", ["--lora"])])
+def test_zo_adamu_uses_the_paper_defaults_per_mode(recorder, mode, lr, eps, extra):
+    done, argv = recorder("mezo.sh", env={"OPTIM": "zo_adamu", "MODE": mode, "TASK": "RTE"})
+    assert done.returncode == 0
+    assert flag(argv, "--learning_rate") == lr and flag(argv, "--zo_eps") == eps
+    assert flag(argv, "--tag") == f"zo_adamu-{mode}-20000-16-{lr}-{eps}-0"
+    assert all(e in argv for e in extra)
+
+
+def test_mezo_task_overrides_and_user_flags_last(recorder):
+    done, argv = recorder("mezo.sh", env={"TASK": "Copa", "LR": "1e-6"}, args=["--max_steps", "10"])
+    assert flag(argv, "--num_dev") == "100" and flag(argv, "--learning_rate") == "1e-6"
+    assert argv[-4:] == ["--train_as_classification", "False", "--max_steps", "10"]
+    done, argv = recorder("mezo.sh", env={"OPTIM": "adam"})
+    assert done.returncode == 2 and "unknown OPTIM=adam" in done.stderr
+
+
+def test_finetune_overrides(recorder):
+    done, argv = recorder("finetune.sh", env={"TASK": "MultiRC"})
+    assert flag(argv, "--trainer") == "regular" and flag(argv, "--per_device_train_batch_size") == "2"
+    assert flag(argv, "--gradient_accumulation_steps") == "4" and flag(argv, "--num_train_epochs") == "5"
+    assert flag(argv, "--tag") == "ft-5-2-1e-5-0"
+    assert flag(argv, "--evaluation_strategy") == "epoch" and "--load_best_model_at_end" in argv
+
+
+def test_finetune_fsdp_needs_num_gpu_and_launches_torchrun(recorder):
+    done, argv = recorder("finetune_fsdp.sh")
+    assert done.returncode == 2 and "set NUM_GPU" in done.stderr
+    done, argv = recorder("finetune_fsdp.sh", env={"NUM_GPU": "4", "MODE": "lora"})
+    assert done.returncode == 0 and argv[0] == "torchrun" and "--nproc_per_node=4" in argv
+    assert flag(argv, "--fsdp") == "full_shard auto_wrap" and "--no_auto_device" in argv and "--fp16" in argv
+    assert flag(argv, "--per_device_train_batch_size") == "1" and flag(argv, "--gradient_accumulation_steps") == "8"
+    assert flag(argv, "--tag") == "fsdp-lora-5-8-1e-5-0" and "--lora" in argv
