@@ -351,68 +351,78 @@ def load_model(args: SuiteArguments):
     return model
 
 
-def train_and_evaluate(args, task, model, tokenizer, tokens, train_samples, eval_samples, settings, set_index,
-                       num_sets):
-    """Train on one train set (dev carved from its tail), then evaluate test and dev without demonstrations."""
+def split_dev(args, train_samples):
+    """Dev is the tail of the train draw, as in the reference."""
+    if args.num_dev is None:
+        return train_samples, None
+    train, dev = train_samples[:len(train_samples) - args.num_dev], train_samples[len(train_samples) - args.num_dev:]
+    if not train:
+        raise UsageError(f"No training examples left: the split has {len(train_samples)} rows and --num_dev "
+                         f"{args.num_dev} takes them all.")
+    return train, dev
+
+
+def build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_samples, settings, output_dir: str):
+    """The HF Trainer (regular or ZO) for one train set, with dev evaluation by the task metric."""
     import copy
 
-    from transformers.trainer_utils import get_last_checkpoint
-
-    import evaluator
     import trainer_zo
     import utils
 
-    dev_samples = None
-    if args.num_dev is not None:
-        dev_samples = train_samples[len(train_samples) - args.num_dev:]
-        train_samples = train_samples[:len(train_samples) - args.num_dev]
-    if not train_samples:
-        raise UsageError(f"No training examples left: the split has {len(train_samples) + (args.num_dev or 0)} rows "
-                         f"and --num_dev {args.num_dev} takes them all.")
     objective = utils.Objective(classification=args.train_as_classification, only_option=args.only_train_option,
                                 non_diff=args.non_diff)
     build = lambda samples: utils.ListDataset(utils.build_train_records(  # noqa: E731
         task, samples, tokenizer, tokens, objective, args.max_length, args.max_new_tokens))
-
     training_args = copy.copy(args)
+    training_args.output_dir = output_dir
     training_args.remove_unused_columns = False   # records carry option lengths the model does not take
-    if num_sets > 1:
-        training_args.output_dir = os.path.join(args.output_dir, f"trainset{set_index}")
     if dev_samples is None and args.eval_strategy != "no":
         logger.warning("No --num_dev: evaluation during training is turned off so the test subset never drives "
                        "checkpoint selection.")
         training_args.eval_strategy = "no"
-    task_eval = trainer_zo.TaskEval(task, dev_samples or [], tokenizer, tokens, settings)
-    if args.linear_probing:
-        fit_probe(args, model, build(train_samples), tokens, training_args.output_dir)
-        return evaluate_after_training(args, task, model, tokenizer, tokens, train_samples, dev_samples,
-                                       eval_samples, settings)
     common = dict(model=model, args=training_args, train_dataset=build(train_samples),
                   eval_dataset=build(dev_samples) if dev_samples else None,
-                  data_collator=utils.TrainCollator(tokens.pad_id), objective=objective, task_eval=task_eval)
-    if args.trainer == "zo":
-        training_args.max_grad_norm = 0.0   # there are no gradients to clip
-        schedule = {k: v for k, v in dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3,
-                                          phi_alpha=args.zo_phi_alpha, phi_beta1=args.zo_phi_beta1,
-                                          phi_beta2=args.zo_phi_beta2, alpha_floor=args.zo_alpha_floor).items()
-                    if v is not None}
-        zo_config = trainer_zo.ZOConfig(
-            optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
-            signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,
-            exact_restore={"auto": None, "always": True, "never": False}[args.zo_exact_restore],
-            state_dtype=getattr(torch_module(), args.zo_state_dtype) if args.zo_state_dtype else None)
-        trainer = trainer_zo.ZOTrainer(zo_config=zo_config, **common)
-    else:
-        trainer = trainer_zo.SuiteTrainer(**common)
+                  data_collator=utils.TrainCollator(tokens.pad_id), objective=objective,
+                  task_eval=trainer_zo.TaskEval(task, dev_samples or [], tokenizer, tokens, settings))
+    if args.trainer != "zo":
+        return trainer_zo.SuiteTrainer(**common)
+    training_args.max_grad_norm = 0.0   # there are no gradients to clip
+    schedule = {k: v for k, v in dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3, phi_alpha=args.zo_phi_alpha,
+                                      phi_beta1=args.zo_phi_beta1, phi_beta2=args.zo_phi_beta2,
+                                      alpha_floor=args.zo_alpha_floor).items() if v is not None}
+    import torch
+    zo_config = trainer_zo.ZOConfig(
+        optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
+        signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,
+        exact_restore={"auto": None, "always": True, "never": False}[args.zo_exact_restore],
+        state_dtype=getattr(torch, args.zo_state_dtype) if args.zo_state_dtype else None)
+    return trainer_zo.ZOTrainer(zo_config=zo_config, **common)
 
+
+def train_and_evaluate(args, task, model, tokenizer, tokens, train_samples, eval_samples, settings, set_index,
+                       num_sets):
+    """Train on one train set (dev carved from its tail), then evaluate test and dev without demonstrations."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    import utils
+
+    train_samples, dev_samples = split_dev(args, train_samples)
+    output_dir = os.path.join(args.output_dir, f"trainset{set_index}") if num_sets > 1 else args.output_dir
+    if args.linear_probing:
+        objective = utils.Objective(only_option=True)
+        records = utils.build_train_records(task, train_samples, tokenizer, tokens, objective, args.max_length)
+        fit_probe(args, model, utils.ListDataset(records), tokens, output_dir)
+        return evaluate_after_training(args, task, model, tokenizer, tokens, train_samples, dev_samples,
+                                       eval_samples, settings)
+    trainer = build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_samples, settings, output_dir)
     checkpoint = args.resume_from_checkpoint
-    if checkpoint is None and os.path.isdir(training_args.output_dir) and not args.overwrite_output_dir:
-        checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is None and os.path.isdir(output_dir) and not args.overwrite_output_dir:
+        checkpoint = get_last_checkpoint(output_dir)
         if checkpoint:
             logger.info("Resuming from %s", checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
     if args.save_model:
-        save_trained_model(args, trainer, training_args.output_dir)
+        save_trained_model(args, trainer, output_dir)
     return evaluate_after_training(args, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
                                    eval_samples, settings)
 
@@ -461,11 +471,6 @@ def save_trained_model(args, trainer, output_dir: str) -> None:
         prefix.save_prefix(model, output_dir)
     else:
         trainer.save_model(output_dir)
-
-
-def torch_module():
-    import torch
-    return torch
 
 
 def finish(args: SuiteArguments, metrics: dict, records: list[dict], extra: dict, suffix: str) -> None:

@@ -4,39 +4,78 @@ Noise definition (what a seed means; everything else may change without changing
   * step seed  = step_seed(seed, t), t = 0-based count of completed steps.  A pure function, so no RNG
     state is saved and a resumed run replays the same directions.
   * tensor `index` = position of the parameter in the optimizer (groups in order, then params).
-  * the flattened tensor is cut into blocks of `noise_block` elements; block b of stream s is
-    `normal_()` (or ±1) of a float32 vector of that block's size, drawn by a dedicated torch.Generator
-    on the parameter's device seeded with mix(step seed, index, b, s).  MeZO uses stream 0; ZO-AdaMU
-    uses stream 0 for n1 and stream 1 for n2.  Processing chunks (`chunk_numel`) are whole numbers of
-    blocks, so the chunk size bounds temporaries without changing the noise.  The noise depends on the
-    device type (mt19937 on CPU, Philox on CUDA) and, on CPU, torch keeps only 32 bits of each seed.
+  * rng="counter" (the default for CPU tensors): a counter-based stream, a pure function of
+    (step seed, index, stream, element position j of the flattened tensor).  key = mix(step seed, index, stream);
+    h(i) = splitmix64 output number i+1 of seed `key` = fmix64(key + (i+1)·0x9E3779B97F4A7C15).
+      gaussian:   elements 2p and 2p+1 are the Box–Muller pair of h(p): u1 = (h>>40 + 1)/2^24 ∈ (0, 1],
+                  u2 = (h>>16 & 0xFFFFFF)/2^24, r = sqrt(-2 ln u1), z(2p) = r·cos 2πu2, z(2p+1) = r·sin 2πu2,
+                  with ln / cos / sin evaluated by fixed float32 polynomials after exact range reduction
+                  (_counter_noise_torch spells out every operation).  Every step is one IEEE-754 float32
+                  operation (no fused multiply-add, no library transcendental), so the C kernel below and the
+                  pure-torch reference give bit-identical noise on any machine.  |z| <= 5.77 (24-bit u1).
+      rademacher: z(j) = +1 if the top bit of h(j) is 0, else -1.
+    Because the noise is a function of the element position, any chunking gives the same noise.
+  * rng="torch" (the default for non-CPU tensors, e.g. CUDA, where torch's Philox is one fast kernel): the flat
+    tensor is cut into blocks of `noise_block` elements; block b of stream s is `normal_()` (or ±1) of a float32
+    vector of that block's size, drawn by a torch.Generator on the parameter's device seeded with
+    mix(step seed, index, b, s).  Processing chunks (`chunk_numel`) are whole numbers of blocks.
+  MeZO uses stream 0; ZO-AdaMU uses stream 0 for n1 and stream 1 for n2.
 
 Step protocol (sweep = one pass over the trainable tensors regenerating the noise):
   probe(closure): first probe of a step +εu, -2εu (2 sweeps); later probes +2εu, -2εu (2 sweeps);
                   parameters rest at θ-εu between probes.
-  step():         restore and update fused in one sweep, θ <- θ + εu - lr·(update).
+  step():         restore and update fused in one sweep, θ <- (θ-εu + εu)·(1-lr·λ) - lr·g·w.
+  The step's update is not fused with the next step's +εu: the parameters would then rest perturbed between
+  steps (evaluation, checkpoints and logging read them), so each step keeps its own 3 sweeps.
   Without a stash the perturb/restore round trip is not bit-exact, and no memory-free scheme can be:
   x+εu rounds away the low bits of every |x| << ε|u|, so distinct x collide.  The error is up to
   about one ulp of θ per step, for a large share of the elements: ~1e-7 relative in fp32 (negligible
   next to updates), ~4e-3 relative in bf16 (larger than typical ZO updates, and it random-walks).  Hence
   exact_restore=None (default) stashes a copy of θ at the first probe only for tensors below fp32 and
   restores those bit-exactly; True stashes every tensor (bit-exact fp32 too), False none (MeZO memory).
+  keep_direction=True (opt-in, small models) keeps the step's direction in memory (one parameter-sized float32
+  buffer for MeZO, two compute-dtype buffers u, w for ZO-AdaMU): one noise sweep per step instead of three.
+
+Arithmetic of a sweep, in the compute dtype T (fp64 for fp64 tensors, else fp32), one rounding per operation:
+  perturb  x <- x + (k·ε)·u
+  update   y <- x + (-o·ε)·u (or y <- stash), y <- y·(1-lr·λ), x <- y + (-lr·g)·w, o = offset of the probes
+  ZO-AdaMU zd = n1·√α, zdd = n2·√(1-α) + m, u = zd·β1 + zdd·(1-β1), w = u / √(zd²·β2 + zdd²·(1-β2) + σ),
+           m <- sign(g)·u
+Speed: on CPU, float32/float64 tensors with rng="counter" go through small C kernels (compiled once with the
+system C compiler, cached, and checked against the torch reference at load) that generate the noise and apply a
+whole sweep in one pass over memory with no temporaries, on torch.get_num_threads() worker threads.  Without a
+compiler (or with ZO_NO_CKERNEL=1) the same arithmetic runs as torch operations: identical results, slower.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
+import logging
 import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["NOISE_BLOCK", "DIRECTIONS", "step_seed", "sample_direction", "anneal", "AdaMUSchedule",
-           "param_groups_for_model", "ZOOptimizer", "MeZO", "ZOAdaMU"]
+__all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "step_seed", "sample_direction", "anneal", "AdaMUSchedule",
+           "param_groups_for_model", "ZOOptimizer", "MeZO", "ZOAdaMU", "kernels_available"]
+
+logger = logging.getLogger(__name__)
 
 NOISE_BLOCK = 1 << 20
 DIRECTIONS = ("gaussian", "rademacher")
+RNGS = ("auto", "counter", "torch")
 _M64 = (1 << 64) - 1
 _META = ("zo_kind", "zo_step", "zo_skipped")
 
@@ -57,8 +96,401 @@ def _mix(*words: int) -> int:
     return h
 
 
+def _resolve_rng(rng: str, device) -> str:
+    if rng not in RNGS:
+        raise ValueError(f"Invalid rng: {rng!r} (choose from {RNGS})")
+    if rng == "auto":
+        return "counter" if torch.device(device).type == "cpu" else "torch"
+    return rng
+
+
+# ------------------------------------------------------------------------ counter-based noise (definition)
+def _f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+_GOLDEN, _FM1, _FM2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_LN2 = _f32(math.log(2.0))
+# ln f = s·(2 + s²·(L3 + s²·(L5 + s²·L7))), s = (f-1)/(f+1), f ∈ (√½, √2]   (fit, rel. error 1.5e-9)
+_LN = tuple(map(_f32, (2.0, 0.6666678190231323, 0.3997836709022522, 0.2983228266239166)))
+# sin(πt/2) = t·(S1 + t²·(S3 + t²·(S5 + t²·S7))), cos(πt/2) = 1 + t²·(C2 + t²·(C4 + t²·(C6 + t²·C8))), t ∈ [0, ½]
+_SIN = tuple(map(_f32, (1.5707963705062866, -0.6459635496139526, 0.07968097180128098, -0.004603920038789511)))
+_COS = tuple(map(_f32, (1.0, -1.2337005138397217, 0.25366926193237305, -0.020860355347394943,
+                        0.0009041568846441805)))
+
+
+def _s64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+def _lsr(z: torch.Tensor, s: int) -> torch.Tensor:
+    return (z >> s) & ((1 << (64 - s)) - 1)  # logical shift of an int64 tensor
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded square root (IEEE-754).  torch's CPU sqrt goes through vectorised math libraries that are
+    off by one ulp for ~20 % of float32 inputs; numpy's is the hardware instruction."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(x.numpy()))
+    return x.sqrt()
+
+
+def _splitmix_torch(key: int, i: torch.Tensor) -> torch.Tensor:
+    """h(i) for an int64 tensor of positions (int64 arithmetic wraps like uint64)."""
+    z = (i + 1) * _s64(_GOLDEN) + _s64(key)
+    z = (z ^ _lsr(z, 30)) * _s64(_FM1)
+    z = (z ^ _lsr(z, 27)) * _s64(_FM2)
+    return z ^ _lsr(z, 31)
+
+
+def _box_muller_torch(h: torch.Tensor):
+    """(z(2p), z(2p+1)) of the hashes h(p): the reference of the C kernel's zo_gauss2, operation by operation."""
+    i32, f32 = torch.int32, torch.float32
+    m = (_lsr(h, 40) + 1).to(i32)                      # 1 .. 2^24
+    k = (_lsr(h, 16) & 0xFFFFFF).to(i32)               # 0 .. 2^24-1
+    b = m.to(f32).view(i32)                            # exact
+    mant = (b & 0x7FFFFF) | 0x3F800000                 # f ∈ [1, 2)
+    big = (mant > 0x3FB504F3).to(i32)                  # f > √2: halve it
+    e = (b >> 23) - 127 + big - 24
+    f = (mant - (big << 23)).view(f32)
+    s = (f - 1.0) / (f + 1.0)
+    s2 = s * s
+    p = s2 * _LN[3]
+    p = p + _LN[2]
+    p = p * s2
+    p = p + _LN[1]
+    p = p * s2
+    p = p + _LN[0]
+    ln_f = s * p
+    ln_u1 = e.to(f32) * _LN2
+    ln_u1 = ln_u1 + ln_f
+    r = _sqrt(ln_u1 * -2.0)
+    q, j = k >> 22, k & 0x3FFFFF                       # quadrant, position in it
+    swap = j > 0x200000
+    t = torch.where(swap, 0x400000 - j, j).to(f32) * 2.0 ** -22   # exact, ∈ [0, ½]
+    t2 = t * t
+    S = t2 * _SIN[3]
+    S = S + _SIN[2]
+    S = S * t2
+    S = S + _SIN[1]
+    S = S * t2
+    S = S + _SIN[0]
+    S = S * t
+    C = t2 * _COS[4]
+    C = C + _COS[3]
+    C = C * t2
+    C = C + _COS[2]
+    C = C * t2
+    C = C + _COS[1]
+    C = C * t2
+    C = C + _COS[0]
+
+    def quadrant(q):  # cos(qπ/2 + πt'/2) from the sine / cosine of the reduced angle
+        v = torch.where(((swap.to(i32) ^ q) & 1).bool(), S, C)
+        return r * torch.where((((q + 1) >> 1) & 1).bool(), -v, v)
+    return quadrant(q), quadrant((q + 3) & 3)
+
+
+def _counter_noise_torch(key: int, start: int, n: int, direction: str, device) -> torch.Tensor:
+    """Elements [start, start+n) of the counter stream `key`, float32, in torch operations (any device)."""
+    if n <= 0:
+        return torch.empty(0, dtype=torch.float32, device=device)
+    if direction == "rademacher":
+        h = _splitmix_torch(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
+        one = torch.ones((), dtype=torch.float32, device=device)
+        return torch.where((_lsr(h, 63)).bool(), -one, one)
+    p0, p1 = start >> 1, (start + n - 1) >> 1
+    z0, z1 = _box_muller_torch(_splitmix_torch(key, torch.arange(p0, p1 + 1, dtype=torch.int64, device=device)))
+    off = start - 2 * p0
+    return torch.stack([z0, z1], -1).view(-1)[off:off + n].contiguous()
+
+
+# ----------------------------------------------------------------------------------- C kernels (speed)
+_CTYPES = {"f32": ("float", ctypes.c_float), "f64": ("double", ctypes.c_double),
+           "bf16": ("uint16_t", None), "f16": ("_Float16", None)}
+_TORCH_TN = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
+_LOAD = {"f32": "({v})", "f64": "({v})", "bf16": "zo_u2f((uint32_t)({v}) << 16)", "f16": "((float)({v}))"}
+_STORE = {"f32": "({v})", "f64": "({v})", "bf16": "zo_f2bf({v})", "f16": "((_Float16)({v}))"}
+_SQRT = {"f32": "sqrtf", "f64": "sqrt"}
+_GENS = {"g": "zo_gauss2", "r": "zo_rad2"}
+_BUF_PAIRS = (("f32", "f32"), ("f64", "f32"), ("f64", "f64"))      # (x dtype, buffer dtype)
+_AMU_PAIRS = (("f32", "f32"), ("f32", "bf16"), ("f32", "f16"), ("f64", "f64"))  # (x dtype, momentum dtype)
+
+_C_PRELUDE = r"""
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+static inline __attribute__((always_inline)) uint64_t zo_hash(uint64_t key, uint64_t i) {
+    uint64_t z = key + (i + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+static inline __attribute__((always_inline)) float zo_i2f(int32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline __attribute__((always_inline)) float zo_u2f(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
+static inline __attribute__((always_inline)) int32_t zo_f2i(float f) { int32_t b; memcpy(&b, &f, 4); return b; }
+static inline __attribute__((always_inline)) uint16_t zo_f2bf(float f) {   /* round to nearest even, as c10::BFloat16 */
+    uint32_t u; memcpy(&u, &f, 4);
+    uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (f != f) ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+static inline __attribute__((always_inline)) float zo_quadrant(int32_t q, int32_t swap, float r, float S, float C) {
+    int32_t mask = -((swap ^ q) & 1);
+    int32_t vb = (zo_f2i(S) & mask) | (zo_f2i(C) & ~mask);
+    vb ^= (int32_t)((uint32_t)(((q + 1) >> 1) & 1) << 31);
+    return r * zo_i2f(vb);
+}
+static inline __attribute__((always_inline)) void zo_gauss2(uint64_t key, uint64_t p, float* z) {
+    uint64_t h = zo_hash(key, p);
+    int32_t m = (int32_t)(h >> 40) + 1;
+    int32_t k = (int32_t)((h >> 16) & 0xFFFFFF);
+    int32_t b = zo_f2i((float)m);
+    int32_t mant = (b & 0x7FFFFF) | 0x3F800000;
+    int32_t big = ((0x3FB504F3 - mant) >> 31) & 1;
+    int32_t e = ((b >> 23) - 127) + big - 24;
+    float f = zo_i2f(mant - (big << 23));
+    float s = (f - 1.0f) / (f + 1.0f);
+    float s2 = s * s;
+    float p_ = s2 * LN3; p_ = p_ + LN2c; p_ = p_ * s2; p_ = p_ + LN1; p_ = p_ * s2; p_ = p_ + LN0;
+    float lnf = s * p_;
+    float L = (float)e * LNTWO; L = L + lnf;
+    float r = sqrtf(L * -2.0f);
+    int32_t q = k >> 22, j = k & 0x3FFFFF;
+    int32_t swap = ((0x200000 - j) >> 31) & 1;
+    float t = (float)(j + swap * (0x400000 - 2 * j)) * 0x1p-22f;
+    float t2 = t * t;
+    float S = t2 * SN3; S = S + SN2; S = S * t2; S = S + SN1; S = S * t2; S = S + SN0; S = S * t;
+    float C = t2 * CS4; C = C + CS3; C = C * t2; C = C + CS2; C = C * t2; C = C + CS1; C = C * t2; C = C + CS0;
+    z[0] = zo_quadrant(q, swap, r, S, C);
+    z[1] = zo_quadrant((q + 3) & 3, swap, r, S, C);
+}
+static inline __attribute__((always_inline)) float zo_sign(uint64_t h) { return zo_u2f(0x3F800000u | ((uint32_t)(h >> 63) << 31)); }
+static inline __attribute__((always_inline)) void zo_rad2(uint64_t key, uint64_t p, float* z) {
+    z[0] = zo_sign(zo_hash(key, 2 * p));
+    z[1] = zo_sign(zo_hash(key, 2 * p + 1));
+}
+"""
+
+
+def _c_float(x: float) -> str:
+    return f"({float(x).hex()}f)"
+
+
+def _pair_loop(gen: str, streams, elem: str) -> str:
+    """C loop over elements [start, start+n) of the counter streams, pair by pair (vectorisable body);
+    `elem` uses @J (element index in the chunk) and @S (0/1: which half of the pair)."""
+    def g(p):
+        return " ".join(f"float {arr}[2]; {gen}({key}, {p}, {arr});" for key, arr in streams)
+
+    def e(j, s):
+        return "{ " + elem.replace("@J", f"({j})").replace("@S", s) + " }"
+    return (f"int64_t i0 = 0;\n"
+            f"    if ((start & 1) && n > 0) {{ {g('(uint64_t)start >> 1')} {e('0', '1')} i0 = 1; }}\n"
+            f"    int64_t np_ = (n - i0) >> 1; uint64_t p0 = (uint64_t)(start + i0) >> 1;\n"
+            f"    for (int64_t k_ = 0; k_ < np_; k_++) {{ {g('p0 + (uint64_t)k_')}\n"
+            f"        {e('i0 + 2 * k_', '0')} {e('i0 + 2 * k_ + 1', '1')} }}\n"
+            f"    if ((n - i0) & 1) {{ {g('(uint64_t)(start + n - 1) >> 1')} {e('n - 1', '0')} }}\n")
+
+
+def _c_source():
+    """(C source, {function name: ctypes argtypes})."""
+    consts = dict(LN0=_LN[0], LN1=_LN[1], LN2c=_LN[2], LN3=_LN[3], LNTWO=_LN2, SN0=_SIN[0], SN1=_SIN[1],
+                  SN2=_SIN[2], SN3=_SIN[3], CS0=_COS[0], CS1=_COS[1], CS2=_COS[2], CS3=_COS[3], CS4=_COS[4])
+    src = ["".join(f"#define {k} {_c_float(v)}\n" for k, v in consts.items()), _C_PRELUDE]
+    sigs = {}
+    P, I64, U64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
+
+    def fn(name, args, body, argtypes):
+        code = f"void {name}({args}) {{\n    {body}}}\n"
+        if "f16" in name:  # needs a compiler with _Float16 (gcc >= 12, clang >= 15 on x86-64)
+            code = f"#ifdef __FLT16_MANT_DIG__\n{code}#endif\n"
+        src.append(code)
+        sigs[name] = argtypes
+
+    for gn, gen in _GENS.items():
+        one = [("key", "za")]
+        two = [("key1", "za"), ("key2", "zb")]
+        fn(f"zo_fill_{gn}", "float* restrict out, int64_t n, uint64_t key, int64_t start",
+           _pair_loop(gen, one, "out[@J] = za[@S];"), [P, I64, U64, I64])
+        for tn in ("f32", "f64"):
+            T, CT = _CTYPES[tn]
+            fn(f"zo_axpy_{tn}_{gn}", f"{T}* restrict x, int64_t n, uint64_t key, int64_t start, {T} a",
+               _pair_loop(gen, one, f"{T} t = a * ({T})za[@S]; x[@J] = x[@J] + t;"), [P, I64, U64, I64, CT])
+            fn(f"zo_upd_{tn}_{gn}", f"{T}* restrict x, int64_t n, uint64_t key, int64_t start, {T} c, {T} d, {T} g",
+               _pair_loop(gen, one, f"{T} z = ({T})za[@S]; {T} t = c * z; {T} y = x[@J] + t; y = y * d; "
+                                    f"t = g * z; x[@J] = y + t;"), [P, I64, U64, I64, CT, CT, CT])
+            fn(f"zo_rupd_{tn}_{gn}",
+               f"{T}* restrict x, const {T}* restrict src, int64_t n, uint64_t key, int64_t start, {T} d, {T} g",
+               _pair_loop(gen, one, f"{T} z = ({T})za[@S]; {T} y = src[@J] * d; {T} t = g * z; x[@J] = y + t;"),
+               [P, P, I64, U64, I64, CT, CT])
+        for tn, mn in _AMU_PAIRS:
+            T, CT = _CTYPES[tn]
+            M = _CTYPES[mn][0]
+            sq, ld, st = _SQRT[tn], _LOAD[mn], _STORE[mn]
+            dirs = (f"{T} zd = ({T})za[@S] * sa; {T} zdd = ({T})zb[@S] * sb; zdd = zdd + ({T}){ld.format(v='m[@J]')}; "
+                    f"{T} u = zd * b1; {T} t = zdd * ob1; u = u + t; ")
+            wexp = (f"{T} v = zd * zd; v = v * b2; t = zdd * zdd; t = t * ob2; v = v + t; v = v + sig; "
+                    f"v = {sq}(v); {T} w = u / v; ")
+            mom = f"m[@J] = {st.format(v='u * sgn')};"
+            base = f"const {M}* restrict m, int64_t n, uint64_t key1, uint64_t key2, int64_t start, " \
+                   f"{T} sa, {T} sb, {T} b1, {T} ob1"
+            btypes = [P, I64, U64, U64, I64, CT, CT, CT, CT]
+            suf = f"{tn}_{mn}_{gn}"
+            fn(f"zo_amu_probe_{suf}", f"{T}* restrict x, {base}, {T} a",
+               _pair_loop(gen, two, dirs + "t = a * u; x[@J] = x[@J] + t;"), [P] + btypes + [CT])
+            fn(f"zo_amu_dirs_{suf}", f"{T}* restrict uo, {T}* restrict wo, {base}, {T} b2, {T} ob2, {T} sig",
+               _pair_loop(gen, two, dirs + wexp + "uo[@J] = u; wo[@J] = w;"), [P, P] + btypes + [CT] * 3)
+            mbase = base.replace(f"const {M}* restrict m", f"{M}* restrict m")
+            upd_args = f"{T} b2, {T} ob2, {T} sig, {T} d, {T} g, {T} sgn, int wm"
+            for name, head, xexpr, extra in (
+                    ("upd", f"{T}* restrict x", "t = c * u; {T} y = x[@J] + t;", f", {T} c"),
+                    ("rupd", f"{T}* restrict x, const {T}* restrict src", "{T} y = src[@J];", "")):
+                upd = dirs + wexp + xexpr.format(T=T) + " y = y * d; t = g * w; x[@J] = y + t; "
+                argt = [P] + ([P] if name == "rupd" else []) + btypes + [CT] * 6 + [INT] + ([CT] if extra else [])
+                body = (f"if (wm) {{\n    {_pair_loop(gen, two, upd + mom)}    }} else {{\n"
+                        f"    {_pair_loop(gen, two, upd)}    }}\n")
+                fn(f"zo_amu_{name}_{suf}", f"{head}, {mbase}, {upd_args}{extra}", body, argt)
+    for tn, bn in _BUF_PAIRS:
+        T, CT = _CTYPES[tn]
+        B = _CTYPES[bn][0]
+        loop = "for (int64_t j = 0; j < n; j++) {{ {} }}\n"
+        fn(f"zo_axpyb_{tn}_{bn}", f"{T}* restrict x, const {B}* restrict u, int64_t n, {T} a",
+           loop.format(f"{T} t = a * ({T})u[j]; x[j] = x[j] + t;"), [P, P, I64, CT])
+        fn(f"zo_updb_{tn}_{bn}",
+           f"{T}* restrict x, const {B}* restrict u, const {B}* restrict w, int64_t n, {T} c, {T} d, {T} g",
+           loop.format(f"{T} t = c * ({T})u[j]; {T} y = x[j] + t; y = y * d; t = g * ({T})w[j]; x[j] = y + t;"),
+           [P, P, P, I64, CT, CT, CT])
+        fn(f"zo_rupdb_{tn}_{bn}",
+           f"{T}* restrict x, const {T}* restrict src, const {B}* restrict w, int64_t n, {T} d, {T} g",
+           loop.format(f"{T} y = src[j] * d; {T} t = g * ({T})w[j]; x[j] = y + t;"), [P, P, P, I64, CT, CT])
+    for tn, mn in _AMU_PAIRS:
+        T, CT = _CTYPES[tn]
+        M = _CTYPES[mn][0]
+        fn(f"zo_mom_{tn}_{mn}", f"{M}* restrict m, const {T}* restrict u, int64_t n, {T} sgn",
+           f"for (int64_t j = 0; j < n; j++) {{ m[j] = {_STORE[mn].format(v='u[j] * sgn')}; }}\n", [P, P, I64, CT])
+    return "".join(src), sigs
+
+
+_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
+
+
+class _Kernels:
+    """The compiled C kernels (ctypes), or None with the reason, built once per process and cached on disk."""
+    lock = threading.Lock()
+    lib = None
+    error: str | None = None
+    tried = False
+
+
+def _kernel_cache_dir() -> Path:
+    if os.environ.get("ZO_KERNEL_CACHE"):
+        return Path(os.environ["ZO_KERNEL_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "zo-adamu" / "kernels"
+
+
+def _cpu_tag() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + platform.processor() + flags
+
+
+def _build_kernels():
+    if os.environ.get("ZO_NO_CKERNEL", "") not in ("", "0"):
+        raise RuntimeError("disabled by ZO_NO_CKERNEL")
+    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC)")
+    source, sigs = _c_source()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout.split("\n")[0]
+    errors = []
+    for arch in (("-march=native",), ()):
+        flags = _CFLAGS + arch
+        tag = hashlib.sha256("\0".join((source, cc, version, _cpu_tag()) + flags).encode()).hexdigest()[:20]
+        for cache in (_kernel_cache_dir(), Path(tempfile.gettempdir()) / f"zo-adamu-kernels-{os.getuid()}"):
+            path = cache / f"zo_kernels_{tag}.so"
+            try:
+                if not path.is_file():
+                    cache.mkdir(parents=True, exist_ok=True)
+                    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+                        c_file, so_file = Path(tmp) / "zo_kernels.c", Path(tmp) / "zo_kernels.so"
+                        c_file.write_text(source)
+                        done = subprocess.run([cc, *flags, str(c_file), "-o", str(so_file), "-lm"],
+                                              capture_output=True, text=True, timeout=600)
+                        if done.returncode:
+                            errors.append(f"{' '.join(flags)}: {done.stderr.strip()[-500:]}")
+                            break
+                        os.replace(so_file, path)  # atomic: concurrent builders agree on the content
+                lib = ctypes.CDLL(str(path))
+            except OSError as error:
+                errors.append(f"{path}: {error}")
+                continue
+            for name, argtypes in sigs.items():
+                f = getattr(lib, name, None)
+                if f is not None:
+                    f.argtypes, f.restype = argtypes, None
+            _self_test(lib)
+            logger.debug("zo: C kernels loaded from %s", path)
+            return lib
+    raise RuntimeError("; ".join(errors) or "build failed")
+
+
+def _self_test(lib):
+    """The kernels must reproduce the torch definition bit for bit (guards against a compiler that contracts
+    multiply-adds or approximates anyway)."""
+    for direction, gn in (("gaussian", "g"), ("rademacher", "r")):
+        for start, n in ((0, 4099), (12345, 777), (1, 2)):
+            key = _mix(start, n, 7)
+            out = torch.empty(n, dtype=torch.float32)
+            getattr(lib, f"zo_fill_{gn}")(out.data_ptr(), n, key, start)
+            if not torch.equal(out, _counter_noise_torch(key, start, n, direction, "cpu")):
+                raise RuntimeError("the compiled kernel disagrees with the torch definition of the noise")
+
+
+def _kernels():
+    if not _Kernels.tried:
+        with _Kernels.lock:
+            if not _Kernels.tried:
+                try:
+                    _Kernels.lib = _build_kernels()
+                except Exception as error:  # any failure: the torch implementation computes the same numbers
+                    _Kernels.error = f"{type(error).__name__}: {error}"
+                    logger.warning("zo: C kernels unavailable (%s); using the pure-torch implementation of the "
+                                   "same noise and arithmetic (identical results, slower CPU steps)", _Kernels.error)
+                _Kernels.tried = True
+    return _Kernels.lib
+
+
+def kernels_available() -> bool:
+    """Whether the fast CPU kernels are in use (built on first call)."""
+    return _kernels() is not None
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _run_jobs(jobs: list):
+    """Each job is a list of ctypes calls (they release the GIL); jobs touch disjoint memory, so any order gives
+    the same result.  Dynamic scheduling over torch.get_num_threads() threads tolerates a busy core."""
+    workers = min(torch.get_num_threads(), len(jobs), 32)
+    if workers <= 1:
+        for job in jobs:
+            for call in job:
+                call()
+        return
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS.setdefault(workers, ThreadPoolExecutor(workers, thread_name_prefix="zo-sweep"))
+    for _ in pool.map(lambda job: [call() for call in job], jobs):
+        pass
+
+
+# ------------------------------------------------------------------------------------------ noise API
 def _fill_noise(out, gen, seed, index, start, stream, direction, block):
-    """Write elements [start, start+len(out)) of the noise of tensor `index` into float32 `out`."""
+    """rng="torch": elements [start, start+len(out)) of the noise of tensor `index` into float32 `out`."""
     b = start // block
     for off in range(0, out.numel(), block):
         gen.manual_seed(_mix(seed, index, b, stream))
@@ -71,10 +503,26 @@ def _fill_noise(out, gen, seed, index, start, stream, direction, block):
     return out
 
 
+def _counter_key(seed: int, index: int, stream: int) -> int:
+    return _mix(seed, index, stream)
+
+
+def _counter_fill(out: torch.Tensor, key: int, start: int, direction: str, use_kernels: bool = True):
+    """Elements [start, start+len(out)) of counter stream `key` into contiguous float32 `out`."""
+    lib = _kernels() if use_kernels and out.device.type == "cpu" else None
+    if lib is not None:
+        getattr(lib, "zo_fill_g" if direction == "gaussian" else "zo_fill_r")(out.data_ptr(), out.numel(), key, start)
+    else:
+        out.copy_(_counter_noise_torch(key, start, out.numel(), direction, out.device))
+    return out
+
+
 def sample_direction(seed: int, index: int, numel: int, *, stream: int = 0, direction: str = "gaussian",
-                     noise_block: int = NOISE_BLOCK, device="cpu") -> torch.Tensor:
+                     noise_block: int = NOISE_BLOCK, device="cpu", rng: str = "auto") -> torch.Tensor:
     """The whole flat float32 noise of tensor `index` for step seed `seed` (for references and tests)."""
     out = torch.empty(numel, dtype=torch.float32, device=device)
+    if _resolve_rng(rng, device) == "counter":
+        return _counter_fill(out, _counter_key(seed, index, stream), 0, direction)
     return _fill_noise(out, torch.Generator(device=device), seed, index, 0, stream, direction, noise_block)
 
 
@@ -166,17 +614,27 @@ def _compute_dtype(dtype):
 
 class ZOOptimizer(torch.optim.Optimizer):
     """Shared machinery: seeded directions, probe/update protocol, bookkeeping, checkpointing.
-    Subclasses define the direction u, the update direction w (update = g·w + λθ) and post-update state."""
+    Subclasses define the direction u, the update direction w (update = g·w + λθ) and post-update state.
+
+    Each sweep goes tensor by tensor and, inside a tensor, chunk by chunk (`chunk_numel`, default `noise_block`
+    elements), so no temporary is larger than one chunk.  CPU float32/float64 tensors with the counter noise take
+    the C kernels (noise generated and applied in registers: no temporary at all); everything else runs the same
+    arithmetic as torch operations (`_generic`)."""
 
     kind = "zo"
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False):
+                 chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
+                 rng="auto"):
+        if rng not in RNGS:
+            raise ValueError(f"Invalid rng: {rng!r} (choose from {RNGS})")
+        self.rng = rng
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, direction=direction,
                         chunk_numel=chunk_numel, noise_block=noise_block)
         super().__init__(params, defaults)
         self.exact_restore = None if exact_restore is None else bool(exact_restore)
         self.keep_direction = bool(keep_direction)
+        self._use_kernels = True  # False: the torch path for every tensor (tests compare the two)
         self._gens: dict[torch.device, torch.Generator] = {}
         self._stash: dict[torch.Tensor, torch.Tensor] = {}
         self._kept: dict[torch.Tensor, tuple] = {}
@@ -219,6 +677,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _params(self):
         return chain.from_iterable(g["params"] for g in self.param_groups)
 
+    def _entries(self):
+        """(index, group index, group, param) in the optimizer's order; `index` names the tensor's noise."""
+        index = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                yield index, gi, group, p
+                index += 1
+
     def _meta(self) -> dict:
         # global bookkeeping lives in the state of the first parameter so torch/HF checkpointing carries it
         first = next(iter(self._params()))
@@ -239,6 +705,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _reset_step(self):
         self._n_probes, self._offset, self._g_sum, self._lp_sum, self._lm_sum = 0, 0, None, None, None
         self._kept_ready = False
+        self._g = self._ok = None
+        self._scal, self._host = {}, {}
 
     def state_dict(self):
         if self._n_probes:
@@ -260,7 +728,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         for k, v in state_dict["state"].items():
             if "momentum" in v:
                 p = params[k]
-                self.state[p]["momentum"] = v["momentum"].to(p.device, self._state_dtype(p), copy=True)
+                self.state[p]["momentum"] = v["momentum"].to(p.device, self._state_dtype(p), copy=True,
+                                                             memory_format=torch.contiguous_format)
         first = params[0]
         self.state[first].update(zo_kind=kind, zo_step=int(meta["zo_step"]),
                                  zo_skipped=meta["zo_skipped"].to(first.device, torch.int64, copy=True))
@@ -275,47 +744,116 @@ class ZOOptimizer(torch.optim.Optimizer):
         return self.exact_restore
 
     # -- noise
+    def _rng(self, device) -> str:
+        return _resolve_rng(self.rng, device)
+
+    def _key(self, index: int, stream: int) -> int:
+        return _counter_key(self._seed, index, stream)
+
     def _noise(self, index, group, start, n, device, stream):
+        """float32 noise of elements [start, start+n) of tensor `index` (torch path)."""
+        self.noise_calls += 1
+        out = torch.empty(n, dtype=torch.float32, device=device)
+        if self._rng(device) == "counter":
+            return _counter_fill(out, self._key(index, stream), start, group["direction"], self._use_kernels)
         gen = self._gens.get(device)
         if gen is None:
             gen = self._gens[device] = torch.Generator(device=device)
-        self.noise_calls += 1
-        out = torch.empty(n, dtype=torch.float32, device=device)
         return _fill_noise(out, gen, self._seed, index, start, stream, group["direction"], group["noise_block"])
 
     def _chunk_dirs(self, index, p, group, start, n, cdt, need_w):
         """(u, w) for elements [start, start+n) of parameter `index`, dtype cdt; w may be None if not need_w."""
         raise NotImplementedError
 
+    def _kept_dtypes(self, cdt) -> tuple:
+        """dtypes of the keep_direction buffers (u[, w])."""
+        raise NotImplementedError
+
+    def _kept_buffers(self, p, cdt):
+        dtypes = self._kept_dtypes(cdt)
+        bufs = self._kept.get(p)
+        if bufs is None or tuple(b.dtype for b in bufs) != dtypes:
+            bufs = self._kept[p] = tuple(torch.empty(p.numel(), dtype=dt, device=p.device) for dt in dtypes)
+        return bufs
+
     def _dirs(self, index, p, group, start, n, cdt, need_w):
         if not self.keep_direction:
             return self._chunk_dirs(index, p, group, start, n, cdt, need_w)
+        bufs = self._kept_buffers(p, cdt)
         if not self._kept_ready:  # the step's first sweep materialises u and w once
             u, w = self._chunk_dirs(index, p, group, start, n, cdt, True)
-            bufs = self._kept.get(p)
-            if bufs is None or bufs[0].dtype != cdt:
-                full = lambda: torch.empty(p.numel(), dtype=cdt, device=p.device)  # noqa: E731
-                bufs = self._kept[p] = (full(), full() if w is not u else None)
             bufs[0][start:start + n].copy_(u)
-            if bufs[1] is not None:
+            if len(bufs) > 1:
                 bufs[1][start:start + n].copy_(w)
-        bufs = self._kept[p]
-        u = bufs[0][start:start + n]
-        return u, (bufs[1][start:start + n] if bufs[1] is not None else u)
+        u = bufs[0][start:start + n].to(cdt)
+        return u, (bufs[1][start:start + n].to(cdt) if len(bufs) > 1 else u)
+
+    # -- update coefficients (once per step)
+    def _coef64(self, gi, group):
+        """(-lr·g, 1-lr·λ, sign(g)) as float64 tensors; a skipped step (non-finite g) gets (0, 1, ·)."""
+        lr, wd = group["lr"], group["weight_decay"]
+        g64 = self._g.to(torch.float64)
+        neg = torch.where(self._ok, -(g64 * lr), 0.0)
+        decay = torch.where(self._ok, torch.as_tensor(1.0 - lr * wd, dtype=torch.float64, device=g64.device), 1.0)
+        sgn = torch.where(g64 >= 0, 1.0, -1.0)  # sign(0) = +1
+        return neg, decay, sgn
+
+    def _coef(self, gi, group, device, cdt):
+        """0-dim (neg, decay, sgn, ok) on `device`, built once per step: no host synchronisation."""
+        key = (gi, device, cdt)
+        if key not in self._scal:
+            self._scal[key] = tuple(x.to(device, cdt) for x in self._coef64(gi, group)) + (self._ok.to(device),)
+        return self._scal[key]
+
+    def _coef_host(self, gi, group):
+        """The same coefficients as Python floats, for the CPU kernels (a CPU scalar read costs nothing)."""
+        if gi not in self._host:
+            self._host[gi] = tuple(float(x) for x in self._coef64(gi, group)) + (bool(self._ok),)
+        return self._host[gi]
 
     # -- sweeps
-    def _sweep(self, fn):
+    def _fast(self, p, lib) -> bool:
+        return (lib is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+                and self._rng(p.device) == "counter")
+
+    def _sweep(self, kind, k=0):
+        """One pass over the trainable tensors.  kind: "perturb" θ += k·ε·u; "restore" the same, or the stash;
+        "update" the restore fused with the update."""
         self.sweeps += 1
-        for index, (p, group) in enumerate((p, g) for g in self.param_groups for p in g["params"]):
+        lib = _kernels() if self._use_kernels else None
+        first = kind == "perturb" and self._offset == 0
+        jobs, writebacks, touched = [], [], []
+        for index, gi, group, p in self._entries():
             if not p.requires_grad:
                 continue  # frozen after construction: untouched, index kept so other directions don't shift
             contiguous = p.is_contiguous()
             flat = (p.detach() if contiguous else p.detach().contiguous()).view(-1)
-            size = group["chunk_numel"] or group["noise_block"]
-            for start in range(0, flat.numel(), size):
-                fn(index, p, group, flat[start:start + size], start, _compute_dtype(p.dtype))
+            stash = self._stashes(p)
+            if stash and first:
+                buf = self._stash.get(p)
+                if buf is None:
+                    buf = self._stash[p] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+                buf.copy_(flat)
+            if stash and kind == "restore":
+                flat.copy_(self._stash[p])
+            else:
+                fast = self._fast(p, lib)
+                size = group["chunk_numel"] or group["noise_block"]
+                for start in range(0, flat.numel(), size):
+                    n = min(size, flat.numel() - start)
+                    if fast:
+                        jobs.append(self._fast_job(lib, kind, k, index, gi, group, p, flat, start, n, stash))
+                    else:
+                        self._generic(kind, k, index, gi, group, p, flat[start:start + n], start, stash)
+                if fast and contiguous:
+                    touched.append(p)
             if not contiguous:
-                p.detach().copy_(flat.view_as(p))
+                writebacks.append((p, flat))  # also keeps the copy alive until the kernels have run
+        _run_jobs(jobs)
+        for p, flat in writebacks:
+            p.detach().copy_(flat.view_as(p))
+        if touched:  # the kernels wrote through raw pointers: tell autograd the tensors changed
+            torch.autograd.graph.increment_version(touched)
         if self.keep_direction:
             self._kept_ready = True
 
@@ -324,25 +862,32 @@ class ZOOptimizer(torch.optim.Optimizer):
         if y is not x:
             x.copy_(y)  # the single rounding back to the storage dtype
 
-    def _perturb(self, k, restore=False):
-        """θ += k·ε·u in place; the stash is filled on the step's first sweep (restore=True reads it back)."""
-        first = self._offset == 0
+    def _generic(self, kind, k, index, gi, group, p, x, start, stash):
+        """One chunk in torch operations: the definition the kernels reproduce bit for bit."""
+        n, cdt = x.numel(), _compute_dtype(p.dtype)
+        if kind != "update":
+            u, _ = self._dirs(index, p, group, start, n, cdt, False)
+            y = x if x.dtype == cdt else x.to(cdt)
+            self._write(x, y.add_(u * (k * group["eps"])))
+            return
+        u, w = self._dirs(index, p, group, start, n, cdt, True)
+        neg, decay, sgn, ok = self._coef(gi, group, p.device, cdt)
+        if stash:
+            y = self._stash[p][start:start + n].to(cdt, copy=True)
+        else:
+            y = (x if x.dtype == cdt else x.to(cdt)).add_(u * (self._offset * -group["eps"]))
+        self._write(x, y.mul_(decay).add_(w * neg))
+        self._after_update(p, start, u, ok, sgn)
 
-        def fn(index, p, group, x, start, cdt):
-            if restore and self._stashes(p):
-                return x.copy_(self._stash[p][start:start + x.numel()])
-            if first and self._stashes(p):
-                buf = self._stash.get(p)
-                if buf is None:
-                    buf = self._stash[p] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
-                buf[start:start + x.numel()].copy_(x)
-            u, _ = self._dirs(index, p, group, start, x.numel(), cdt, False)
-            y = x.to(cdt)
-            self._write(x, y.add_(u, alpha=k * group["eps"]))
-        self._sweep(fn)
-        self._offset += k
+    def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash) -> list:
+        """The kernel calls for one chunk (run later, possibly on a worker thread)."""
+        raise NotImplementedError
 
     # -- protocol
+    def _perturb(self, k):
+        self._sweep("perturb", k)
+        self._offset += k
+
     def _begin_step(self):
         first = self.param_groups[0]
         self._seed = step_seed(first["seed"], self.step_count)
@@ -378,7 +923,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _abort(self):
         # the closure failed: put θ back so an exception never leaves the model perturbed
         if self._offset:
-            self._perturb(-self._offset, restore=True)
+            self._sweep("restore", -self._offset)
         self._reset_step()
 
     @torch.no_grad()
@@ -389,34 +934,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         if self._n_probes == 0:
             raise RuntimeError("step() needs a closure or at least one probe() in this step")
         g = self._g_sum / self._n_probes
-        ok = torch.isfinite(g)  # stays on device: no host sync
-        scal = {}  # 0-d coefficient tensors per (group, device, dtype), built once per step
-
-        def coef(gi, group, device, cdt):
-            key = (gi, device, cdt)
-            if key not in scal:
-                lr, wd = group["lr"], group["weight_decay"]
-                neg = torch.where(ok, -(g * lr), 0.0)
-                decay = torch.where(ok, torch.as_tensor(1.0 - lr * wd, dtype=torch.float64), 1.0)
-                sgn = torch.where(g >= 0, 1.0, -1.0)  # sign(0) = +1
-                scal[key] = tuple(x.to(device, cdt) for x in (neg, decay, sgn)) + (ok.to(device),)
-            return scal[key]
-        gidx = {id(p): gi for gi, gr in enumerate(self.param_groups) for p in gr["params"]}
-
-        def fn(index, p, group, x, start, cdt):
-            n = x.numel()
-            u, w = self._dirs(index, p, group, start, n, cdt, True)
-            neg, decay, sgn, okd = coef(gidx[id(p)], group, p.device, cdt)
-            if self._stashes(p):
-                y = self._stash[p][start:start + n].to(cdt, copy=True)
-            else:
-                y = x.to(cdt).add_(u, alpha=self._offset * -group["eps"])
-            self._write(x, y.mul_(decay).addcmul_(w, neg))
-            self._after_update(p, start, u, okd, sgn)
-        self._sweep(fn)
+        self._g, self._ok = g, torch.isfinite(g)  # ok stays on device: no host sync on the torch path
+        self._sweep("update")
 
         meta = self._meta()
-        meta["zo_skipped"] = meta["zo_skipped"] + (~ok).to(meta["zo_skipped"].device, torch.int64)
+        meta["zo_skipped"] = meta["zo_skipped"] + (~self._ok).to(meta["zo_skipped"].device, torch.int64)
         meta["zo_step"] += 1
         self.last_projected_grad = g
         self.last_loss_plus, self.last_loss_minus = self._lp_sum / self._n_probes, self._lm_sum / self._n_probes
@@ -425,6 +947,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _after_update(self, p, start, u, ok, sgn):
         pass
+
+
+def _ptr(t: torch.Tensor, start: int) -> int:
+    return t.data_ptr() + start * t.element_size()
 
 
 class MeZO(ZOOptimizer):
@@ -440,11 +966,44 @@ class MeZO(ZOOptimizer):
         z = self._noise(index, group, start, n, p.device, 0).to(cdt)
         return z, z
 
+    def _kept_dtypes(self, cdt):
+        return (torch.float32,)  # the noise itself, exact in any compute dtype
+
+    def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
+        tn, gn = _TORCH_TN[flat.dtype], "g" if group["direction"] == "gaussian" else "r"
+        x, key, calls = _ptr(flat, start), self._key(index, 0), []
+        if self.keep_direction:
+            zp = _ptr(self._kept_buffers(p, flat.dtype)[0], start)
+            if not self._kept_ready:
+                self.noise_calls += 1
+                calls.append(functools.partial(getattr(lib, f"zo_fill_{gn}"), zp, n, key, start))
+        else:
+            self.noise_calls += 1
+        if kind != "update":
+            a = k * group["eps"]
+            if self.keep_direction:
+                calls.append(functools.partial(getattr(lib, f"zo_axpyb_{tn}_f32"), x, zp, n, a))
+            else:
+                calls.append(functools.partial(getattr(lib, f"zo_axpy_{tn}_{gn}"), x, n, key, start, a))
+            return calls
+        neg, decay, _, _ = self._coef_host(gi, group)
+        c = self._offset * -group["eps"]
+        if self.keep_direction:
+            calls.append(functools.partial(getattr(lib, f"zo_rupdb_{tn}_f32"), x, _ptr(self._stash[p], start), zp,
+                                           n, decay, neg) if stash else
+                         functools.partial(getattr(lib, f"zo_updb_{tn}_f32"), x, zp, zp, n, c, decay, neg))
+        else:
+            calls.append(functools.partial(getattr(lib, f"zo_rupd_{tn}_{gn}"), x, _ptr(self._stash[p], start), n,
+                                           key, start, decay, neg) if stash else
+                         functools.partial(getattr(lib, f"zo_upd_{tn}_{gn}"), x, n, key, start, c, decay, neg))
+        return calls
+
 
 class ZOAdaMU(ZOOptimizer):
     """ZO-AdaMU (zo-adamu.md §1.2 with the §1.4 fixes): u = β1·√α·n1 + (1-β1)·(m + √(1-α)·n2) is used for
     both probes and update; θ <- θ - lr·(g·u/√(v+σ) + λθ), v = β2·ż² + (1-β2)·z̈² rebuilt each step;
-    m <- sign(g)·u (sign(0) = +1, so the centre never collapses) or m <- u if not signed_momentum."""
+    m <- sign(g)·u (sign(0) = +1, so the centre never collapses) or m <- u if not signed_momentum.
+    state_dtype (float32 / bfloat16 / float16, default: the parameter dtype) stores the momentum buffer."""
 
     kind = "zo_adamu"
     _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -470,20 +1029,70 @@ class ZOAdaMU(ZOOptimizer):
         return st["momentum"].view(-1)
 
     def _on_step_begin(self, t):
-        self._abc = self.schedule.values(t)  # once per step (fix of bug §1.4.3)
+        alpha, b1, b2 = self._abc = self.schedule.values(t)  # once per step (fix of bug §1.4.3)
         self.last_schedule = dict(zip(("alpha", "beta1", "beta2"), self._abc))
+        # (√α, √(1-α), β1, 1-β1, β2, 1-β2) in double; each is rounded once to the compute dtype where used
+        self._amu = (math.sqrt(alpha), math.sqrt(1.0 - alpha), b1, 1.0 - b1, b2, 1.0 - b2)
 
     def _chunk_dirs(self, index, p, group, start, n, cdt, need_w):
-        alpha, b1, b2 = self._abc
-        zd = self._noise(index, group, start, n, p.device, 0).to(cdt).mul_(math.sqrt(alpha))
-        m = self._momentum(p)[start:start + n].to(cdt)
-        zdd = self._noise(index, group, start, n, p.device, 1).to(cdt).mul_(math.sqrt(1.0 - alpha)).add_(m)
-        u = torch.add(zd * b1, zdd, alpha=1.0 - b1)
+        sa, sb, b1, ob1, b2, ob2 = self._amu
+        zd = self._noise(index, group, start, n, p.device, 0).to(cdt).mul_(sa)
+        zdd = self._noise(index, group, start, n, p.device, 1).to(cdt).mul_(sb)
+        zdd.add_(self._momentum(p)[start:start + n].to(cdt))
+        u = (zd * b1).add_(zdd * ob1)
         if not need_w:
             return u, None
-        v = zd.square_().mul_(b2).add_(zdd.square_(), alpha=1.0 - b2)
-        return u, u / v.add_(self.sigma).sqrt_()
+        v = (zd * zd).mul_(b2).add_((zdd * zdd).mul_(ob2)).add_(self.sigma)
+        return u, u / _sqrt(v)
+
+    def _kept_dtypes(self, cdt):
+        return (cdt, cdt)
 
     def _after_update(self, p, start, u, ok, sgn):
         m = self._momentum(p)[start:start + u.numel()]
         m.copy_(torch.where(ok, u * sgn if self.signed_momentum else u, m.to(u.dtype)))  # skipped: m kept
+
+    def _fast(self, p, lib):
+        if not super()._fast(p, lib):
+            return False
+        tn, mn = _TORCH_TN[p.dtype], _TORCH_TN.get(self._state_dtype(p))
+        return (tn, mn) in _AMU_PAIRS and hasattr(lib, f"zo_amu_probe_{tn}_{mn}_g")
+
+    def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
+        m = self._momentum(p)
+        tn, mn, gn = _TORCH_TN[flat.dtype], _TORCH_TN[m.dtype], "g" if group["direction"] == "gaussian" else "r"
+        suf = f"{tn}_{mn}_{gn}"
+        x, mp, calls = _ptr(flat, start), _ptr(m, start), []
+        keys = (self._key(index, 0), self._key(index, 1))
+        sa, sb, b1, ob1, b2, ob2 = self._amu
+        head = (n, *keys, start, sa, sb, b1, ob1)
+        if self.keep_direction:
+            ub, wb = self._kept_buffers(p, flat.dtype)
+            up, wp = _ptr(ub, start), _ptr(wb, start)
+            if not self._kept_ready:
+                self.noise_calls += 2
+                calls.append(functools.partial(getattr(lib, f"zo_amu_dirs_{suf}"), up, wp, mp, *head,
+                                               b2, ob2, self.sigma))
+        else:
+            self.noise_calls += 2
+        if kind != "update":
+            a = k * group["eps"]
+            if self.keep_direction:
+                calls.append(functools.partial(getattr(lib, f"zo_axpyb_{tn}_{tn}"), x, up, n, a))
+            else:
+                calls.append(functools.partial(getattr(lib, f"zo_amu_probe_{suf}"), x, mp, *head, a))
+            return calls
+        neg, decay, sgn, ok = self._coef_host(gi, group)
+        sgn = sgn if self.signed_momentum else 1.0
+        c = self._offset * -group["eps"]
+        src = _ptr(self._stash[p], start) if stash else None
+        if self.keep_direction:
+            calls.append(functools.partial(getattr(lib, f"zo_rupdb_{tn}_{tn}"), x, src, wp, n, decay, neg) if stash
+                         else functools.partial(getattr(lib, f"zo_updb_{tn}_{tn}"), x, up, wp, n, c, decay, neg))
+            if ok:
+                calls.append(functools.partial(getattr(lib, f"zo_mom_{tn}_{mn}"), mp, up, n, sgn))
+        else:
+            tail = (b2, ob2, self.sigma, decay, neg, sgn, int(ok))
+            calls.append(functools.partial(getattr(lib, f"zo_amu_rupd_{suf}"), x, src, mp, *head, *tail) if stash
+                         else functools.partial(getattr(lib, f"zo_amu_upd_{suf}"), x, mp, *head, *tail, c))
+        return calls

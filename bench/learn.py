@@ -1,0 +1,110 @@
+"""Does it learn? Fine-tune the embedded model on real task data and report the dev curve and the test metric.
+
+    python bench/learn.py --task SST2 --mode ft --method adam --steps 50 --lr 1e-5
+    python bench/learn.py --task SST2 --mode lora --method mezo --steps 1000 --lr 1e-3 --eps 1e-2
+    python bench/learn.py --task SST2 --mode prefix --method zo_adamu --steps 1000 --lr 1e-4 --eps 1e-2
+
+Data: 1,000 train and 500 dev examples drawn as run.py does (train_set_seed), test examples from the validation split.
+The objective is the one the scripts use for the task (SST2: cross-entropy over the candidates). The last line is one
+JSON object: task, mode, method, zero_shot, final (test metric after the last step), curve ([step, dev metric] pairs), forward_passes (training forwards: one per Adam step, two per ZO step,
+times the accumulation steps), seconds (training wall time).
+"""
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import evaluator  # noqa: E402
+import models  # noqa: E402
+import run  # noqa: E402
+import tasks  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="SST2")
+    parser.add_argument("--mode", choices=["ft", "lora", "prefix"], default="ft")
+    parser.add_argument("--method", choices=["adam", "mezo", "zo_adamu"], default="adam")
+    parser.add_argument("--model", default=models.EMBEDDED_ALIAS)
+    parser.add_argument("--steps", type=int, default=None, help="default: 50 for adam, 1000 for ZO")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--eval_every", type=int, default=None, help="dev evaluation interval (default steps/10)")
+    parser.add_argument("--num_train", type=int, default=1000)
+    parser.add_argument("--num_dev", type=int, default=500)
+    parser.add_argument("--num_eval", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0, help="train set seed")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--data_dir", default=None)
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more run.py flags")
+    opts = parser.parse_args()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    steps = opts.steps or (50 if opts.method == "adam" else 1000)
+    lr = opts.lr or {"adam": {"ft": 1e-5, "lora": 1e-4, "prefix": 1e-2}, "mezo": {"ft": 1e-6, "lora": 1e-3,
+                     "prefix": 1e-3}, "zo_adamu": {"ft": 1e-5, "lora": 1e-4, "prefix": 1e-4}}[opts.method][opts.mode]
+    data_dir = opts.data_dir or next((str(p) for p in [ROOT.parent / "shared" / "data"] if p.is_dir()), None)
+    spec = tasks.get_task_spec(opts.task)
+
+    flags = ["--task_name", opts.task, "--model_name", opts.model, "--num_train", str(opts.num_train),
+             "--num_dev", str(opts.num_dev), "--num_eval", str(opts.num_eval), "--train_set_seed", str(opts.seed),
+             "--max_steps", str(steps), "--learning_rate", str(lr), "--per_device_train_batch_size", str(opts.batch),
+             "--eval_strategy", "steps", "--eval_steps", str(opts.eval_every or max(steps // 10, 1)),
+             "--save_strategy", "no", "--logging_steps", "10", "--report_to", "none",
+             "--train_as_classification", str(spec.train_as_classification),
+             "--output_dir", tempfile.mkdtemp(prefix="learn-")]
+    if opts.data_dir or data_dir:
+        flags += ["--data_dir", data_dir]
+    if opts.method == "adam":
+        flags += ["--trainer", "regular", "--lr_scheduler_type", "constant"]
+    else:
+        flags += ["--trainer", "zo", "--zo_optim", opts.method, "--zo_eps", str(opts.eps),
+                  "--lr_scheduler_type", "constant"]
+    flags += {"ft": [], "lora": ["--lora"], "prefix": ["--prefix_tuning"]}[opts.mode] + opts.extra
+    args = run.parse_args(flags)
+    run.validate(args, spec)
+    torch.manual_seed(args.seed)
+
+    task = tasks.load_task(opts.task, data_dir)
+    _, train_sets = task.sample_train_sets(args.num_train, args.num_dev, args.num_eval, None, args.train_set_seed)
+    train_samples, dev_samples = run.split_dev(args, train_sets[0])
+    test_samples = task.sample_subset("validation", args.train_set_seed, args.num_eval)
+    tokenizer = models.load_tokenizer(args.model_name)
+    model = run.load_model(args)
+    tokens = models.tokenizer_settings(tokenizer, model.config)
+    settings = evaluator.EvalSettings(max_length=args.max_length, batch_size=16)
+    metric = spec.metric
+
+    zero_shot, _ = evaluator.evaluate(model, tokenizer, tokens, task, [[]] * len(test_samples), test_samples, settings)
+    print(f"zero-shot test {metric}: {zero_shot[metric]:.4f}", flush=True)
+    trainer = run.build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
+                                args.output_dir)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    curve = [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
+             if f"eval_{metric}" in entry]
+    final, _ = evaluator.evaluate(trainer.model, tokenizer, tokens, task, [[]] * len(test_samples), test_samples,
+                                  settings)
+    per_step = (1 if opts.method == "adam" else 2) * args.gradient_accumulation_steps
+    print(json.dumps({"task": opts.task, "mode": opts.mode, "method": opts.method, "lr": lr,
+                      "eps": None if opts.method == "adam" else opts.eps, "steps": steps, "batch": opts.batch,
+                      "zero_shot": zero_shot[metric], "final": final[metric], "curve": curve,
+                      "forward_passes": per_step * trainer.state.global_step, "seconds": round(seconds, 1),
+                      "sizes": [len(train_samples), len(dev_samples), len(test_samples)],
+                      "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+                      else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}))
+
+
+if __name__ == "__main__":
+    main()
