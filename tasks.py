@@ -252,7 +252,7 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     if not path.is_dir():
         origin = "--data_dir" if data_dir else f"${DATA_DIR_ENV}"
         raise DataError(f"{origin} {chosen!r} is not a directory. Pass a folder holding <task>/<split>.jsonl[.gz] "
-                        f"(e.g. ../shared/data) or unset it to use the hub.")
+                        f"or unset it to use the hub.")
     return path
 
 

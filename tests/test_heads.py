@@ -21,14 +21,6 @@ KINDS = ["opt", "llama", "gpt2"]
 PAD = 258
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls: intra-op thread hand-offs cost far more than the work on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_model(kind: str, tied: bool = True):
     model = tiny_model(kind)

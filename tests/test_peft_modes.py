@@ -18,14 +18,6 @@ KINDS = ["opt", "llama", "gpt2"]
 PAD = 258
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls: intra-op thread hand-offs cost far more than the work, 100x so on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def adapt(kind, mode, dtype=torch.float32, **kwargs):
     model = tiny_model(kind, dtype=dtype)

@@ -2,30 +2,19 @@
 
 Expected strings are written out by hand from the spec, so any change to a
 prompt, however small, fails here. Rows marked "real" are copied verbatim
-from /work/shared/data (HF field layout); the others are made up to pin
+from the official task data (HF field layout); the others are made up to pin
 edge cases no real row exercises.
 """
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import templates as T  # noqa: E402
-
-
-@dataclass
-class Sample:
-    """Stand-in for tasks.Sample (same fields)."""
-
-    id: Any
-    data: dict
-    candidates: list | None
-    correct_candidate: Any
+from tasks import Sample  # noqa: E402
 
 
 def cls_sample(row, candidates):
