@@ -142,11 +142,24 @@ def load_model(model_name: str, *, float16: bool = False, bfloat16: bool = False
     if torch.cuda.is_available() and auto_device:
         kwargs["device_map"] = "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as error:
         raise ModelLoadError(_cannot_load(model_name, error)) from None
+    if untie_emb:
+        _initialise_untied_head(model, info["missing_keys"])
     model.eval()
     return model
+
+
+def _initialise_untied_head(model, missing_keys) -> None:
+    """A checkpoint saved with tied embeddings has no head weights: start the untied head from the embeddings
+    (the reference left it randomly initialised)."""
+    head = model.get_output_embeddings()
+    names = [name for name, p in model.named_parameters() if p is head.weight]
+    if names and names[0] in set(missing_keys):
+        with torch.no_grad():
+            head.weight.copy_(model.get_input_embeddings().weight)
+        logger.info("--untie_emb: the checkpoint has no %s; initialised it from the input embeddings", names[0])
 
 
 def model_device(model) -> torch.device:

@@ -376,6 +376,9 @@ def build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_sampl
     training_args = copy.copy(args)
     training_args.output_dir = output_dir
     training_args.remove_unused_columns = False   # records carry option lengths the model does not take
+    import torch
+    if not torch.cuda.is_available():
+        training_args.dataloader_pin_memory = False
     if dev_samples is None and args.eval_strategy != "no":
         logger.warning("No --num_dev: evaluation during training is turned off so the test subset never drives "
                        "checkpoint selection.")
@@ -390,7 +393,6 @@ def build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_sampl
     schedule = {k: v for k, v in dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3, phi_alpha=args.zo_phi_alpha,
                                       phi_beta1=args.zo_phi_beta1, phi_beta2=args.zo_phi_beta2,
                                       alpha_floor=args.zo_alpha_floor).items() if v is not None}
-    import torch
     zo_config = trainer_zo.ZOConfig(
         optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
         signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,

@@ -99,3 +99,13 @@ def test_linear_probing_fits_and_evaluates(tmp_path, monkeypatch, tiny_llama_dir
                       "--linear_probing", "--lp_early_stopping", "--save_model")
     assert {"accuracy", "dev_accuracy"} <= set(result)
     assert (tmp_path / "out" / "linear_probe.pt").is_file()
+
+
+def test_untied_head_starts_from_the_tied_embeddings(tiny_llama_dir):
+    import torch
+
+    import models
+    model = models.load_model(str(tiny_llama_dir), untie_emb=True)
+    head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    assert head is not embeddings and head.data_ptr() != embeddings.data_ptr()
+    assert torch.equal(head, embeddings)
