@@ -207,10 +207,10 @@ def _counter_noise_torch(key: int, start: int, n: int, direction: str, device) -
 
 # ----------------------------------------------------------------------------------- C kernels (speed)
 _CTYPES = {"f32": ("float", ctypes.c_float), "f64": ("double", ctypes.c_double),
-           "bf16": ("uint16_t", None), "f16": ("_Float16", None)}
+           "bf16": ("uint16_t", None), "f16": ("uint16_t", None)}
 _TORCH_TN = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16", torch.float16: "f16"}
-_LOAD = {"f32": "({v})", "f64": "({v})", "bf16": "zo_u2f((uint32_t)({v}) << 16)", "f16": "((float)({v}))"}
-_STORE = {"f32": "({v})", "f64": "({v})", "bf16": "zo_f2bf({v})", "f16": "((_Float16)({v}))"}
+_LOAD = {"f32": "({v})", "f64": "({v})", "bf16": "zo_u2f((uint32_t)({v}) << 16)", "f16": "zo_h2f({v})"}
+_STORE = {"f32": "({v})", "f64": "({v})", "bf16": "zo_f2bf({v})", "f16": "zo_f2h({v})"}
 _SQRT = {"f32": "sqrtf", "f64": "sqrt"}
 _GENS = {"g": "zo_gauss2", "r": "zo_rad2"}
 _BUF_PAIRS = (("f32", "f32"), ("f64", "f32"), ("f64", "f64"))      # (x dtype, buffer dtype)
@@ -233,6 +233,22 @@ static inline __attribute__((always_inline)) uint16_t zo_f2bf(float f) {   /* ro
     uint32_t u; memcpy(&u, &f, 4);
     uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
     return (f != f) ? (uint16_t)0x7FC0 : (uint16_t)r;
+}
+static inline __attribute__((always_inline)) uint32_t zo_f2u(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
+static inline __attribute__((always_inline)) float zo_h2f(uint16_t h) {   /* IEEE half -> float, exact */
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu;
+    uint32_t r = em >= 0x7C00u ? ((em << 13) | 0x7F800000u) : (em << 13) + 0x38000000u;
+    r = em < 0x0400u ? zo_f2u((float)(int32_t)em * 0x1p-24f) : r;          /* subnormal: mant * 2^-24 */
+    return zo_u2f(r | sign);
+}
+static inline __attribute__((always_inline)) uint16_t zo_f2h(float f) {   /* float -> IEEE half, nearest even */
+    uint32_t x = zo_f2u(f), sign = x & 0x80000000u;
+    x ^= sign;
+    uint32_t special = x > 0x7F800000u ? 0x7E00u : 0x7C00u;                   /* NaN / overflow to inf */
+    uint32_t sub = zo_f2u(zo_u2f(x) + 0.5f) - 0x3F000000u;                  /* |f| < 2^-14: align to 2^-24 */
+    uint32_t nrm = (x + 0xC8000FFFu + ((x >> 13) & 1u)) >> 13;              /* rebias, round half to even */
+    uint32_t o = x >= 0x47800000u ? special : (x < 0x38800000u ? sub : nrm);
+    return (uint16_t)(o | (sign >> 16));
 }
 static inline __attribute__((always_inline)) float zo_quadrant(int32_t q, int32_t swap, float r, float S, float C) {
     int32_t mask = -((swap ^ q) & 1);
@@ -301,10 +317,7 @@ def _c_source():
     P, I64, U64, INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
 
     def fn(name, args, body, argtypes):
-        code = f"void {name}({args}) {{\n    {body}}}\n"
-        if "f16" in name:  # needs a compiler with _Float16 (gcc >= 12, clang >= 15 on x86-64)
-            code = f"#ifdef __FLT16_MANT_DIG__\n{code}#endif\n"
-        src.append(code)
+        src.append(f"void {name}({args}) {{\n    {body}}}\n")
         sigs[name] = argtypes
 
     for gn, gen in _GENS.items():
@@ -371,7 +384,7 @@ def _c_source():
     return "".join(src), sigs
 
 
-_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared", "-std=gnu11")
+_CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=gnu11")
 
 
 class _Kernels:

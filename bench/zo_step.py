@@ -6,9 +6,13 @@ On one model and one batch, in one process, after warm-up, the median over `--re
     S_mezo    one real zo.MeZO step (probe at θ+εu and θ-εu with that same loss, then the update)
     S_adamu   one real zo.ZOAdaMU step
     R         one MeZO step written exactly as the reference code does it: global torch.manual_seed, torch.normal
-              of every tensor in the parameter dtype, `param.data = param.data + ...`, four noise sweeps
-and the peak memory of inference alone and of each optimizer's training: the RSS high-water mark
-(ru_maxrss) of a fresh subprocess per measurement on CPU, torch.cuda.max_memory_allocated on GPU.
+              of every tensor in the parameter dtype, `param.data = param.data + ...`, four noise sweeps, and the
+              reference's loss (LM head over every position, cross-entropy masked to the option tokens)
+    F_ref     one forward pass of that reference loss (so R's sweeps can be told apart from its forwards)
+and the peak memory of inference alone and of each optimizer's training: the RSS high-water mark of a fresh
+subprocess per measurement on CPU (VmHWM of /proc/self/status; ru_maxrss where there is no /proc: on Linux a
+child spawned by a large parent inherits the parent's ru_maxrss through vfork/exec), torch.cuda.max_memory_allocated
+on GPU.
 
     python bench/zo_step.py                                   # embedded model, 16 x 64 SST2 tokens, full-parameter
     python bench/zo_step.py --threads 1 --reps 7
@@ -146,6 +150,25 @@ def forward_fn(model, batch):
     return run
 
 
+def reference_loss(model, batch):
+    """MeZO's forward_wrap_with_option_len: full logits, then cross-entropy on the option tokens only."""
+    logits = model(**{k: batch[k] for k in utils.MODEL_INPUTS}).logits
+    labels = batch["input_ids"].clone()
+    width = labels.shape[1]
+    is_option = torch.arange(width, device=labels.device)[None, :] >= (width - batch["option_len"])[:, None]
+    labels[~is_option] = -100
+    shift_logits, shift_labels = logits[:, :-1].contiguous(), labels[:, 1:].contiguous()
+    return torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.shape[-1]), shift_labels.view(-1),
+                                             ignore_index=-100)
+
+
+def reference_forward_fn(model, batch):
+    def run():
+        with torch.inference_mode():
+            return reference_loss(model, batch)
+    return run
+
+
 def zo_step_fn(optimizer, model, batch):
     objective = utils.Objective()
     closure = lambda: utils.training_loss(model, batch, objective)  # noqa: E731
@@ -154,7 +177,6 @@ def zo_step_fn(optimizer, model, batch):
 
 def reference_step_fn(model, batch, args):
     """MeZO's reference trainer step (zo_perturb_parameters / zo_step / zo_update), verbatim in its arithmetic."""
-    objective = utils.Objective()
     named = trainable(model)
     eps, lr, wd = EPS, LR, WD
 
@@ -167,7 +189,7 @@ def reference_step_fn(model, batch, args):
     def zo_forward():
         model.eval()
         with torch.inference_mode():
-            return utils.training_loss(model, batch, objective).detach()
+            return reference_loss(model, batch).detach()
 
     def step():
         zo_random_seed = np.random.randint(1000000000)
@@ -204,6 +226,7 @@ def measure_times(model, batch, args):
         fns["S_mezo_keep"] = zo_step_fn(make_optimizer("mezo", model, args, keep_direction=True), model, batch)
         fns["S_adamu_keep"] = zo_step_fn(make_optimizer("adamu", model, args, keep_direction=True), model, batch)
     if not args.no_reference:
+        fns["F_ref"] = reference_forward_fn(model, batch)
         fns["R"] = reference_step_fn(model, batch, args)
     for name, fn in fns.items():  # warm-up (allocator, first-touch, one-off builds)
         for _ in range(args.warmup):
@@ -235,8 +258,15 @@ def memory_child(args):
     for _ in range(args.mem_steps):
         fn()
     sync()
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_bytes": int(peak)}))
+    print(json.dumps({"peak_bytes": int(torch.cuda.max_memory_allocated() if cuda else rss_high_water())}))
+
+
+def rss_high_water() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def measure_memory(args, what):
@@ -290,11 +320,18 @@ def main():
               "step_over_2fwd_adamu": round(median["S_adamu"] / (2 * F), 4)}
     if "R" in median:
         report["mezo_over_reference"] = round(median["S_mezo"] / median["R"], 4)
-        report["reference_over_2fwd"] = round(median["R"] / (2 * F), 4)
-    # per-sample ratios (same repetition) are less sensitive to slow drifts in machine load
-    report["step_over_2fwd_mezo_paired_median"] = round(statistics.median(
-        s / (2 * f) for s, f in zip(samples["S_mezo"], samples["F"])), 4)
-    report["sweep_seconds_mezo"] = round((median["S_mezo"] - 2 * F) / 3, 4)  # 3 noise sweeps per MeZO step
+        report["reference_over_2fwd_ref"] = round(median["R"] / (2 * median["F_ref"]), 4)
+        report["reference_sweep_seconds"] = round((median["R"] - 2 * median["F_ref"]) / 4, 4)
+        # the same comparison with R's forwards replaced by ours: the sweeps alone (derived, not measured)
+        report["mezo_over_reference_same_forward"] = round(
+            median["S_mezo"] / (median["R"] - 2 * median["F_ref"] + 2 * F), 4)
+    # per-repetition figures (S and F of the same round) are less sensitive to slow drifts in machine load
+    def paired(name, fn):
+        return round(statistics.median(fn(s, f) for s, f in zip(samples[name], samples["F"])), 4)
+    report["paired_median"] = {f"step_over_2fwd_{k}": paired(f"S_{k}", lambda s, f: s / (2 * f))
+                               for k in ("mezo", "adamu")}
+    for k in ("mezo", "adamu"):  # 3 sweeps per step; ZO-AdaMU's sweeps draw two noise streams
+        report[f"sweep_seconds_{k}"] = paired(f"S_{k}", lambda s, f: (s - 2 * f) / 3)
     if args.keep_direction:
         report["keep_direction"] = {"step_over_2fwd_mezo": round(median["S_mezo_keep"] / (2 * F), 4),
                                     "step_over_2fwd_adamu": round(median["S_adamu_keep"] / (2 * F), 4)}

@@ -109,3 +109,50 @@ def test_untied_head_starts_from_the_tied_embeddings(tiny_llama_dir):
     head, embeddings = model.get_output_embeddings().weight, model.get_input_embeddings().weight
     assert head is not embeddings and head.data_ptr() != embeddings.data_ptr()
     assert torch.equal(head, embeddings)
+
+
+def test_best_checkpoint_can_be_chosen_by_dev_accuracy(tmp_path, monkeypatch, tiny_llama_dir):
+    result, _ = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "SST2", "--trainer", "zo",
+                      "--train_as_classification", "--eval_strategy", "steps", "--eval_steps", "1",
+                      "--save_strategy", "steps", "--save_steps", "1", "--load_best_model_at_end",
+                      "--metric_for_best_model", "accuracy", "--learning_rate", "1e-3")
+    state = json.loads(max((tmp_path / "out").glob("checkpoint-*/trainer_state.json"),
+                           key=lambda p: int(p.parent.name.split("-")[1])).read_text())
+    assert state["best_metric"] == max(e["eval_accuracy"] for e in state["log_history"] if "eval_accuracy" in e)
+    assert "dev_accuracy" in result
+
+
+@pytest.mark.parametrize("mode", ["ft", "lora", "prefix"])
+def test_regular_training_overfits_eight_examples(tmp_path, mode):
+    import copy
+
+    import torch
+    from transformers import TrainingArguments
+
+    import lora
+    import prefix
+    from conftest import tiny_model
+    from trainer_zo import SuiteTrainer, TaskEval
+    from utils import ListDataset, Objective, TrainCollator, training_loss
+
+    model = tiny_model("llama", seed=2)
+    if mode == "lora":
+        model = lora.apply_lora(model, r=4, alpha=8)
+    elif mode == "prefix":
+        model = prefix.apply_prefix_tuning(model, num_prefix=4)
+    data = [{"input_ids": [256] + [(7 * i + 3 * j) % 256 for j in range(10)], "option_len": 3} for i in range(8)]
+    batch = TrainCollator(258)(data)
+    with torch.no_grad():
+        start = training_loss(model, batch, Objective()).item()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=40,
+                             learning_rate={"ft": 3e-3, "lora": 5e-2, "prefix": 1e-1}[mode], report_to="none",
+                             save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
+                             lr_scheduler_type="constant")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    SuiteTrainer(model=model, args=args, train_dataset=ListDataset(data), data_collator=TrainCollator(258),
+                 objective=Objective(), task_eval=TaskEval(None, [], None, None, None)).train()
+    with torch.no_grad():
+        end = training_loss(model, batch, Objective()).item()
+    # a random two-layer model: adapters (few parameters, no head) move the loss less than full fine-tuning
+    assert end < {"ft": 0.6 * start, "lora": start - 0.5, "prefix": start - 0.15}[mode], (start, end)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)

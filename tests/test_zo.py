@@ -446,6 +446,31 @@ def test_fused_kernels_equal_the_torch_definition(cls, kw, dtype):
     assert not torch.equal(fast_p["lin1.weight"], moved.lin1.weight.detach())
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype,name", [(torch.float16, "f16"), (torch.bfloat16, "bf16")])
+def test_kernel_half_conversions_equal_torch(dtype, name):
+    """The kernels' own 16-bit momentum load/store (bit manipulation, vectorisable) = torch's conversions, on every
+    16-bit pattern (load) and on rounding ties, subnormals, overflow and signed zeros (store)."""
+    lib = zo._kernels()
+    pats = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    want = pats.float()
+    got = torch.zeros(pats.numel())  # probe with √α = √(1-α) = β1 = 0, 1-β1 = 1: x <- 0 + (0·n1 + (0·n2 + m))
+    getattr(lib, f"zo_amu_probe_f32_{name}_g")(got.data_ptr(), pats.data_ptr(), pats.numel(), 1, 2, 0,
+                                                0.0, 0.0, 0.0, 1.0, 1.0)
+    finite = ~want.isnan()
+    assert torch.equal(got.isnan(), ~finite) and torch.equal(got[finite], want[finite])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * 10.0 ** torch.randint(-9, 6, (20000,), generator=g),
+                   want[finite][::7],                                    # exactly representable
+                   (want[finite][:-1] + want[finite][1:]) / 2,             # ties (where the mean is exact)
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.99, 65520.0, 1e10, -1e10, float("inf"), 2.0 ** -25,
+                                 -(2.0 ** -25), 3 * 2.0 ** -26, 2.0 ** -24 * 1.5, 1e-40])]).float()
+    x = x[x.isfinite() | x.isinf()]
+    out = torch.empty(x.numel(), dtype=dtype)
+    getattr(lib, f"zo_mom_f32_{name}")(out.data_ptr(), x.data_ptr(), x.numel(), 1.0)
+    assert torch.equal(out.view(torch.int16), x.to(dtype).view(torch.int16))
+
+
 @pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
 def test_worker_threads_do_not_change_results(cls):
     one, mom_one, _ = _train(cls, dict(chunk_numel=NB), torch.float32, True, threads=1)
