@@ -18,6 +18,8 @@ on GPU.
     python bench/zo_step.py --threads 1 --reps 7
     python bench/zo_step.py --keep_direction                  # adds the opt-in keep_direction figures (separate keys)
     python bench/zo_step.py --model random:opt-13b --dtype float16 --seq 256      # GPU: random-weight OPT-13B shape
+        (16-bit weights get an exact-restore copy by default, which doubles their memory: add --exact_restore never
+        for MeZO's own memory footprint)
     python bench/zo_step.py --mode lora                       # or prefix (needs lora.py / prefix.py)
 
 The batch: 16 rows of exactly --seq real SST2 tokens, each row the encoded prompt + gold option of one training
@@ -133,7 +135,8 @@ def trainable(model):
 
 def make_optimizer(name, model, args, **extra):
     groups = zo.param_groups_for_model(model, WD)
-    kw = dict(lr=LR, eps=EPS, direction=args.direction, **extra)
+    kw = dict(lr=LR, eps=EPS, direction=args.direction,
+              exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], **extra)
     if name == "mezo":
         return zo.MeZO(groups, **kw)
     state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
@@ -272,7 +275,8 @@ def rss_high_water() -> int:
 def measure_memory(args, what):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", what, "--model", args.model,
            "--batch", str(args.batch), "--seq", str(args.seq), "--mode", args.mode, "--dtype", args.dtype,
-           "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps)]
+           "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps),
+           "--exact_restore", args.exact_restore]
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     if args.zo_state_dtype:
@@ -294,6 +298,8 @@ def main():
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
     parser.add_argument("--direction", choices=list(zo.DIRECTIONS), default="gaussian")
     parser.add_argument("--zo_state_dtype", choices=list(DTYPES), default=None)
+    parser.add_argument("--exact_restore", choices=["auto", "always", "never"], default="auto",
+                        help="the optimizers' exact_restore (auto: stash copies of 16-bit weights only)")
     parser.add_argument("--keep_direction", action="store_true", help="also measure the opt-in keep_direction mode")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
@@ -314,6 +320,7 @@ def main():
     F = median["F"]
     report = {"device": device_name(args.threads), "threads": args.threads, "model": args.model, "mode": args.mode,
               "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "direction": args.direction,
+              "exact_restore": args.exact_restore, "zo_kernels": zo.kernels_available(),
               "trainable_params": n_train, "reps": args.reps,
               "seconds_median": {k: round(v, 4) for k, v in median.items()},
               "step_over_2fwd_mezo": round(median["S_mezo"] / (2 * F), 4),
