@@ -15,7 +15,6 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 

@@ -9,7 +9,6 @@ update at the accumulation boundary. Only public hooks are overridden (`compute_
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 
 import torch

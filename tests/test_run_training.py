@@ -124,8 +124,6 @@ def test_best_checkpoint_can_be_chosen_by_dev_accuracy(tmp_path, monkeypatch, ti
 
 @pytest.mark.parametrize("mode", ["ft", "lora", "prefix"])
 def test_regular_training_overfits_eight_examples(tmp_path, mode):
-    import copy
-
     import torch
     from transformers import TrainingArguments
 
