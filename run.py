@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
         validate(args, spec)
         set_seed(args.seed)
         task = tasks.load_task(args.task_name, args.data_dir, args.hub_dataset)
-        set_ids, train_sets = task.sample_train_sets(args.num_train, args.num_dev, args.num_eval,
-                                                     args.num_train_sets, args.train_set_seed)
+        _, train_sets = task.sample_train_sets(args.num_train, args.num_dev, args.num_eval,
+                                               args.num_train_sets, args.train_set_seed)
         tokenizer = models.load_tokenizer(args.model_name)
         model = load_model(args)
         tokens = models.tokenizer_settings(tokenizer, model.config, opt_bos_fix=args.opt_bos_fix)
