@@ -143,6 +143,14 @@ def _splitmix_torch(key: int, i: torch.Tensor) -> torch.Tensor:
     return z ^ _lsr(z, 31)
 
 
+def _horner(x: torch.Tensor, coefficients) -> torch.Tensor:
+    """c0 + x(c1 + x(c2 + ...)), one rounding per operation in the same order as the C kernel."""
+    p = x * coefficients[-1]
+    for c in coefficients[-2:0:-1]:
+        p = (p + c) * x
+    return p + coefficients[0]
+
+
 def _box_muller_torch(h: torch.Tensor):
     """(z(2p), z(2p+1)) of the hashes h(p): the reference of the C kernel's zo_gauss2, operation by operation."""
     i32, f32 = torch.int32, torch.float32
@@ -154,14 +162,7 @@ def _box_muller_torch(h: torch.Tensor):
     e = (b >> 23) - 127 + big - 24
     f = (mant - (big << 23)).view(f32)
     s = (f - 1.0) / (f + 1.0)
-    s2 = s * s
-    p = s2 * _LN[3]
-    p = p + _LN[2]
-    p = p * s2
-    p = p + _LN[1]
-    p = p * s2
-    p = p + _LN[0]
-    ln_f = s * p
+    ln_f = s * _horner(s * s, _LN)
     ln_u1 = e.to(f32) * _LN2
     ln_u1 = ln_u1 + ln_f
     r = _sqrt(ln_u1 * -2.0)
@@ -169,21 +170,8 @@ def _box_muller_torch(h: torch.Tensor):
     swap = j > 0x200000
     t = torch.where(swap, 0x400000 - j, j).to(f32) * 2.0 ** -22   # exact, ∈ [0, ½]
     t2 = t * t
-    S = t2 * _SIN[3]
-    S = S + _SIN[2]
-    S = S * t2
-    S = S + _SIN[1]
-    S = S * t2
-    S = S + _SIN[0]
-    S = S * t
-    C = t2 * _COS[4]
-    C = C + _COS[3]
-    C = C * t2
-    C = C + _COS[2]
-    C = C * t2
-    C = C + _COS[1]
-    C = C * t2
-    C = C + _COS[0]
+    S = _horner(t2, _SIN) * t
+    C = _horner(t2, _COS)
 
     def quadrant(q):  # cos(qπ/2 + πt'/2) from the sine / cosine of the reduced angle
         v = torch.where(((swap.to(i32) ^ q) & 1).bool(), S, C)
