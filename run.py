@@ -216,9 +216,8 @@ def validate(args: SuiteArguments, spec) -> None:
                              f"{', '.join(STATE_DTYPES)}.")
         if args.zo_optim == "zo_adamu" and args.max_steps > 0:
             import zo
-            schedule = {k: v for k, v in dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3).items() if v is not None}
             try:
-                zo.AdaMUSchedule.for_max_steps(args.max_steps, **schedule)
+                zo.AdaMUSchedule.for_max_steps(args.max_steps, **schedule_overrides(args))
             except ValueError as error:
                 raise UsageError(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.") from None
         if args.fsdp or args.deepspeed:
@@ -350,6 +349,13 @@ def load_model(args: SuiteArguments):
     return model
 
 
+def schedule_overrides(args) -> dict:
+    """ZO-AdaMU schedule fields given on the command line (the rest scale with max_steps)."""
+    given = dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3, phi_alpha=args.zo_phi_alpha, phi_beta1=args.zo_phi_beta1,
+                 phi_beta2=args.zo_phi_beta2, alpha_floor=args.zo_alpha_floor)
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def split_dev(args, train_samples):
     """Dev is the tail of the train draw, as in the reference."""
     if args.num_dev is None:
@@ -389,9 +395,7 @@ def build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_sampl
     if args.trainer != "zo":
         return trainer_zo.SuiteTrainer(**common)
     training_args.max_grad_norm = 0.0   # there are no gradients to clip
-    schedule = {k: v for k, v in dict(T1=args.zo_t1, T2=args.zo_t2, T3=args.zo_t3, phi_alpha=args.zo_phi_alpha,
-                                      phi_beta1=args.zo_phi_beta1, phi_beta2=args.zo_phi_beta2,
-                                      alpha_floor=args.zo_alpha_floor).items() if v is not None}
+    schedule = schedule_overrides(args)
     zo_config = trainer_zo.ZOConfig(
         optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
         signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,
