@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback
 import evaluator
 import metrics
 import zo
-from utils import Objective, option_log_probs, training_loss
+from utils import Objective, candidate_scores, training_loss
 
 logger = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ def non_diff_loss(model, inputs, task_eval: TaskEval) -> torch.Tensor:
         scores = [metrics.example_score(spec.metric, p, g) for p, g in zip(predictions, inputs["gold"])]
         return torch.tensor(-sum(scores) / len(scores), dtype=torch.float32)
     # classification: accuracy of the first-argmax candidate by length-normalised likelihood, as the evaluator
-    log_probs, is_option = option_log_probs(model, inputs)
-    likelihood = (log_probs * is_option).sum(-1) / is_option.sum(-1)
+    likelihood = candidate_scores(model, inputs)
     correct, start = [], 0
     for label, count in zip(inputs["labels"].tolist(), inputs["num_options"].tolist()):
         correct.append(likelihood[start:start + count].argmax() == label)

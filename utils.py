@@ -2,7 +2,10 @@
 
 A training example becomes token ids plus the number of trailing option (answer) tokens. Batches are left-padded so
 options are right-aligned, which lets the loss run the LM head only on the last `max(option_len) + 1` positions.
-Losses are computed in fp32 whatever the weight dtype.
+With the classification objective, a task whose candidates are single tokens after one shared prompt (SST2's
+"terrible"/"great", RTE's "Yes"/"No", ...) is encoded as that prompt once plus the candidate token ids: one row per
+example instead of one per candidate, with the same scores (the log-probability of a one-token option is the
+prompt's next-token distribution). Losses are computed in fp32 whatever the weight dtype.
 """
 
 from __future__ import annotations
@@ -33,16 +36,24 @@ def correct_index(sample, generation: bool) -> int:
 
 def build_train_records(task, samples, tokenizer, tokens, objective: Objective, max_length: int,
                         max_new_tokens: int | None = None) -> list[Any]:
-    """One record per sample (a list of per-candidate records with the classification objective). No demos."""
+    """One record per sample (with the classification objective: the shared prompt plus candidate tokens, or a list of
+    per-candidate records). No demos."""
     spec = task.spec
     template = spec.template()
+    encoded_samples = [encode_prompt(template, spec.train_sep, [], sample, tokenizer, tokens, max_length,
+                                     generation=spec.generation, generation_with_gold=True,
+                                     max_new_tokens=max_new_tokens if objective.non_diff else None)
+                       for sample in samples]
+    scores_candidates = objective.classification or (objective.non_diff and not spec.generation)
+    if scores_candidates and shared_prompt_single_tokens(encoded_samples):
+        return [{"input_ids": encoded.sequences[0][:-1], "option_len": 0,
+                 "candidate_ids": [ids[-1] for ids in encoded.sequences],
+                 "labels": correct_index(sample, spec.generation), "num_options": len(encoded.sequences)}
+                for sample, encoded in zip(samples, encoded_samples)]
     records = []
-    for sample in samples:
-        encoded = encode_prompt(template, spec.train_sep, [], sample, tokenizer, tokens, max_length,
-                                generation=spec.generation, generation_with_gold=True,
-                                max_new_tokens=max_new_tokens if objective.non_diff else None)
+    for sample, encoded in zip(samples, encoded_samples):
         gold = correct_index(sample, spec.generation)
-        if objective.classification or (objective.non_diff and not spec.generation):
+        if scores_candidates:
             # the non-differentiable objective scores classification through the candidates' likelihoods
             records.append([{"input_ids": ids, "option_len": n, "labels": gold, "num_options": len(encoded.sequences)}
                             for ids, n in zip(encoded.sequences, encoded.option_lens)])
@@ -52,6 +63,18 @@ def build_train_records(task, samples, tokenizer, tokens, objective: Objective, 
         else:
             records.append({"input_ids": encoded.sequences[gold], "option_len": encoded.option_lens[gold]})
     return records
+
+
+def shared_prompt_single_tokens(encoded_samples) -> bool:
+    """Whether every sample's candidates are one token each after an identical prompt, with one candidate count."""
+    counts = {len(encoded.sequences) for encoded in encoded_samples}
+    if len(counts) != 1:
+        return False
+    for encoded in encoded_samples:
+        prompt = encoded.sequences[0][:-1]
+        if any(n != 1 for n in encoded.option_lens) or any(ids[:-1] != prompt for ids in encoded.sequences):
+            return False
+    return True
 
 
 class ListDataset(torch.utils.data.Dataset):
@@ -86,6 +109,8 @@ class TrainCollator:
                  # left padding: real tokens keep positions 0..n-1 (LLaMA would otherwise count the pads)
                  "position_ids": (attention_mask.cumsum(-1) - 1).clamp(min=0),
                  "option_len": torch.tensor([r["option_len"] for r in rows])}
+        if "candidate_ids" in rows[0]:
+            batch["candidate_ids"] = torch.tensor([r["candidate_ids"] for r in rows])
         if "num_options" in rows[0]:
             batch["labels"] = torch.tensor([group[0]["labels"] for group in per_example])
             batch["num_options"] = torch.tensor([group[0]["num_options"] for group in per_example])
@@ -131,11 +156,20 @@ def classification_loss_from_scores(scores: torch.Tensor, labels: torch.Tensor, 
     return torch.stack(losses).mean()
 
 
+def candidate_scores(model, batch: dict) -> torch.Tensor:
+    """Length-normalised log-likelihood (fp32) of every candidate, flat in example order."""
+    if "candidate_ids" in batch:
+        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=1).logits[:, -1]
+        candidates = batch["candidate_ids"].to(logits.device)
+        return _at_least_fp32(logits).log_softmax(-1).gather(-1, candidates).reshape(-1)
+    log_probs, is_option = option_log_probs(model, batch)
+    return (log_probs * is_option).sum(-1) / is_option.sum(-1)
+
+
 def training_loss(model, batch: dict, objective: Objective) -> torch.Tensor:
     if not objective.only_option:
         return lm_loss(model, batch)
-    log_probs, is_option = option_log_probs(model, batch)
     if objective.classification:
-        scores = (log_probs * is_option).sum(-1) / is_option.sum(-1)  # length-normalised log-likelihood
-        return classification_loss_from_scores(scores, batch["labels"], batch["num_options"])
+        return classification_loss_from_scores(candidate_scores(model, batch), batch["labels"], batch["num_options"])
+    log_probs, is_option = option_log_probs(model, batch)
     return -(log_probs * is_option).sum() / is_option.sum()
