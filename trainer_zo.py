@@ -3,13 +3,18 @@
 `SuiteTrainer` computes the suite's losses (utils.training_loss) and evaluates the dev set by the task metric.
 `ZOTrainer` replaces the backward pass by two seeded, in-place probes of a `zo.ZOOptimizer` and lets the optimizer
 update at the accumulation boundary. Only public hooks are overridden (`compute_loss`, `training_step`,
-`create_optimizer`, `evaluate`), so the HF training loop, schedulers, logging, checkpointing and resume are untouched.
+`create_optimizer`, `evaluate`, `save_model`), so the HF training loop, schedulers, logging, checkpointing and resume
+are untouched. Checkpoints of adapter runs (LoRA, prefix) hold the adapter only; HF's two checkpoint loaders know
+only full weights and `PeftModel`s, so `_load_from_checkpoint` and `_load_best_model` are extended (not copied) to
+load those adapter checkpoints in place and hand everything else to HF.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -20,6 +25,28 @@ import zo
 from utils import Objective, candidate_scores, training_loss
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterFiles:
+    """How a parameter-efficient mode saves and loads its trainable part, and the file that marks a checkpoint of it."""
+    save: Callable
+    load: Callable
+    marker: str
+
+    def saved_in(self, folder: str | None) -> bool:
+        return bool(folder) and os.path.isfile(os.path.join(folder, self.marker))
+
+
+def adapter_files(model) -> AdapterFiles | None:
+    """The adapter format of a LoRA or prefix-tuned model; None for models trained in full (or by head tuning)."""
+    import lora
+    import prefix
+    if lora.is_lora_model(model):
+        return AdapterFiles(lora.save_adapter, lora.load_adapter, "adapter_config.json")
+    if isinstance(getattr(model, "prefix_tuning", None), prefix.PrefixTuning):
+        return AdapterFiles(prefix.save_prefix, prefix.load_prefix, prefix.CONFIG_NAME)
+    return None
 
 
 @dataclass
@@ -43,6 +70,29 @@ class SuiteTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = training_loss(model, inputs, self.objective)
         return (loss, None) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        files = adapter_files(self.model)
+        if files is None:
+            return super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            files.save(self.model, output_dir or self.args.output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = model if model is not None else self.model
+        files = adapter_files(model)
+        if files is None or not files.saved_in(resume_from_checkpoint):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("Loading the adapter from %s", resume_from_checkpoint)
+        files.load(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        files = adapter_files(self.model)
+        if files is None or not files.saved_in(self.state.best_model_checkpoint):
+            return super()._load_best_model()
+        logger.info("Loading the best adapter from %s (score: %s)", self.state.best_model_checkpoint,
+                    self.state.best_metric)
+        files.load(self.model, self.state.best_model_checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Dev loss and the task metric (accuracy / F1) of the dev samples, scored without demonstrations."""

@@ -6,8 +6,9 @@
 
 Data: 1,000 train and 500 dev examples drawn as run.py does (train_set_seed), test examples from the validation split.
 The objective is the one the scripts use for the task (SST2: cross-entropy over the candidates). The last line is one
-JSON object: task, mode, method, zero_shot, final (test metric after the last step), curve ([step, dev metric] pairs), forward_passes (training forwards: one per Adam step, two per ZO step,
-times the accumulation steps), seconds (training wall time).
+JSON object: task, mode, method, zero_shot, final (test metric after the last step; null for --stop_at grid runs,
+which never look at the test set), curve ([step, dev metric] pairs from step 0), forward_passes (training forwards:
+one per Adam step, two per ZO step, times the accumulation steps), seconds (training wall time).
 """
 
 import argparse
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,6 +29,19 @@ import evaluator  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import tasks  # noqa: E402
+
+
+class StopAt(TrainerCallback):
+    """Ends training after `step` steps, with a dev evaluation there, leaving the LR/ZO-AdaMU schedule untouched."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_evaluate = True
+        return control
 
 
 def main():
@@ -40,6 +55,9 @@ def main():
     parser.add_argument("--eps", type=float, default=1e-3, help="ZO perturbation scale")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--eval_every", type=int, default=None, help="dev evaluation interval (default steps/10)")
+    parser.add_argument("--stop_at", type=int, default=None,
+                        help="grid search: stop after this many of --steps (the schedule still spans --steps) and "
+                             "report the dev curve only, never the test set")
     parser.add_argument("--num_train", type=int, default=1000)
     parser.add_argument("--num_dev", type=int, default=500)
     parser.add_argument("--num_eval", type=int, default=500)
@@ -85,21 +103,33 @@ def main():
     settings = evaluator.EvalSettings(max_length=args.max_length, batch_size=16)
     metric = spec.metric
 
-    zero_shot, _ = evaluator.evaluate(model, tokenizer, tokens, task, [[]] * len(test_samples), test_samples, settings)
-    print(f"zero-shot test {metric}: {zero_shot[metric]:.4f}", flush=True)
+    grid_run = opts.stop_at is not None and opts.stop_at < steps
+
+    def test_metric(model):
+        if grid_run:
+            return None
+        scores, _ = evaluator.evaluate(model, tokenizer, tokens, task, [[]] * len(test_samples), test_samples,
+                                       settings)
+        return scores[metric]
+
+    zero_shot = test_metric(model)
+    if zero_shot is not None:
+        print(f"zero-shot test {metric}: {zero_shot:.4f}", flush=True)
     trainer = run.build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
                                 args.output_dir)
+    if grid_run:
+        trainer.add_callback(StopAt(opts.stop_at))
+    trainer.evaluate()   # the curve's step-0 point
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
     curve = [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
              if f"eval_{metric}" in entry]
-    final, _ = evaluator.evaluate(trainer.model, tokenizer, tokens, task, [[]] * len(test_samples), test_samples,
-                                  settings)
+    final = test_metric(trainer.model)
     per_step = (1 if opts.method == "adam" else 2) * args.gradient_accumulation_steps
     print(json.dumps({"task": opts.task, "mode": opts.mode, "method": opts.method, "lr": lr,
                       "eps": None if opts.method == "adam" else opts.eps, "steps": steps, "batch": opts.batch,
-                      "zero_shot": zero_shot[metric], "final": final[metric], "curve": curve,
+                      "zero_shot": zero_shot, "final": final, "curve": curve, "stopped_at": opts.stop_at,
                       "forward_passes": per_step * trainer.state.global_step, "seconds": round(seconds, 1),
                       "sizes": [len(train_samples), len(dev_samples), len(test_samples)],
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()

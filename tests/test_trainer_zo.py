@@ -9,7 +9,7 @@ from transformers import TrainerCallback, TrainingArguments
 
 import zo
 from conftest import tiny_model
-from trainer_zo import TaskEval, ZOConfig, ZOTrainer
+from trainer_zo import TaskEval, ZOConfig, ZOTrainer, adapter_files
 from utils import ListDataset, Objective, TrainCollator
 
 
@@ -93,6 +93,50 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def adapted(mode):
+    import lora
+    import prefix
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    return lora.apply_lora(model, r=4, alpha=8) if mode == "lora" else prefix.apply_prefix_tuning(model, num_prefix=4)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("mode", ["lora", "prefix"])
+def test_adapter_checkpoints_hold_the_adapter_and_resume_bit_identically(tmp_path, mode):
+    straight, resumed = adapted(mode), adapted(mode)
+    make_trainer(straight, tmp_path / "straight", "zo_adamu", steps=6).train()
+    interrupted = make_trainer(adapted(mode), tmp_path / "run", "zo_adamu", steps=6, save="steps", save_steps=3)
+    interrupted.add_callback(StopAfter(3))
+    interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    saved = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors" if mode == "lora" else "prefix_model.safetensors", "optimizer.pt"} <= saved
+    assert "model.safetensors" not in saved
+    trainer = make_trainer(resumed, tmp_path / "run", "zo_adamu", steps=6, save="steps", save_steps=3)
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    want, got = trainable(straight), trainable(resumed)
+    assert want.keys() == got.keys() and all(torch.equal(want[n], got[n]) for n in want)
+
+
+@pytest.mark.parametrize("mode", ["lora", "prefix"])
+def test_best_adapter_checkpoint_is_loaded_back(tmp_path, mode):
+    model = adapted(mode)
+    trainer = make_trainer(model, tmp_path, "mezo", steps=3, lr=1e-2, save="steps", save_steps=1)
+    trainer.train()
+    reference = adapted(mode)
+    adapter_files(reference).load(reference, str(tmp_path / "checkpoint-1"))
+    after_step_1 = trainable(reference)
+    last = trainable(model)
+    assert any(not torch.equal(after_step_1[n], last[n]) for n in last)
+    trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+    trainer._load_best_model()
+    assert all(torch.equal(after_step_1[n], p) for n, p in trainable(model).items())
 
 
 def test_resuming_with_another_optimizer_fails_clearly(tmp_path):
