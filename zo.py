@@ -15,7 +15,9 @@ Noise definition (what a seed means; everything else may change without changing
                   pure-torch reference give bit-identical noise on any machine.  |z| <= 5.77 (24-bit u1).
       rademacher: z(j) = +1 if the top bit of h(j) is 0, else -1.
     Because the noise is a function of the element position, any chunking gives the same noise.
-  * rng="torch" (the default for non-CPU tensors, e.g. CUDA, where torch's Philox is one fast kernel): the flat
+  * rng="counter" is also the default for CUDA tensors where Triton is installed: zo_triton generates the same
+    stream inside fused sweep kernels, so a GPU run draws exactly the CPU run's directions.
+  * rng="torch" (the default for other devices, and for CUDA without Triton): the flat
     tensor is cut into blocks of `noise_block` elements; block b of stream s is `normal_()` (or ±1) of a float32
     vector of that block's size, drawn by a torch.Generator on the parameter's device seeded with
     mix(step seed, index, b, s).  Processing chunks (`chunk_numel`) are whole numbers of blocks.
@@ -45,6 +47,8 @@ Speed: on CPU, float32/float64 tensors with rng="counter" go through small C ker
 system C compiler, cached, and checked against the torch reference at load) that generate the noise and apply a
 whole sweep in one pass over memory with no temporaries, on torch.get_num_threads() worker threads.  Without a
 compiler (or with ZO_NO_CKERNEL=1) the same arithmetic runs as torch operations: identical results, slower.
+On CUDA, float32/bfloat16/float16 tensors with the counter noise go through one fused Triton kernel per tensor and
+sweep (zo_triton), also bit-identical to the torch operations.
 """
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ import torch
 from torch import nn
 
 __all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "step_seed", "sample_direction", "anneal", "AdaMUSchedule",
-           "param_groups_for_model", "ZOOptimizer", "MeZO", "ZOAdaMU", "kernels_available"]
+           "param_groups_for_model", "ZOOptimizer", "MeZO", "ZOAdaMU", "kernels_available", "triton_available"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +104,16 @@ def _resolve_rng(rng: str, device) -> str:
     if rng not in RNGS:
         raise ValueError(f"Invalid rng: {rng!r} (choose from {RNGS})")
     if rng == "auto":
-        return "counter" if torch.device(device).type == "cpu" else "torch"
+        kind = torch.device(device).type
+        return "counter" if kind == "cpu" or (kind == "cuda" and _triton() is not None) else "torch"
     return rng
+
+
+@functools.cache
+def _triton():
+    """The fused Triton sweeps (zo_triton), or None where Triton is not installed."""
+    import zo_triton
+    return zo_triton if zo_triton.available() else None
 
 
 # ------------------------------------------------------------------------ counter-based noise (definition)
@@ -463,6 +475,11 @@ def _kernels():
                                    "same noise and arithmetic (identical results, slower CPU steps)", _Kernels.error)
                 _Kernels.tried = True
     return _Kernels.lib
+
+
+def triton_available() -> bool:
+    """Whether CUDA tensors get the fused Triton sweeps (zo_triton) and, by default, the counter noise."""
+    return _triton() is not None
 
 
 def kernels_available() -> bool:
@@ -837,6 +854,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 buf.copy_(flat)
             if stash and kind == "restore":
                 flat.copy_(self._stash[p])
+            elif self._fused(p):
+                self._fused_sweep(kind, k, index, gi, group, p, flat, stash)
+                if contiguous:
+                    touched.append(p)
             else:
                 fast = self._fast(p, lib)
                 size = group["chunk_numel"] or group["noise_block"]
@@ -857,6 +878,21 @@ class ZOOptimizer(torch.optim.Optimizer):
             torch.autograd.graph.increment_version(touched)
         if self.keep_direction:
             self._kept_ready = True
+
+    def _fused(self, p) -> bool:
+        """Whether this tensor's sweep runs as one fused Triton kernel (CUDA, counter noise, no kept direction)."""
+        if not self._use_kernels or self.keep_direction or self._rng(p.device) != "counter":
+            return False
+        kernels = _triton()
+        return kernels is not None and kernels.supports(p, self._state_dtype(p))
+
+    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
+        """The sweep of one whole tensor by zo_triton.sweep (the same arithmetic as `_generic`)."""
+        raise NotImplementedError
+
+    def _fused_update_args(self, gi, group, p, stash) -> dict:
+        return dict(update=True, offset_scale=self._offset * -group["eps"], stash=self._stash[p] if stash else None,
+                    coefficients=self._coef(gi, group, p.device, torch.float32))
 
     @staticmethod
     def _write(x, y):
@@ -970,6 +1006,14 @@ class MeZO(ZOOptimizer):
     def _kept_dtypes(self, cdt):
         return (torch.float32,)  # the noise itself, exact in any compute dtype
 
+    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
+        self.noise_calls += 1
+        args = dict(keys=(self._key(index, 0), 0), gaussian=group["direction"] == "gaussian")
+        if kind != "update":
+            _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
+        else:
+            _triton().sweep(flat, **args, **self._fused_update_args(gi, group, p, stash))
+
     def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
         tn, gn = _TORCH_TN[flat.dtype], "g" if group["direction"] == "gaussian" else "r"
         x, key, calls = _ptr(flat, start), self._key(index, 0), []
@@ -1048,6 +1092,15 @@ class ZOAdaMU(ZOOptimizer):
 
     def _kept_dtypes(self, cdt):
         return (cdt, cdt)
+
+    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
+        self.noise_calls += 2
+        args = dict(keys=(self._key(index, 0), self._key(index, 1)), gaussian=group["direction"] == "gaussian",
+                    momentum=self._momentum(p), amu=self._amu, sigma=self.sigma, signed=self.signed_momentum)
+        if kind != "update":
+            _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
+        else:
+            _triton().sweep(flat, **args, **self._fused_update_args(gi, group, p, stash))
 
     def _after_update(self, p, start, u, ok, sgn):
         m = self._momentum(p)[start:start + u.numel()]

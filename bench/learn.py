@@ -8,7 +8,8 @@ Data: 1,000 train and 500 dev examples drawn as run.py does (train_set_seed), te
 The objective is the one the scripts use for the task (SST2: cross-entropy over the candidates). The last line is one
 JSON object: task, mode, method, zero_shot, final (test metric after the last step; null for --stop_at grid runs,
 which never look at the test set), curve ([step, dev metric] pairs from step 0), forward_passes (training forwards:
-one per Adam step, two per ZO step, times the accumulation steps), seconds (training wall time).
+one per Adam step, two per ZO step, times the accumulation steps, counted from step 0 also for a resumed run), seconds
+(training wall time of this process).
 """
 
 import argparse
@@ -58,6 +59,10 @@ def main():
     parser.add_argument("--stop_at", type=int, default=None,
                         help="grid search: stop after this many of --steps (the schedule still spans --steps) and "
                              "report the dev curve only, never the test set")
+    parser.add_argument("--output_dir", default=None, help="checkpoints go here (default: a temporary folder)")
+    parser.add_argument("--save_every", type=int, default=None, help="checkpoint interval (default: no checkpoints)")
+    parser.add_argument("--resume_from", default=None,
+                        help="a checkpoint of the same run (e.g. the best grid run's) to continue from")
     parser.add_argument("--num_train", type=int, default=1000)
     parser.add_argument("--num_dev", type=int, default=500)
     parser.add_argument("--num_eval", type=int, default=500)
@@ -78,9 +83,11 @@ def main():
              "--num_dev", str(opts.num_dev), "--num_eval", str(opts.num_eval), "--train_set_seed", str(opts.seed),
              "--max_steps", str(steps), "--learning_rate", str(lr), "--per_device_train_batch_size", str(opts.batch),
              "--eval_strategy", "steps", "--eval_steps", str(opts.eval_every or max(steps // 10, 1)),
-             "--save_strategy", "no", "--logging_steps", "10", "--report_to", "none",
+             "--logging_steps", "10", "--report_to", "none",
              "--train_as_classification", str(spec.train_as_classification),
-             "--output_dir", tempfile.mkdtemp(prefix="learn-")]
+             "--output_dir", opts.output_dir or tempfile.mkdtemp(prefix="learn-")]
+    flags += ["--save_strategy", "steps", "--save_steps", str(opts.save_every)] if opts.save_every else \
+        ["--save_strategy", "no"]
     if opts.data_dir or data_dir:
         flags += ["--data_dir", data_dir]
     if opts.method == "adam":
@@ -119,9 +126,10 @@ def main():
                                 args.output_dir)
     if grid_run:
         trainer.add_callback(StopAt(opts.stop_at))
-    trainer.evaluate()   # the curve's step-0 point
+    if opts.resume_from is None:
+        trainer.evaluate()   # the curve's step-0 point (a resumed run has it in its restored log history)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=opts.resume_from)
     seconds = time.perf_counter() - start
     curve = [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
              if f"eval_{metric}" in entry]
@@ -131,6 +139,7 @@ def main():
                       "eps": None if opts.method == "adam" else opts.eps, "steps": steps, "batch": opts.batch,
                       "zero_shot": zero_shot, "final": final, "curve": curve, "stopped_at": opts.stop_at,
                       "forward_passes": per_step * trainer.state.global_step, "seconds": round(seconds, 1),
+                      "resumed_from": opts.resume_from,
                       "sizes": [len(train_samples), len(dev_samples), len(test_samples)],
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                       else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}))

@@ -75,7 +75,8 @@ def sync():
 # ----------------------------------------------------------------------------------------------- setup
 def load(args):
     dtype = DTYPES[args.dtype]
-    tokenizer = models.load_tokenizer(models.EMBEDDED_ALIAS if args.model.startswith("random:") else args.model)
+    tokenizer = models.load_tokenizer(args.tokenizer or (models.EMBEDDED_ALIAS if args.model.startswith("random:")
+                                                         else args.model))
     if args.model.startswith("random:"):
         from transformers import AutoModelForCausalLM, OPTConfig
         name = args.model.split(":", 1)[1]
@@ -136,7 +137,7 @@ def trainable(model):
 def make_optimizer(name, model, args, **extra):
     groups = zo.param_groups_for_model(model, WD)
     kw = dict(lr=LR, eps=EPS, direction=args.direction,
-              exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], **extra)
+              exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], rng=args.rng, **extra)
     if name == "mezo":
         return zo.MeZO(groups, **kw)
     state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
@@ -276,7 +277,9 @@ def measure_memory(args, what):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", what, "--model", args.model,
            "--batch", str(args.batch), "--seq", str(args.seq), "--mode", args.mode, "--dtype", args.dtype,
            "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps),
-           "--exact_restore", args.exact_restore]
+           "--exact_restore", args.exact_restore, "--rng", args.rng]
+    if args.tokenizer:
+        cmd += ["--tokenizer", args.tokenizer]
     if args.data_dir:
         cmd += ["--data_dir", args.data_dir]
     if args.zo_state_dtype:
@@ -292,6 +295,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=models.EMBEDDED_ALIAS,
                         help=f"hub id / folder / {models.EMBEDDED_ALIAS}, or random:{{{','.join(RANDOM_OPT)}}}")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder (default: the model's; the embedded one's for random: models)")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--mode", choices=["ft", "lora", "prefix"], default="ft")
@@ -300,6 +305,8 @@ def main():
     parser.add_argument("--zo_state_dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--exact_restore", choices=["auto", "always", "never"], default="auto",
                         help="the optimizers' exact_restore (auto: stash copies of 16-bit weights only)")
+    parser.add_argument("--rng", choices=list(zo.RNGS), default="auto",
+                        help="noise source (auto: the counter stream on CPU, and on CUDA where Triton is installed)")
     parser.add_argument("--keep_direction", action="store_true", help="also measure the opt-in keep_direction mode")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
@@ -320,7 +327,8 @@ def main():
     F = median["F"]
     report = {"device": device_name(args.threads), "threads": args.threads, "model": args.model, "mode": args.mode,
               "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "direction": args.direction,
-              "exact_restore": args.exact_restore, "zo_kernels": zo.kernels_available(),
+              "exact_restore": args.exact_restore, "rng": args.rng, "zo_kernels": zo.kernels_available(),
+              "triton_kernels": zo.triton_available(),
               "trainable_params": n_train, "reps": args.reps,
               "seconds_median": {k: round(v, 4) for k, v in median.items()},
               "step_over_2fwd_mezo": round(median["S_mezo"] / (2 * F), 4),

@@ -1,0 +1,129 @@
+"""The fused Triton sweeps (zo_triton) equal the counter-noise definition and the torch path bit for bit.
+
+Run on CPU tensors in Triton's interpreter; skipped where Triton is not installed (CPU-only torch). On a GPU the same
+kernels are compiled for the device (bench/zo_step.py measures them there).
+"""
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+
+import zo  # noqa: E402
+from zo import AdaMUSchedule, MeZO, ZOAdaMU, param_groups_for_model  # noqa: E402
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """zo_triton decorated for Triton's interpreter and allowed on CPU tensors; compiled again afterwards."""
+    import zo_triton
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    importlib.reload(zo_triton)
+    monkeypatch.setattr(zo_triton, "allow_cpu", True)
+    zo._triton.cache_clear()
+    yield zo_triton
+    monkeypatch.delenv("TRITON_INTERPRET")
+    importlib.reload(zo_triton)
+    zo._triton.cache_clear()
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("n", [1, 7, 1024, 2501])
+def test_fused_noise_is_the_counter_stream(kernels, direction, n):
+    key = zo._counter_key(zo.step_seed(5, 3), 2, 1)
+    got = torch.zeros(n)
+    kernels.sweep(got, keys=(key, 0), gaussian=direction == "gaussian", perturb_scale=1.0)
+    assert torch.equal(got, zo._counter_noise_torch(key, 0, n, direction, "cpu"))
+
+
+def small_model(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 40), nn.LayerNorm(40), nn.Linear(40, 3)).to(dtype)
+
+
+def run_steps(model, make, fused: bool, nan_at: int = 2, steps: int = 4):
+    torch.manual_seed(1)
+    device = model[0].weight.device
+    x, y = torch.randn(8, 12, device=device), torch.randn(8, 3, device=device)
+    optimizer = make(param_groups_for_model(model, 0.1))
+    optimizer._use_kernels = fused
+    for t in range(steps):
+        def closure():
+            loss = ((model(x.to(model[0].weight.dtype)).float() - y) ** 2).mean()
+            return loss * float("nan") if t == nan_at else loss
+        optimizer.step(closure)
+    return optimizer
+
+
+OPTIMIZERS = {
+    "mezo": lambda groups, **kw: MeZO(groups, lr=1e-2, eps=1e-2, **kw),
+    "adamu": lambda groups, **kw: ZOAdaMU(groups, lr=1e-2, eps=1e-2, schedule=AdaMUSchedule(1, 3, 4), **kw),
+    "adamu_unsigned_bf16_state": lambda groups, **kw: ZOAdaMU(groups, lr=1e-2, eps=1e-2, signed_momentum=False,
+                                                              state_dtype=torch.bfloat16,
+                                                              schedule=AdaMUSchedule(1, 3, 4), **kw),
+    "mezo_rademacher": lambda groups, **kw: MeZO(groups, lr=1e-2, eps=1e-2, direction="rademacher", **kw),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_fused_steps_equal_the_torch_path(kernels, dtype, name, exact_restore):
+    make = lambda groups: OPTIMIZERS[name](groups, exact_restore=exact_restore)  # noqa: E731
+    fused_model, torch_model = small_model(dtype), small_model(dtype)
+    calls = []
+    original = kernels.sweep
+    kernels_sweep = lambda *a, **kw: calls.append(1) or original(*a, **kw)  # noqa: E731
+    kernels.sweep = kernels_sweep
+    try:
+        fused = run_steps(fused_model, make, fused=True)
+    finally:
+        kernels.sweep = original
+    reference = run_steps(torch_model, make, fused=False)
+    assert calls, "the fused path was not taken"
+    assert fused.skipped_steps.item() == reference.skipped_steps.item() == 1
+    before = small_model(dtype)
+    for (name_, a), b, start in zip(fused_model.named_parameters(), torch_model.parameters(), before.parameters()):
+        assert torch.equal(a, b), name_
+        assert not torch.equal(a, start), name_   # the steps did move every tensor
+    for p_fused, p_ref in zip(fused_model.parameters(), torch_model.parameters()):
+        if "momentum" in fused.state[p_fused]:
+            assert torch.equal(fused.state[p_fused]["momentum"], reference.state[p_ref]["momentum"])
+
+
+@cuda
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+def test_cuda_draws_the_cpu_directions(direction):
+    import zo_triton
+    assert zo._resolve_rng("auto", "cuda") == "counter"
+    key, n = zo._counter_key(zo.step_seed(5, 3), 2, 1), 3 * 2**20 + 5
+    cpu = zo._counter_noise_torch(key, 0, n, direction, "cpu")
+    fused = torch.zeros(n, device="cuda")
+    zo_triton.sweep(fused, keys=(key, 0), gaussian=direction == "gaussian", perturb_scale=1.0)
+    assert torch.equal(fused.cpu(), cpu)
+    assert torch.equal(zo._counter_noise_torch(key, 0, n, direction, "cuda").cpu(), cpu)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_cuda_fused_steps_equal_the_torch_path(dtype, name, exact_restore):
+    import zo_triton
+    make = lambda groups: OPTIMIZERS[name](groups, exact_restore=exact_restore)  # noqa: E731
+    fused_model, torch_model = small_model(dtype).cuda(), small_model(dtype).cuda()
+    fused = run_steps(fused_model, make, fused=True)
+    reference = run_steps(torch_model, make, fused=False)
+    assert all(fused._fused(p) and not reference._fused(p) for p in fused_model.parameters())
+    assert zo_triton.supports(next(fused_model.parameters()))
+    for (name_, a), b in zip(fused_model.named_parameters(), torch_model.parameters()):
+        assert torch.equal(a, b), name_
+    for p_fused, p_ref in zip(fused_model.parameters(), torch_model.parameters()):
+        if "momentum" in fused.state[p_fused]:
+            assert torch.equal(fused.state[p_fused]["momentum"], reference.state[p_ref]["momentum"])
