@@ -24,7 +24,9 @@ except ImportError:  # CPU-only installs: the C kernels and the torch path cover
 # the float32 constants of zo's counter noise (zo._LN, _SIN, _COS, _LN2), kept in one place there
 from zo import _COS, _LN, _LN2, _SIN  # noqa: E402
 
-PAIRS = 512   # Box–Muller pairs per program: 1024 elements
+# Launch shape: Box–Muller pairs per program and warps per program (bench/zo_sweep.py measures the alternatives).
+PAIRS = 512
+NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this (with TRITON_INTERPRET=1 before the import) to run the kernels on CPU tensors in Triton's interpreter.
 allow_cpu = False
@@ -200,5 +202,5 @@ def sweep(flat: torch.Tensor, *, keys: tuple[int, int], gaussian: bool, perturb_
         flat, stash if stash is not None else dummy, momentum if adamu else dummy, n,
         _signed64(keys[0]), _signed64(keys[1]), float(perturb_scale), float(offset_scale), neg, decay, sgn, ok,
         float(sa), float(sb), float(b1), float(ob1), float(b2), float(ob2), float(sigma),
-        ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed, PAIRS=PAIRS,
+        ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed, PAIRS=PAIRS, num_warps=NUM_WARPS,
         enable_fp_fusion=False, **_CONSTANTS)

@@ -284,7 +284,9 @@ def measure_memory(args, what):
         cmd += ["--data_dir", args.data_dir]
     if args.zo_state_dtype:
         cmd += ["--zo_state_dtype", args.zo_state_dtype]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"memory measurement {what!r} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
@@ -351,6 +353,11 @@ def main():
         report["keep_direction"] = {"step_over_2fwd_mezo": round(median["S_mezo_keep"] / (2 * F), 4),
                                     "step_over_2fwd_adamu": round(median["S_adamu_keep"] / (2 * F), 4)}
     if not args.no_memory:
+        del model, batch   # the children measure from scratch; on a GPU this process's tensors would crowd them out
+        import gc
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         kinds = ["inference", "mezo", "adamu"] + ([] if args.no_reference else ["reference"])
         if args.keep_direction:
             kinds += ["mezo_keep", "adamu_keep"]

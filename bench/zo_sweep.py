@@ -1,0 +1,87 @@
+"""One ZO noise sweep on a GPU against the memory bound, and the fused kernel's launch shapes.
+
+    python bench/zo_sweep.py                       # 2^30 float16 elements on the current CUDA device
+    python bench/zo_sweep.py --numel 268435456 --dtype bfloat16
+
+For a flat tensor of --numel elements it times (median of --reps, after warm-up): `x.add_(1)` (one read and one
+write of x: what a sweep cannot beat), `torch.randn` into a float32 buffer of the same size (torch's Philox alone), and
+the fused sweeps of zo_triton (MeZO perturb, MeZO update, ZO-AdaMU perturb with its momentum read) for each launch
+shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import zo  # noqa: E402
+import zo_triton  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--numel", type=int, default=1 << 30)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float16")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--shapes", default="512x4,512x8,256x4,1024x8,1024x4",
+                        help="pairs-per-program x warps, comma separated")
+    args = parser.parse_args()
+    if not torch.cuda.is_available() or not zo_triton.available():
+        raise SystemExit("bench/zo_sweep.py needs a CUDA device and Triton")
+    dtype, n = DTYPES[args.dtype], args.numel
+    x = torch.randn(n, device="cuda", dtype=dtype)
+    m = torch.zeros(n, device="cuda", dtype=dtype)
+    keys = (zo._counter_key(zo.step_seed(0, 0), 0, 0), zo._counter_key(zo.step_seed(0, 0), 0, 1))
+    ones = torch.ones((), device="cuda")
+    coefficients = (ones * -1e-9, ones, ones, torch.ones((), dtype=torch.bool, device="cuda"))
+    amu = (0.9, 0.43, 0.9, 0.1, 0.9, 0.1)
+    bytes_rw = 2 * n * x.element_size()
+    report = {"device": torch.cuda.get_device_name(), "numel": n, "dtype": args.dtype,
+              "add_seconds": timed(lambda: x.add_(1.0), args.reps)}
+    report["randn_fp32_seconds"] = timed(torch.empty(n, device="cuda").normal_, args.reps)
+    shapes = {}
+    for shape in args.shapes.split(","):
+        zo_triton.PAIRS, zo_triton.NUM_WARPS = (int(v) for v in shape.split("x"))
+        shapes[shape] = {
+            "mezo_perturb": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, perturb_scale=1e-3),
+                                  args.reps),
+            "mezo_update": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
+                                                         offset_scale=-1e-3, coefficients=coefficients), args.reps),
+            "adamu_perturb": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, perturb_scale=1e-3,
+                                                           momentum=m, amu=amu, sigma=1e-8), args.reps),
+            "adamu_update": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
+                                                          offset_scale=-1e-3, coefficients=coefficients,
+                                                          momentum=m, amu=amu, sigma=1e-8), args.reps),
+        }
+        print(shape, {k: round(v * 1e3, 2) for k, v in shapes[shape].items()}, "ms", file=sys.stderr, flush=True)
+    report["sweeps_seconds"] = shapes
+    best = min(shapes, key=lambda s: shapes[s]["mezo_perturb"])
+    report["best_shape"] = best
+    report["add_GBps"] = round(bytes_rw / report["add_seconds"] / 1e9, 1)
+    report["best_mezo_perturb_over_add"] = round(shapes[best]["mezo_perturb"] / report["add_seconds"], 3)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
