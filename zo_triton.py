@@ -203,5 +203,4 @@ def sweep(flat: torch.Tensor, *, keys: tuple[int, int], gaussian: bool, perturb_
         _signed64(keys[0]), _signed64(keys[1]), float(perturb_scale), float(offset_scale), neg, decay, sgn, ok,
         float(sa), float(sb), float(b1), float(ob1), float(b2), float(ob2), float(sigma),
         ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed, PAIRS=PAIRS,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False, **_CONSTANTS)
+        num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)
