@@ -126,13 +126,13 @@ def main():
                                 args.output_dir)
     if grid_run:
         trainer.add_callback(StopAt(opts.stop_at))
-    if opts.resume_from is None:
-        trainer.evaluate()   # the curve's step-0 point (a resumed run has it in its restored log history)
+    # the curve's step-0 point: the freshly built model (a resumed run starts from that same model and seed)
+    dev_at_start = trainer.evaluate()[f"eval_{spec.metric}"]
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=opts.resume_from)
     seconds = time.perf_counter() - start
-    curve = [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
-             if f"eval_{metric}" in entry]
+    curve = [[0, dev_at_start]] + [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
+                                   if f"eval_{metric}" in entry]
     final = test_metric(trainer.model)
     per_step = (1 if opts.method == "adam" else 2) * args.gradient_accumulation_steps
     print(json.dumps({"task": opts.task, "mode": opts.mode, "method": opts.method, "lr": lr,
