@@ -888,11 +888,17 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
         """The sweep of one whole tensor by zo_triton.sweep (the same arithmetic as `_generic`)."""
-        raise NotImplementedError
+        args = self._fused_args(index, group, p)
+        if kind != "update":
+            _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
+        else:
+            _triton().sweep(flat, update=True, offset_scale=self._offset * -group["eps"],
+                            stash=self._stash[p] if stash else None,
+                            coefficients=self._coef(gi, group, p.device, torch.float32), **args)
 
-    def _fused_update_args(self, gi, group, p, stash) -> dict:
-        return dict(update=True, offset_scale=self._offset * -group["eps"], stash=self._stash[p] if stash else None,
-                    coefficients=self._coef(gi, group, p.device, torch.float32))
+    def _fused_args(self, index, group, p) -> dict:
+        """The optimizer's own zo_triton.sweep arguments (noise keys, ZO-AdaMU's state); counts the noise streams."""
+        raise NotImplementedError
 
     @staticmethod
     def _write(x, y):
@@ -1006,13 +1012,9 @@ class MeZO(ZOOptimizer):
     def _kept_dtypes(self, cdt):
         return (torch.float32,)  # the noise itself, exact in any compute dtype
 
-    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
+    def _fused_args(self, index, group, p):
         self.noise_calls += 1
-        args = dict(keys=(self._key(index, 0), 0), gaussian=group["direction"] == "gaussian")
-        if kind != "update":
-            _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
-        else:
-            _triton().sweep(flat, **args, **self._fused_update_args(gi, group, p, stash))
+        return dict(keys=(self._key(index, 0), 0), gaussian=group["direction"] == "gaussian")
 
     def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
         tn, gn = _TORCH_TN[flat.dtype], "g" if group["direction"] == "gaussian" else "r"
@@ -1093,14 +1095,10 @@ class ZOAdaMU(ZOOptimizer):
     def _kept_dtypes(self, cdt):
         return (cdt, cdt)
 
-    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
+    def _fused_args(self, index, group, p):
         self.noise_calls += 2
-        args = dict(keys=(self._key(index, 0), self._key(index, 1)), gaussian=group["direction"] == "gaussian",
+        return dict(keys=(self._key(index, 0), self._key(index, 1)), gaussian=group["direction"] == "gaussian",
                     momentum=self._momentum(p), amu=self._amu, sigma=self.sigma, signed=self.signed_momentum)
-        if kind != "update":
-            _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
-        else:
-            _triton().sweep(flat, **args, **self._fused_update_args(gi, group, p, stash))
 
     def _after_update(self, p, start, u, ok, sgn):
         m = self._momentum(p)[start:start + u.numel()]

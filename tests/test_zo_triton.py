@@ -74,17 +74,14 @@ OPTIMIZERS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("exact_restore", [True, False])
-def test_fused_steps_equal_the_torch_path(kernels, dtype, name, exact_restore):
+def test_fused_steps_equal_the_torch_path(kernels, monkeypatch, dtype, name, exact_restore):
     make = lambda groups: OPTIMIZERS[name](groups, exact_restore=exact_restore)  # noqa: E731
     fused_model, torch_model = small_model(dtype), small_model(dtype)
     calls = []
     original = kernels.sweep
-    kernels_sweep = lambda *a, **kw: calls.append(1) or original(*a, **kw)  # noqa: E731
-    kernels.sweep = kernels_sweep
-    try:
-        fused = run_steps(fused_model, make, fused=True)
-    finally:
-        kernels.sweep = original
+    monkeypatch.setattr(kernels, "sweep", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    fused = run_steps(fused_model, make, fused=True)
+    monkeypatch.setattr(kernels, "sweep", original)
     reference = run_steps(torch_model, make, fused=False)
     assert calls, "the fused path was not taken"
     assert fused.skipped_steps.item() == reference.skipped_steps.item() == 1
