@@ -74,6 +74,13 @@ def main():
     if opts.threads:
         torch.set_num_threads(opts.threads)
     steps = opts.steps or (50 if opts.method == "adam" else 1000)
+    if opts.stop_at is not None and not 1 <= opts.stop_at <= steps:
+        parser.error(f"--stop_at {opts.stop_at} must lie between 1 and --steps ({steps})")
+    if opts.save_every is not None and opts.save_every < 1:
+        parser.error(f"--save_every {opts.save_every} must be at least 1 (leave it out for no checkpoints)")
+    if opts.resume_from is not None and not (Path(opts.resume_from) / "trainer_state.json").is_file():
+        parser.error(f"--resume_from {opts.resume_from} is not a checkpoint folder (no trainer_state.json); pass a "
+                     "checkpoint-N folder written with --save_every")
     lr = opts.lr or {"adam": {"ft": 1e-5, "lora": 1e-4, "prefix": 1e-2}, "mezo": {"ft": 1e-6, "lora": 1e-3,
                      "prefix": 1e-3}, "zo_adamu": {"ft": 1e-5, "lora": 1e-4, "prefix": 1e-4}}[opts.method][opts.mode]
     data_dir = opts.data_dir or next((str(p) for p in [ROOT.parent / "shared" / "data"] if p.is_dir()), None)
@@ -127,7 +134,7 @@ def main():
     if grid_run:
         trainer.add_callback(StopAt(opts.stop_at))
     # the curve's step-0 point: the freshly built model (a resumed run starts from that same model and seed)
-    dev_at_start = trainer.evaluate()[f"eval_{spec.metric}"]
+    dev_at_start = trainer.evaluate()[f"eval_{metric}"]
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=opts.resume_from)
     seconds = time.perf_counter() - start

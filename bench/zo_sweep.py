@@ -47,6 +47,12 @@ def main():
     parser.add_argument("--shapes", default="512x4,512x8,256x4,1024x8,1024x4",
                         help="pairs-per-program x warps, comma separated")
     args = parser.parse_args()
+    try:
+        shapes_wanted = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
+    except ValueError:
+        parser.error(f"--shapes {args.shapes!r}: give PAIRSxWARPS pairs separated by commas, e.g. 512x4,1024x8")
+    if any(len(shape) != 2 or min(shape) < 1 for shape in shapes_wanted):
+        parser.error(f"--shapes {args.shapes!r}: give PAIRSxWARPS pairs of positive ints, e.g. 512x4,1024x8")
     if not torch.cuda.is_available() or not zo_triton.available():
         raise SystemExit("bench/zo_sweep.py needs a CUDA device and Triton")
     dtype, n = DTYPES[args.dtype], args.numel
@@ -61,8 +67,9 @@ def main():
               "add_seconds": timed(lambda: x.add_(1.0), args.reps)}
     report["randn_fp32_seconds"] = timed(torch.empty(n, device="cuda").normal_, args.reps)
     shapes = {}
-    for shape in args.shapes.split(","):
-        zo_triton.PAIRS, zo_triton.NUM_WARPS = (int(v) for v in shape.split("x"))
+    for pairs, warps in shapes_wanted:
+        shape = f"{pairs}x{warps}"
+        zo_triton.PAIRS, zo_triton.NUM_WARPS = pairs, warps
         shapes[shape] = {
             "mezo_perturb": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, perturb_scale=1e-3),
                                   args.reps),
