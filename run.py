@@ -107,6 +107,10 @@ class SuiteArguments(TrainingArguments):
     zo_keep_direction: bool = field(default=False, metadata={
         "help": "Keep each step's direction in memory: one noise sweep per step instead of three, at the cost of "
                 "one parameter-sized buffer (small models)."})
+    zo_carry_perturbation: bool = field(default=False, metadata={
+        "help": "Fuse each update with the next step's first perturbation: two weight sweeps per step instead of "
+                "three on CUDA with Triton (same results elsewhere, no gain). The weights rest perturbed between "
+                "steps and are restored before evaluation, saving and the end of training."})
     zo_state_dtype: str | None = field(default=None, metadata={
         "help": "ZO-AdaMU momentum dtype: float32, bfloat16 or float16 (default: the parameter dtype)."})
     # --- PEFT ---
@@ -220,6 +224,9 @@ def validate(args: SuiteArguments, spec) -> None:
                 zo.AdaMUSchedule.for_max_steps(args.max_steps, **schedule_overrides(args))
             except ValueError as error:
                 raise UsageError(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.") from None
+        if args.zo_carry_perturbation and args.zo_keep_direction:
+            raise UsageError("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
+                             "already costs one noise sweep per step); drop one of them.")
         if args.fsdp or args.deepspeed:
             raise UsageError("ZO training perturbs whole parameters in place; FSDP/DeepSpeed sharding is not "
                              "meaningful for it. Drop --fsdp/--deepspeed (ZO needs only inference memory).")
@@ -399,6 +406,7 @@ def build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_sampl
     zo_config = trainer_zo.ZOConfig(
         optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
         signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,
+        carry_perturbation=args.zo_carry_perturbation,
         exact_restore={"auto": None, "always": True, "never": False}[args.zo_exact_restore],
         state_dtype=getattr(torch, args.zo_state_dtype) if args.zo_state_dtype else None)
     return trainer_zo.ZOTrainer(zo_config=zo_config, **common)

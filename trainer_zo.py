@@ -132,6 +132,7 @@ class ZOConfig:
     state_dtype: torch.dtype | None = None
     exact_restore: bool | None = None              # None: copy 16-bit weights only (see zo.ZOOptimizer)
     keep_direction: bool = False
+    carry_perturbation: bool = False               # fuse the update with the next step's first perturbation
     max_consecutive_skips: int = 20
 
 
@@ -151,7 +152,8 @@ class ZOTrainer(SuiteTrainer):
             model = self.model if model is None else model
             config, args = self.zo_config, self.args
             kwargs = dict(lr=args.learning_rate, eps=config.eps, seed=args.seed, direction=config.direction,
-                          exact_restore=config.exact_restore, keep_direction=config.keep_direction)
+                          exact_restore=config.exact_restore, keep_direction=config.keep_direction,
+                          carry_perturbation=config.carry_perturbation)
             if config.optimizer == "zo_adamu":
                 kwargs.update(schedule=zo.AdaMUSchedule.for_max_steps(self.state.max_steps or args.max_steps,
                                                                       **config.schedule),
@@ -174,11 +176,36 @@ class ZOTrainer(SuiteTrainer):
         return loss_plus.detach() / self.current_gradient_accumulation_steps
 
     @property
-    def _zo_optimizer(self) -> zo.ZOOptimizer:
+    def _zo_optimizer(self) -> zo.ZOOptimizer | None:
         optimizer = self.optimizer
-        while not isinstance(optimizer, zo.ZOOptimizer):  # accelerate wraps it
-            optimizer = optimizer.optimizer
+        while optimizer is not None and not isinstance(optimizer, zo.ZOOptimizer):  # accelerate wraps it
+            optimizer = getattr(optimizer, "optimizer", None)
         return optimizer
+
+    def settle(self) -> None:
+        """Put the weights back at θ if the next step's perturbation rests on them (--zo_carry_perturbation).
+        Called before anything reads the weights: evaluation, saving, loading the best model, the end of training."""
+        optimizer = self._zo_optimizer
+        if optimizer is not None and optimizer.carried:
+            optimizer.settle()
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.settle()  # also when training stops with an error: never leave the model perturbed
+
+    def evaluate(self, *args, **kwargs):
+        self.settle()
+        return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self.settle()
+        return super().save_model(output_dir, _internal_call)
+
+    def _load_best_model(self) -> None:
+        self.settle()  # otherwise a later settle would subtract this step's perturbation from the loaded weights
+        return super()._load_best_model()
 
     def log(self, logs, start_time=None):
         """Training log lines also carry the last projected gradient and loss at θ-εu, the skip count and
@@ -215,6 +242,8 @@ class _ZOLogCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            self.trainer.settle()  # the last step: nothing will consume the carried perturbation
         self.trainer.check_skips()
 
 

@@ -27,8 +27,12 @@ Step protocol (sweep = one pass over the trainable tensors regenerating the nois
   probe(closure): first probe of a step +εu, -2εu (2 sweeps); later probes +2εu, -2εu (2 sweeps);
                   parameters rest at θ-εu between probes.
   step():         restore and update fused in one sweep, θ <- (θ-εu + εu)·(1-lr·λ) - lr·g·w.
-  The step's update is not fused with the next step's +εu: the parameters would then rest perturbed between
-  steps (evaluation, checkpoints and logging read them), so each step keeps its own 3 sweeps.
+  carry_perturbation=True (opt-in) also applies the next step's +εu' in the update sweep, so a step costs 2
+  sweeps instead of 3 where one fused kernel does both (CUDA + Triton); elsewhere the update and the perturbation
+  stay two sweeps with the same result.  The parameters then rest at θ+εu' between steps: whoever reads them
+  (evaluation, checkpoints, the end of training) calls settle() first, which restores θ (one sweep; `carried`
+  says whether one is due).  The results equal the uncarried run's bit for bit up to the first settle(); each
+  settle() without a stash adds the ≤1-ulp perturb/restore round-trip error described below (with a stash, none).
   Without a stash the perturb/restore round trip is not bit-exact, and no memory-free scheme can be:
   x+εu rounds away the low bits of every |x| << ε|u|, so distinct x collide.  The error is up to
   about one ulp of θ per step, for a large share of the elements: ~1e-7 relative in fp32 (negligible
@@ -643,10 +647,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
-                 rng="auto"):
+                 rng="auto", carry_perturbation=False):
         if rng not in RNGS:
             raise ValueError(f"Invalid rng: {rng!r} (choose from {RNGS})")
+        if keep_direction and carry_perturbation:
+            raise ValueError("keep_direction and carry_perturbation do not combine: a kept direction already costs "
+                             "one noise sweep per step; choose one")
         self.rng = rng
+        self.carry_perturbation = bool(carry_perturbation)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, direction=direction,
                         chunk_numel=chunk_numel, noise_block=noise_block)
         super().__init__(params, defaults)
@@ -732,6 +740,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         return super().state_dict()
 
     def load_state_dict(self, state_dict):
+        if self.carried:
+            raise RuntimeError("load_state_dict() while the next step's perturbation rests on the parameters: "
+                               "call settle() first")
         meta = next((v for v in state_dict["state"].values() if isinstance(v, dict) and "zo_kind" in v), None)
         kind = meta["zo_kind"] if meta is not None else "<not a ZO optimizer>"
         if kind != self.kind:
@@ -834,9 +845,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         return (lib is not None and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
                 and self._rng(p.device) == "counter")
 
-    def _sweep(self, kind, k=0):
+    def _sweep(self, kind, k=0, carry=False):
         """One pass over the trainable tensors.  kind: "perturb" θ += k·ε·u; "restore" the same, or the stash;
-        "update" the restore fused with the update."""
+        "update" the restore fused with the update (and, with carry, the next step's +ε·u': fused tensors only)."""
         self.sweeps += 1
         lib = _kernels() if self._use_kernels else None
         first = kind == "perturb" and self._offset == 0
@@ -855,7 +866,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if stash and kind == "restore":
                 flat.copy_(self._stash[p])
             elif self._fused(p):
-                self._fused_sweep(kind, k, index, gi, group, p, flat, stash)
+                self._fused_sweep(kind, k, index, gi, group, p, flat, stash, carry)
                 if contiguous:
                     touched.append(p)
             else:
@@ -886,15 +897,23 @@ class ZOOptimizer(torch.optim.Optimizer):
         kernels = _triton()
         return kernels is not None and kernels.supports(p, self._state_dtype(p))
 
-    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash):
+    def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash, carry=False):
         """The sweep of one whole tensor by zo_triton.sweep (the same arithmetic as `_generic`)."""
         args = self._fused_args(index, group, p)
         if kind != "update":
             _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
-        else:
-            _triton().sweep(flat, update=True, offset_scale=self._offset * -group["eps"],
-                            stash=self._stash[p] if stash else None,
-                            coefficients=self._coef(gi, group, p.device, torch.float32), **args)
+            return
+        if carry:
+            next_seed, next_amu = self._next
+            streams = 2 if args.get("momentum") is not None else 1
+            keys = tuple(_counter_key(next_seed, index, s) for s in range(streams)) + (0,) * (2 - streams)
+            self.noise_calls += streams
+            carry = (keys, next_amu, group["eps"])
+            if stash and p not in self._stash:
+                self._stash[p] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+        _triton().sweep(flat, update=True, offset_scale=self._offset * -group["eps"],
+                        stash=self._stash[p] if stash else None, carry=carry or None,
+                        coefficients=self._coef(gi, group, p.device, torch.float32), **args)
 
     def _fused_args(self, index, group, p) -> dict:
         """The optimizer's own zo_triton.sweep arguments (noise keys, ZO-AdaMU's state); counts the noise streams."""
@@ -928,8 +947,23 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- protocol
     def _perturb(self, k):
-        self._sweep("perturb", k)
-        self._offset += k
+        if k:
+            self._sweep("perturb", k)
+            self._offset += k
+
+    @property
+    def carried(self) -> bool:
+        """Whether the parameters rest at θ+εu of the next step (carry_perturbation) and need settle()."""
+        return self._n_probes == 0 and self._offset != 0
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """Restore θ where a carried perturbation rests on the parameters; nothing to do otherwise."""
+        if self._n_probes:
+            raise RuntimeError("settle() between probe() and step(): finish the step first")
+        if self._offset:
+            self._sweep("restore", -self._offset)
+            self._reset_step()
 
     def _begin_step(self):
         first = self.param_groups[0]
@@ -978,15 +1012,32 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise RuntimeError("step() needs a closure or at least one probe() in this step")
         g = self._g_sum / self._n_probes
         self._g, self._ok = g, torch.isfinite(g)  # ok stays on device: no host sync on the torch path
-        self._sweep("update")
-
         meta = self._meta()
+        fuse_carry = self.carry_perturbation and all(self._fused(p) for p in self._params() if p.requires_grad)
+        if fuse_carry:
+            self._next = self._carry_args(meta["zo_step"] + 1)
+        self._sweep("update", carry=fuse_carry)
+
         meta["zo_skipped"] = meta["zo_skipped"] + (~self._ok).to(meta["zo_skipped"].device, torch.int64)
         meta["zo_step"] += 1
         self.last_projected_grad = g
         self.last_loss_plus, self.last_loss_minus = self._lp_sum / self._n_probes, self._lm_sum / self._n_probes
+        self.last_schedule = self._schedule_now()
         self._reset_step()
+        if self.carry_perturbation:
+            self._begin_step()
+            if fuse_carry:
+                self._offset = 1
+            else:
+                self._perturb(1)
         return self.last_loss_plus
+
+    def _schedule_now(self) -> dict:
+        return {}
+
+    def _carry_args(self, t: int) -> tuple:
+        """(seed of step t, what the fused kernel needs of step t's direction besides the noise keys)."""
+        return step_seed(self.param_groups[0]["seed"], t), None
 
     def _after_update(self, p, start, u, ok, sgn):
         pass
@@ -1076,10 +1127,20 @@ class ZOAdaMU(ZOOptimizer):
         return st["momentum"].view(-1)
 
     def _on_step_begin(self, t):
-        alpha, b1, b2 = self._abc = self.schedule.values(t)  # once per step (fix of bug §1.4.3)
-        self.last_schedule = dict(zip(("alpha", "beta1", "beta2"), self._abc))
+        self._abc = self.schedule.values(t)  # once per step (fix of bug §1.4.3)
+        self._amu = self._amu_of(self._abc)
+
+    @staticmethod
+    def _amu_of(abc) -> tuple:
         # (√α, √(1-α), β1, 1-β1, β2, 1-β2) in double; each is rounded once to the compute dtype where used
-        self._amu = (math.sqrt(alpha), math.sqrt(1.0 - alpha), b1, 1.0 - b1, b2, 1.0 - b2)
+        alpha, b1, b2 = abc
+        return math.sqrt(alpha), math.sqrt(1.0 - alpha), b1, 1.0 - b1, b2, 1.0 - b2
+
+    def _schedule_now(self) -> dict:
+        return dict(zip(("alpha", "beta1", "beta2"), self._abc))
+
+    def _carry_args(self, t):
+        return step_seed(self.param_groups[0]["seed"], t), self._amu_of(self.schedule.values(t))
 
     def _chunk_dirs(self, index, p, group, start, n, cdt, need_w):
         sa, sb, b1, ob1, b2, ob2 = self._amu

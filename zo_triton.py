@@ -118,11 +118,11 @@ if triton is not None:
             h = _hash(key, j.to(tl.uint64))
             return tl.where((h >> 63) == 1, -1.0, 1.0).to(tl.float32)
 
-    @triton.jit(do_not_specialize=["key0", "key1"])
+    @triton.jit(do_not_specialize=["key0", "key1", "next0", "next1"])
     def _sweep_kernel(x_ptr, stash_ptr, m_ptr, n, key0, key1, a, c, neg_ptr, decay_ptr, sgn_ptr, ok_ptr,
-                      sa, sb, b1, ob1, b2, ob2, sigma,
+                      sa, sb, b1, ob1, b2, ob2, sigma, next0, next1, nsa, nsb, nb1, nob1,
                       ADAMU: tl.constexpr, UPDATE: tl.constexpr, STASH: tl.constexpr, GAUSSIAN: tl.constexpr,
-                      SIGNED: tl.constexpr, LN2: tl.constexpr,
+                      SIGNED: tl.constexpr, CARRY: tl.constexpr, LN2: tl.constexpr,
                       L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                       S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                       K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr,
@@ -157,14 +157,34 @@ if triton is not None:
                 y = x.to(tl.float32) + u * c
             y = y * tl.load(decay_ptr)
             y = y + w * tl.load(neg_ptr)
-            tl.store(x_ptr + j, _round_to(y, x_ptr.dtype.element_ty), mask=inside)
+            x_new = _round_to(y, x_ptr.dtype.element_ty)
             if ADAMU:
                 ok = tl.load(ok_ptr) != 0
                 if SIGNED:
                     new = u * tl.load(sgn_ptr)
                 else:
                     new = u
-                tl.store(m_ptr + j, _round_to(new, m_ptr.dtype.element_ty), mask=inside & ok)
+                # a skipped step (non-finite g) keeps m: rewriting the loaded value is exact
+                mom = tl.where(ok, _round_to(new, m_ptr.dtype.element_ty).to(tl.float32), mom)
+                tl.store(m_ptr + j, _round_to(mom, m_ptr.dtype.element_ty), mask=inside)
+            if CARRY:
+                # the next step's first perturbation θ' + ε·u', applied to θ' as stored (rounded), so the result
+                # equals an update sweep followed by a perturb sweep; the stash becomes θ'
+                if STASH:
+                    tl.store(stash_ptr + j, x_new, mask=inside)
+                n0 = _noise(next0.to(tl.int64).to(tl.uint64, bitcast=True), pairs, j, column, GAUSSIAN, LN2,
+                            L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
+                if ADAMU:
+                    n1 = _noise(next1.to(tl.int64).to(tl.uint64, bitcast=True), pairs, j, column, GAUSSIAN, LN2,
+                                L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
+                    zd = n0 * nsa
+                    zdd = n1 * nsb
+                    zdd = zdd + mom
+                    u_next = zd * nb1 + zdd * nob1
+                else:
+                    u_next = n0
+                x_new = _round_to(x_new.to(tl.float32) + u_next * a, x_ptr.dtype.element_ty)
+            tl.store(x_ptr + j, x_new, mask=inside)
         else:
             y = x.to(tl.float32) + u * a
             tl.store(x_ptr + j, _round_to(y, x_ptr.dtype.element_ty), mask=inside)
@@ -181,12 +201,14 @@ def _signed64(key: int) -> int:
 def sweep(flat: torch.Tensor, *, keys: tuple[int, int], gaussian: bool, perturb_scale: float = 0.0,
           update: bool = False, offset_scale: float = 0.0, coefficients=None, stash: torch.Tensor | None = None,
           momentum: torch.Tensor | None = None, amu: tuple | None = None, sigma: float = 0.0,
-          signed: bool = True) -> None:
+          signed: bool = True, carry: tuple | None = None) -> None:
     """One sweep over the contiguous flat parameter `flat`, in place.
 
     perturb: flat += perturb_scale·u.  update: y = stash or flat + offset_scale·u; flat = y·decay + neg·w, and for
     ZO-AdaMU (momentum given) momentum = sign(g)·u (or u) where g is finite. coefficients = (neg, decay, sgn, ok),
     0-dim float32/bool tensors on flat's device; amu = (√α, √(1-α), β1, 1-β1, β2, 1-β2).
+    carry = (next keys, next amu or None, ε), update only: then flat += ε·u' with the next step's direction u'
+    (built from the updated momentum), and a stash takes the updated weights.
     """
     n = flat.numel()
     if n == 0:
@@ -198,9 +220,17 @@ def sweep(flat: torch.Tensor, *, keys: tuple[int, int], gaussian: bool, perturb_
     else:
         neg, decay, sgn, ok = coefficients
     sa, sb, b1, ob1, b2, ob2 = amu if adamu else (0.0,) * 6
+    if carry is not None:
+        if not update:
+            raise ValueError("carry fuses the next perturbation into an update sweep: pass update=True")
+        next_keys, next_amu, perturb_scale = carry
+        nsa, nsb, nb1, nob1 = next_amu[:4] if adamu else (0.0,) * 4
+    else:
+        next_keys, nsa, nsb, nb1, nob1 = (0, 0), 0.0, 0.0, 0.0, 0.0
     _sweep_kernel[(triton.cdiv(n, 2 * PAIRS),)](
         flat, stash if stash is not None else dummy, momentum if adamu else dummy, n,
         _signed64(keys[0]), _signed64(keys[1]), float(perturb_scale), float(offset_scale), neg, decay, sgn, ok,
         float(sa), float(sb), float(b1), float(ob1), float(b2), float(ob2), float(sigma),
-        ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed, PAIRS=PAIRS,
-        num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)
+        _signed64(next_keys[0]), _signed64(next_keys[1]), float(nsa), float(nsb), float(nb1), float(nob1),
+        ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed,
+        CARRY=carry is not None, PAIRS=PAIRS, num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)

@@ -17,6 +17,7 @@ on GPU.
     python bench/zo_step.py                                   # embedded model, 16 x 64 SST2 tokens, full-parameter
     python bench/zo_step.py --threads 1 --reps 7
     python bench/zo_step.py --keep_direction                  # adds the opt-in keep_direction figures (separate keys)
+    python bench/zo_step.py --carry_perturbation              # adds the opt-in carried-perturbation figures (ditto)
     python bench/zo_step.py --model random:opt-13b --dtype float16 --seq 256      # GPU: random-weight OPT-13B shape
         (16-bit weights get an exact-restore copy by default, which doubles their memory: add --exact_restore never
         for MeZO's own memory footprint)
@@ -229,6 +230,9 @@ def measure_times(model, batch, args):
     if args.keep_direction:
         fns["S_mezo_keep"] = zo_step_fn(make_optimizer("mezo", model, args, keep_direction=True), model, batch)
         fns["S_adamu_keep"] = zo_step_fn(make_optimizer("adamu", model, args, keep_direction=True), model, batch)
+    if args.carry_perturbation:  # steady state: each step starts from the perturbation the previous one carried
+        fns["S_mezo_carry"] = zo_step_fn(make_optimizer("mezo", model, args, carry_perturbation=True), model, batch)
+        fns["S_adamu_carry"] = zo_step_fn(make_optimizer("adamu", model, args, carry_perturbation=True), model, batch)
     if not args.no_reference:
         fns["F_ref"] = reference_forward_fn(model, batch)
         fns["R"] = reference_step_fn(model, batch, args)
@@ -257,8 +261,9 @@ def memory_child(args):
     elif what == "reference":
         fn = reference_step_fn(model, batch, args)
     else:
-        keep = what.endswith("_keep")
-        fn = zo_step_fn(make_optimizer(what.removesuffix("_keep"), model, args, keep_direction=keep), model, batch)
+        name, _, variant = what.partition("_")
+        fn = zo_step_fn(make_optimizer(name, model, args, keep_direction=variant == "keep",
+                                       carry_perturbation=variant == "carry"), model, batch)
     for _ in range(args.mem_steps):
         fn()
     sync()
@@ -310,6 +315,8 @@ def main():
     parser.add_argument("--rng", choices=list(zo.RNGS), default="auto",
                         help="noise source (auto: the counter stream on CPU, and on CUDA where Triton is installed)")
     parser.add_argument("--keep_direction", action="store_true", help="also measure the opt-in keep_direction mode")
+    parser.add_argument("--carry_perturbation", action="store_true",
+                        help="also measure the opt-in carry_perturbation mode (update fused with the next +εu)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
@@ -349,9 +356,12 @@ def main():
                                for k in ("mezo", "adamu")}
     for k in ("mezo", "adamu"):  # 3 sweeps per step; ZO-AdaMU's sweeps draw two noise streams
         report[f"sweep_seconds_{k}"] = paired(f"S_{k}", lambda s, f: (s - 2 * f) / 3)
-    if args.keep_direction:
-        report["keep_direction"] = {"step_over_2fwd_mezo": round(median["S_mezo_keep"] / (2 * F), 4),
-                                    "step_over_2fwd_adamu": round(median["S_adamu_keep"] / (2 * F), 4)}
+    for variant, flag in (("keep", "keep_direction"), ("carry", "carry_perturbation")):
+        if getattr(args, flag):
+            report[flag] = {f"step_over_2fwd_{k}": round(median[f"S_{k}_{variant}"] / (2 * F), 4)
+                            for k in ("mezo", "adamu")}
+            report[flag]["paired_median"] = {
+                f"step_over_2fwd_{k}": paired(f"S_{k}_{variant}", lambda s, f: s / (2 * f)) for k in ("mezo", "adamu")}
     if not args.no_memory:
         del model, batch   # the children measure from scratch; on a GPU this process's tensors would crowd them out
         import gc
@@ -361,6 +371,8 @@ def main():
         kinds = ["inference", "mezo", "adamu"] + ([] if args.no_reference else ["reference"])
         if args.keep_direction:
             kinds += ["mezo_keep", "adamu_keep"]
+        if args.carry_perturbation:
+            kinds += ["mezo_carry", "adamu_carry"]
         peak = {k: measure_memory(args, k) for k in kinds}
         inf = peak["inference"]
         report["peak_mb"] = {k: round(v / 2**20, 1) for k, v in peak.items()}
@@ -371,9 +383,10 @@ def main():
         report["mem_target_adamu"] = round(1.05 + momentum_bytes / inf, 4)
         if "reference" in peak:
             report["mem_over_inference_reference"] = round(peak["reference"] / inf, 4)
-        if args.keep_direction:
-            report["keep_direction"].update(mem_over_inference_mezo=round(peak["mezo_keep"] / inf, 4),
-                                            mem_over_inference_adamu=round(peak["adamu_keep"] / inf, 4))
+        for variant, flag in (("keep", "keep_direction"), ("carry", "carry_perturbation")):
+            if getattr(args, flag):
+                report[flag].update(mem_over_inference_mezo=round(peak[f"mezo_{variant}"] / inf, 4),
+                                    mem_over_inference_adamu=round(peak[f"adamu_{variant}"] / inf, 4))
     print(json.dumps(report))
 
 

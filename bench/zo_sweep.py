@@ -5,8 +5,9 @@
 
 For a flat tensor of --numel elements it times (median of --reps, after warm-up): `x.add_(1)` (one read and one
 write of x: what a sweep cannot beat), `torch.randn` into a float32 buffer of the same size (torch's Philox alone), and
-the fused sweeps of zo_triton (MeZO perturb, MeZO update, ZO-AdaMU perturb with its momentum read) for each launch
-shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
+the fused sweeps of zo_triton (MeZO perturb, MeZO update, ZO-AdaMU perturb with its momentum read and update; both
+updates also fused with the next step's perturbation as carry_perturbation runs them; MeZO's Rademacher perturb and
+carried update) for each launch shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
 """
 
 import argparse
@@ -59,6 +60,7 @@ def main():
     x = torch.randn(n, device="cuda", dtype=dtype)
     m = torch.zeros(n, device="cuda", dtype=dtype)
     keys = (zo._counter_key(zo.step_seed(0, 0), 0, 0), zo._counter_key(zo.step_seed(0, 0), 0, 1))
+    next_keys = (zo._counter_key(zo.step_seed(0, 1), 0, 0), zo._counter_key(zo.step_seed(0, 1), 0, 1))
     ones = torch.ones((), device="cuda")
     coefficients = (ones * -1e-9, ones, ones, torch.ones((), dtype=torch.bool, device="cuda"))
     amu = (0.9, 0.43, 0.9, 0.1, 0.9, 0.1)
@@ -80,13 +82,26 @@ def main():
             "adamu_update": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
                                                           offset_scale=-1e-3, coefficients=coefficients,
                                                           momentum=m, amu=amu, sigma=1e-8), args.reps),
+            # the update fused with the next step's +εu' (carry_perturbation): two directions per element
+            "mezo_update_carry": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
+                                                               offset_scale=-1e-3, coefficients=coefficients,
+                                                               carry=(next_keys, None, 1e-3)), args.reps),
+            "adamu_update_carry": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
+                                                                offset_scale=-1e-3, coefficients=coefficients,
+                                                                momentum=m, amu=amu, sigma=1e-8,
+                                                                carry=(next_keys, amu, 1e-3)), args.reps),
+            "mezo_perturb_rademacher": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=False,
+                                                                     perturb_scale=1e-3), args.reps),
+            "mezo_update_carry_rademacher": timed(lambda: zo_triton.sweep(
+                x, keys=keys, gaussian=False, update=True, offset_scale=-1e-3, coefficients=coefficients,
+                carry=(next_keys, None, 1e-3)), args.reps),
         }
         print(shape, {k: round(v * 1e3, 2) for k, v in shapes[shape].items()}, "ms", file=sys.stderr, flush=True)
     report["sweeps_seconds"] = shapes
     best = min(shapes, key=lambda s: shapes[s]["mezo_perturb"])
     report["best_shape"] = best
     report["add_GBps"] = round(bytes_rw / report["add_seconds"] / 1e9, 1)
-    report["best_mezo_perturb_over_add"] = round(shapes[best]["mezo_perturb"] / report["add_seconds"], 3)
+    report["best_over_add"] = {k: round(v / report["add_seconds"], 3) for k, v in shapes[best].items()}
     print(json.dumps(report))
 
 

@@ -91,6 +91,8 @@ def call_main(tmp_path, monkeypatch, *args):
      "--zo_direction 'uniform' is unknown; choose gaussian or rademacher"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_exact_restore", "sometimes"],
      "--zo_exact_restore 'sometimes' is unknown; choose auto, always or never"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_carry_perturbation",
+      "--zo_keep_direction"], "--zo_carry_perturbation and --zo_keep_direction do not combine"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_state_dtype", "int8"],
      "--zo_state_dtype 'int8' is unknown; choose one of float32, bfloat16, float16"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",

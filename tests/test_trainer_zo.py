@@ -20,12 +20,15 @@ def records(n=16, seed=0, option_len=3):
 
 
 def make_trainer(model, tmp_path, optimizer="mezo", batch=8, accumulation=1, steps=3, lr=1e-3, **extra):
+    eval_steps = extra.pop("eval_steps", None)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=lr,
                              lr_scheduler_type="constant", logging_steps=1, save_strategy=extra.pop("save", "no"),
                              save_steps=extra.pop("save_steps", 500), report_to="none", remove_unused_columns=False,
+                             eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps,
                              seed=0, use_cpu=True, max_grad_norm=0.0, disable_tqdm=True)
     return ZOTrainer(model=model, args=args, train_dataset=ListDataset(extra.pop("data", records())),
+                     eval_dataset=ListDataset(records(8, seed=5)) if eval_steps else None,
                      data_collator=TrainCollator(258), objective=Objective(), task_eval=TaskEval(None, [], None, None, None),
                      zo_config=ZOConfig(optimizer=optimizer, eps=1e-3, **extra))
 
@@ -93,6 +96,35 @@ def test_resume_is_bit_identical(tmp_path, optimizer):
     trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("optimizer", ["mezo", "zo_adamu"])
+def test_carried_perturbation_is_settled_for_evaluation_checkpoints_and_the_end(tmp_path, optimizer):
+    """--zo_carry_perturbation leaves the weights at θ+εu between steps; evaluation, checkpoints and the final model
+    must still see θ: with a stash the run equals the uncarried one bit for bit, eval losses included."""
+    from safetensors.torch import load_file
+    base = tiny_model("llama")
+    runs = {}
+    for carry in (False, True):
+        model = copy.deepcopy(base)
+        trainer = make_trainer(model, tmp_path / str(carry), optimizer, steps=5, save="steps", save_steps=2,
+                               eval_steps=2, exact_restore=True, carry_perturbation=carry)
+        trainer.train()
+        assert not trainer._zo_optimizer.carried
+        evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+        saved = load_file(str(tmp_path / str(carry) / "checkpoint-4" / "model.safetensors"))
+        runs[carry] = params(model), evals, saved
+    (plain, plain_evals, plain_saved), (carried, carried_evals, carried_saved) = runs[False], runs[True]
+    assert len(plain_evals) >= 2 and plain_evals == carried_evals
+    assert plain_saved.keys() == carried_saved.keys()
+    assert all(torch.equal(plain_saved[k], carried_saved[k]) for k in plain_saved)
+    assert all(torch.equal(plain[n], carried[n]) for n in plain)
+    assert any(not torch.equal(plain[n], p) for n, p in base.named_parameters())
+    # nothing evaluates or saves: the end of training alone settles
+    model = copy.deepcopy(base)
+    trainer = make_trainer(model, tmp_path / "end", optimizer, steps=5, exact_restore=True, carry_perturbation=True)
+    trainer.train()
+    assert not trainer._zo_optimizer.carried and all(torch.equal(plain[n], p) for n, p in params(model).items())
 
 
 def adapted(mode):

@@ -395,6 +395,88 @@ def test_keep_direction_equals_regenerated_noise(cls):
     assert calls_keep * 5 == calls_regen  # 1 noise sweep per step instead of 5 (two probes + update)
 
 
+def _carry_run(cls, carry, steps=5, settle_at=(), nan_step=2, perturb_next=False, **kw):
+    """steps with 2 probes each (accumulation), one skipped (NaN) step, settle() after the steps in settle_at."""
+    ids, tgt = make_data()
+    model = make_model()
+    extra = dict(schedule=AdaMUSchedule(1, 3, 6)) if cls is ZOAdaMU else {}
+    opt = cls(param_groups_for_model(model, 0.1), lr=1e-2, eps=1e-2, noise_block=NB, carry_perturbation=carry,
+              **extra, **kw)
+    for t in range(steps):
+        opt.probe(mse(model, ids[:4], tgt[:4]))
+        opt.probe((lambda: torch.tensor(float("nan"))) if t == nan_step else mse(model, ids[4:], tgt[4:]))
+        opt.step()
+        assert opt.carried == carry
+        if t in settle_at:
+            opt.settle()
+    if not carry and perturb_next:  # what a carried run holds at the end: the next step's θ+εu
+        opt._begin_step()
+        opt._perturb(1)
+    return model, opt
+
+
+def _moms(model, opt):
+    return {n: opt.state[p]["momentum"] for n, p in model.named_parameters() if "momentum" in opt.state[p]}
+
+
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+@pytest.mark.parametrize("kw", [{}, dict(exact_restore=True), dict(direction="rademacher")])
+def test_carried_perturbation_equals_the_uncarried_run(cls, kw):
+    """Carrying the next step's +εu in the update changes nothing up to the first settle(): each step's update is
+    applied to the same rounded weights and the next perturbation to the same rounded result."""
+    ref_model, ref = _carry_run(cls, False, perturb_next=True, **kw)
+    got_model, got = _carry_run(cls, True, **kw)
+    assert int(ref.skipped_steps) == int(got.skipped_steps) == 1
+    assert ref.last_schedule == got.last_schedule and got.carried
+    want, have = params_of(ref_model), params_of(got_model)
+    assert all(torch.equal(have[n], want[n]) for n in want)
+    want_m, have_m = _moms(ref_model, ref), _moms(got_model, got)
+    assert want_m.keys() == have_m.keys() and all(torch.equal(have_m[n], want_m[n]) for n in want_m)
+    assert got.sweeps == ref.sweeps  # off CUDA the carry is the same sweeps in another order
+    got.settle()
+    assert not got.carried and got.sweeps == ref.sweeps + 1
+    if kw.get("exact_restore"):  # settling from the stash lands exactly on the uncarried run's weights
+        final = params_of(_carry_run(cls, False, **kw)[0])
+        assert all(torch.equal(p, final[n]) for n, p in params_of(got_model).items())
+
+
+@pytest.mark.parametrize("cls", [MeZO, ZOAdaMU])
+def test_settling_a_carried_perturbation(cls):
+    """settle() mid-run (evaluation, checkpoints) is bit-exact with a stash and a round trip of ~1 ulp without."""
+    def finished(carry, **kw):
+        model, opt = _carry_run(cls, carry, settle_at=(1, 3), **kw)
+        opt.settle()  # the end of training
+        return params_of(model)
+    exact = [finished(carry, exact_restore=True) for carry in (False, True)]
+    assert all(torch.equal(exact[0][n], exact[1][n]) for n in exact[0])
+    plain = [finished(carry) for carry in (False, True)]
+    assert any(not torch.equal(plain[0][n], plain[1][n]) for n in plain[0])  # the round trips did round
+    for n in plain[0]:
+        torch.testing.assert_close(plain[1][n], plain[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_carried_perturbation_guards():
+    model = make_model()
+    start = params_of(model)
+    with pytest.raises(ValueError, match="keep_direction and carry_perturbation"):
+        MeZO(param_groups_for_model(model, 0.0), lr=1e-2, carry_perturbation=True, keep_direction=True)
+    ids, tgt = make_data()
+    opt = MeZO(param_groups_for_model(model, 0.0), lr=0.0, eps=1e-2, carry_perturbation=True, exact_restore=True)
+    saved = opt.state_dict()
+    opt.step(mse(model, ids, tgt))
+    assert opt.carried and not torch.equal(params_of(model)["lin1.weight"], start["lin1.weight"])
+    with pytest.raises(RuntimeError, match="call settle"):
+        opt.load_state_dict(saved)
+
+    def broken():
+        raise KeyError("closure failed")
+    with pytest.raises(KeyError):  # a failing probe of the carried step puts θ back
+        opt.step(broken)
+    assert not opt.carried and all(torch.equal(p, start[n]) for n, p in params_of(model).items())
+    opt.settle()  # nothing carried: a no-op
+    assert all(torch.equal(p, start[n]) for n, p in params_of(model).items())
+
+
 # ------------------------------------------------------------------------- fast kernels vs definition
 def _train(cls, kw, dtype, use_kernels, steps=4, threads=1, nan_step=2):
     """A few steps with gradient accumulation (2 probes), one skipped (NaN) step, and a closure-less step."""

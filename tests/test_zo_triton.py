@@ -47,7 +47,7 @@ def small_model(dtype):
     return nn.Sequential(nn.Linear(12, 40), nn.LayerNorm(40), nn.Linear(40, 3)).to(dtype)
 
 
-def run_steps(model, make, fused: bool, nan_at: int = 2, steps: int = 4):
+def run_steps(model, make, fused: bool, nan_at: int = 2, steps: int = 4, settle: bool = False):
     torch.manual_seed(1)
     device = model[0].weight.device
     x, y = torch.randn(8, 12, device=device), torch.randn(8, 3, device=device)
@@ -58,6 +58,8 @@ def run_steps(model, make, fused: bool, nan_at: int = 2, steps: int = 4):
             loss = ((model(x.to(model[0].weight.dtype)).float() - y) ** 2).mean()
             return loss * float("nan") if t == nan_at else loss
         optimizer.step(closure)
+        if settle and t == 1:
+            optimizer.settle()  # an evaluation or checkpoint mid-run
     return optimizer
 
 
@@ -124,3 +126,39 @@ def test_cuda_fused_steps_equal_the_torch_path(dtype, name, exact_restore):
     for p_fused, p_ref in zip(fused_model.parameters(), torch_model.parameters()):
         if "momentum" in fused.state[p_fused]:
             assert torch.equal(fused.state[p_fused]["momentum"], reference.state[p_ref]["momentum"])
+
+
+def check_carry(make, dtype, device):
+    fused_model, torch_model = small_model(dtype).to(device), small_model(dtype).to(device)
+    fused = run_steps(fused_model, lambda g: make(g, carry_perturbation=True), fused=True, settle=True)
+    reference = run_steps(torch_model, lambda g: make(g, carry_perturbation=True), fused=False, settle=True)
+    assert all(fused._fused(p) and not reference._fused(p) for p in fused_model.parameters())
+    assert fused.carried and reference.carried
+    # 4 steps, settled after step 2: the fused path sweeps 3+2, 1 (settle), 3+2 times; the torch path 4+3, 1, 4+3
+    assert (fused.sweeps, reference.sweeps) == (11, 15)
+    for p_fused, p_ref in zip(fused_model.parameters(), torch_model.parameters()):
+        if "momentum" in fused.state[p_fused]:
+            assert torch.equal(fused.state[p_fused]["momentum"], reference.state[p_ref]["momentum"])
+    for stage in ("carried", "settled"):
+        for (name_, a), b in zip(fused_model.named_parameters(), torch_model.parameters()):
+            assert torch.equal(a, b), (stage, name_)
+        fused.settle()
+        reference.settle()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_fused_carry_equals_the_torch_path(kernels, dtype, name, exact_restore):
+    """The update fused with the next step's perturbation (one kernel) = the update sweep then the perturb sweep."""
+    make = lambda groups, **kw: OPTIMIZERS[name](groups, exact_restore=exact_restore, **kw)  # noqa: E731
+    check_carry(make, dtype, "cpu")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_cuda_fused_carry_equals_the_torch_path(dtype, name, exact_restore):
+    make = lambda groups, **kw: OPTIMIZERS[name](groups, exact_restore=exact_restore, **kw)  # noqa: E731
+    check_carry(make, dtype, "cuda")
