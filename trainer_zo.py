@@ -3,8 +3,9 @@
 `SuiteTrainer` computes the suite's losses (utils.training_loss) and evaluates the dev set by the task metric.
 `ZOTrainer` replaces the backward pass by two seeded, in-place probes of a `zo.ZOOptimizer` and lets the optimizer
 update at the accumulation boundary. Only public hooks are overridden (`compute_loss`, `training_step`,
-`create_optimizer`, `evaluate`, `save_model`), so the HF training loop, schedulers, logging, checkpointing and resume
-are untouched. Checkpoints of adapter runs (LoRA, prefix) hold the adapter only; HF's two checkpoint loaders know
+`create_optimizer`, `evaluate`, `save_model`, `train`), so the HF training loop, schedulers, logging, checkpointing and
+resume are untouched. With --zo_carry_perturbation the weights rest perturbed between steps; `evaluate`, `save_model`,
+loading the best model, the last step and `train`'s exit put them back first. Checkpoints of adapter runs (LoRA, prefix) hold the adapter only; HF's two checkpoint loaders know
 only full weights and `PeftModel`s, so `_load_from_checkpoint` and `_load_best_model` are extended (not copied) to
 load those adapter checkpoints in place and hand everything else to HF.
 """
