@@ -5,9 +5,10 @@
 update at the accumulation boundary. Only public hooks are overridden (`compute_loss`, `training_step`,
 `create_optimizer`, `evaluate`, `save_model`, `train`), so the HF training loop, schedulers, logging, checkpointing and
 resume are untouched. With --zo_carry_perturbation the weights rest perturbed between steps; `evaluate`, `save_model`,
-loading the best model, the last step and `train`'s exit put them back first. Checkpoints of adapter runs (LoRA, prefix) hold the adapter only; HF's two checkpoint loaders know
-only full weights and `PeftModel`s, so `_load_from_checkpoint` and `_load_best_model` are extended (not copied) to
-load those adapter checkpoints in place and hand everything else to HF.
+loading the best model, the last step and `train`'s exit put them back first. Checkpoints of adapter runs (LoRA,
+prefix) hold the adapter only; HF's two checkpoint loaders know only full weights and `PeftModel`s, so
+`_load_from_checkpoint` and `_load_best_model` are extended (not copied) to load those adapter checkpoints in place and
+hand everything else to HF.
 """
 
 from __future__ import annotations

@@ -644,6 +644,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     arithmetic as torch operations (`_generic`)."""
 
     kind = "zo"
+    streams = 0  # noise streams per tensor (subclasses)
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
@@ -779,6 +780,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _key(self, index: int, stream: int) -> int:
         return _counter_key(self._seed, index, stream)
 
+    def _fused_keys(self, index: int, seed: int) -> tuple[int, int]:
+        """zo_triton.sweep's two key slots for tensor `index` at step seed `seed` (unused streams: 0)."""
+        keys = tuple(_counter_key(seed, index, s) for s in range(self.streams))
+        return keys + (0,) * (2 - self.streams)
+
     def _noise(self, index, group, start, n, device, stream):
         """float32 noise of elements [start, start+n) of tensor `index` (torch path)."""
         self.noise_calls += 1
@@ -905,12 +911,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             return
         if carry:
             next_seed, next_amu = self._next
-            streams = 2 if args.get("momentum") is not None else 1
-            keys = tuple(_counter_key(next_seed, index, s) for s in range(streams)) + (0,) * (2 - streams)
-            self.noise_calls += streams
-            carry = (keys, next_amu, group["eps"])
-            if stash and p not in self._stash:
-                self._stash[p] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+            self.noise_calls += self.streams
+            carry = (self._fused_keys(index, next_seed), next_amu, group["eps"])
         _triton().sweep(flat, update=True, offset_scale=self._offset * -group["eps"],
                         stash=self._stash[p] if stash else None, carry=carry or None,
                         coefficients=self._coef(gi, group, p.device, torch.float32), **args)
@@ -1051,6 +1053,7 @@ class MeZO(ZOOptimizer):
     """ZO-SGD: θ <- θ - lr·(g·z + λθ), z ~ N(0, I) (or ±1)."""
 
     kind = "mezo"
+    streams = 1  # noise streams per tensor: z
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
@@ -1065,7 +1068,7 @@ class MeZO(ZOOptimizer):
 
     def _fused_args(self, index, group, p):
         self.noise_calls += 1
-        return dict(keys=(self._key(index, 0), 0), gaussian=group["direction"] == "gaussian")
+        return dict(keys=self._fused_keys(index, self._seed), gaussian=group["direction"] == "gaussian")
 
     def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
         tn, gn = _TORCH_TN[flat.dtype], "g" if group["direction"] == "gaussian" else "r"
@@ -1104,6 +1107,7 @@ class ZOAdaMU(ZOOptimizer):
     state_dtype (float32 / bfloat16 / float16, default: the parameter dtype) stores the momentum buffer."""
 
     kind = "zo_adamu"
+    streams = 2  # noise streams per tensor: n1, n2
     _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
     def __init__(self, params, lr=1e-4, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
@@ -1158,7 +1162,7 @@ class ZOAdaMU(ZOOptimizer):
 
     def _fused_args(self, index, group, p):
         self.noise_calls += 2
-        return dict(keys=(self._key(index, 0), self._key(index, 1)), gaussian=group["direction"] == "gaussian",
+        return dict(keys=self._fused_keys(index, self._seed), gaussian=group["direction"] == "gaussian",
                     momentum=self._momentum(p), amu=self._amu, sigma=self.sigma, signed=self.signed_momentum)
 
     def _after_update(self, p, start, u, ok, sgn):

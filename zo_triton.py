@@ -118,6 +118,17 @@ if triton is not None:
             h = _hash(key, j.to(tl.uint64))
             return tl.where((h >> 63) == 1, -1.0, 1.0).to(tl.float32)
 
+    @triton.jit
+    def _adamu_direction(k0, k1, mom, pairs, j, column, sa, sb, b1, ob1, GAUSSIAN: tl.constexpr, LN2: tl.constexpr,
+                         L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
+                         S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+                         K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr):
+        """(u, ż, z̈) of ZO-AdaMU: ż = √α·n1, z̈ = √(1-α)·n2 + m, u = β1·ż + (1-β1)·z̈ (zo.ZOAdaMU._chunk_dirs)."""
+        zd = _noise(k0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4) * sa
+        zdd = _noise(k1, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4) * sb
+        zdd = zdd + mom
+        return zd * b1 + zdd * ob1, zd, zdd
+
     @triton.jit(do_not_specialize=["key0", "key1", "next0", "next1"])
     def _sweep_kernel(x_ptr, stash_ptr, m_ptr, n, key0, key1, a, c, neg_ptr, decay_ptr, sgn_ptr, ok_ptr,
                       sa, sb, b1, ob1, b2, ob2, sigma, next0, next1, nsa, nsb, nb1, nob1,
@@ -132,17 +143,13 @@ if triton is not None:
         j = pairs[:, None] * 2 + column[None, :]
         inside = j < n
         k0 = key0.to(tl.int64).to(tl.uint64, bitcast=True)
-        z = _noise(k0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
         if ADAMU:
-            k1 = key1.to(tl.int64).to(tl.uint64, bitcast=True)
-            z2 = _noise(k1, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
             mom = tl.load(m_ptr + j, mask=inside, other=0.0).to(tl.float32)
-            zd = z * sa
-            zdd = z2 * sb
-            zdd = zdd + mom
-            u = zd * b1 + zdd * ob1
+            u, zd, zdd = _adamu_direction(k0, key1.to(tl.int64).to(tl.uint64, bitcast=True), mom, pairs, j, column,
+                                          sa, sb, b1, ob1, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3,
+                                          K0, K1, K2, K3, K4)
         else:
-            u = z
+            u = _noise(k0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
         x = tl.load(x_ptr + j, mask=inside, other=0.0)
         if UPDATE:
             if ADAMU:
@@ -172,17 +179,14 @@ if triton is not None:
                 # equals an update sweep followed by a perturb sweep; the stash becomes θ'
                 if STASH:
                     tl.store(stash_ptr + j, x_new, mask=inside)
-                n0 = _noise(next0.to(tl.int64).to(tl.uint64, bitcast=True), pairs, j, column, GAUSSIAN, LN2,
-                            L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
-                if ADAMU:
-                    n1 = _noise(next1.to(tl.int64).to(tl.uint64, bitcast=True), pairs, j, column, GAUSSIAN, LN2,
-                                L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
-                    zd = n0 * nsa
-                    zdd = n1 * nsb
-                    zdd = zdd + mom
-                    u_next = zd * nb1 + zdd * nob1
+                n0 = next0.to(tl.int64).to(tl.uint64, bitcast=True)
+                if ADAMU:  # built from the momentum this update just stored
+                    u_next, _, _ = _adamu_direction(n0, next1.to(tl.int64).to(tl.uint64, bitcast=True), mom, pairs,
+                                                    j, column, nsa, nsb, nb1, nob1, GAUSSIAN, LN2, L0, L1, L2, L3,
+                                                    S0, S1, S2, S3, K0, K1, K2, K3, K4)
                 else:
-                    u_next = n0
+                    u_next = _noise(n0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3,
+                                    K0, K1, K2, K3, K4)
                 x_new = _round_to(x_new.to(tl.float32) + u_next * a, x_ptr.dtype.element_ty)
             tl.store(x_ptr + j, x_new, mask=inside)
         else:

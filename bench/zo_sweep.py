@@ -68,33 +68,26 @@ def main():
     report = {"device": torch.cuda.get_device_name(), "numel": n, "dtype": args.dtype,
               "add_seconds": timed(lambda: x.add_(1.0), args.reps)}
     report["randn_fp32_seconds"] = timed(torch.empty(n, device="cuda").normal_, args.reps)
+    update = dict(update=True, offset_scale=-1e-3, coefficients=coefficients)
+    adamu = dict(momentum=m, amu=amu, sigma=1e-8)
+
+    def sweep(gaussian=True, **kw):  # the median time of one zo_triton.sweep over x at the current launch shape
+        return timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=gaussian, **kw), args.reps)
+
     shapes = {}
     for pairs, warps in shapes_wanted:
         shape = f"{pairs}x{warps}"
         zo_triton.PAIRS, zo_triton.NUM_WARPS = pairs, warps
         shapes[shape] = {
-            "mezo_perturb": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, perturb_scale=1e-3),
-                                  args.reps),
-            "mezo_update": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
-                                                         offset_scale=-1e-3, coefficients=coefficients), args.reps),
-            "adamu_perturb": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, perturb_scale=1e-3,
-                                                           momentum=m, amu=amu, sigma=1e-8), args.reps),
-            "adamu_update": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
-                                                          offset_scale=-1e-3, coefficients=coefficients,
-                                                          momentum=m, amu=amu, sigma=1e-8), args.reps),
+            "mezo_perturb": sweep(perturb_scale=1e-3),
+            "mezo_update": sweep(**update),
+            "adamu_perturb": sweep(perturb_scale=1e-3, **adamu),
+            "adamu_update": sweep(**update, **adamu),
             # the update fused with the next step's +εu' (carry_perturbation): two directions per element
-            "mezo_update_carry": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
-                                                               offset_scale=-1e-3, coefficients=coefficients,
-                                                               carry=(next_keys, None, 1e-3)), args.reps),
-            "adamu_update_carry": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=True, update=True,
-                                                                offset_scale=-1e-3, coefficients=coefficients,
-                                                                momentum=m, amu=amu, sigma=1e-8,
-                                                                carry=(next_keys, amu, 1e-3)), args.reps),
-            "mezo_perturb_rademacher": timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=False,
-                                                                     perturb_scale=1e-3), args.reps),
-            "mezo_update_carry_rademacher": timed(lambda: zo_triton.sweep(
-                x, keys=keys, gaussian=False, update=True, offset_scale=-1e-3, coefficients=coefficients,
-                carry=(next_keys, None, 1e-3)), args.reps),
+            "mezo_update_carry": sweep(**update, carry=(next_keys, None, 1e-3)),
+            "adamu_update_carry": sweep(**update, **adamu, carry=(next_keys, amu, 1e-3)),
+            "mezo_perturb_rademacher": sweep(gaussian=False, perturb_scale=1e-3),
+            "mezo_update_carry_rademacher": sweep(gaussian=False, **update, carry=(next_keys, None, 1e-3)),
         }
         print(shape, {k: round(v * 1e3, 2) for k, v in shapes[shape].items()}, "ms", file=sys.stderr, flush=True)
     report["sweeps_seconds"] = shapes
