@@ -111,6 +111,10 @@ class SuiteArguments(TrainingArguments):
         "help": "Fuse each update with the next step's first perturbation: two weight sweeps per step instead of "
                 "three on CUDA with Triton (same results elsewhere, no gain). The weights rest perturbed between "
                 "steps and are restored before evaluation, saving and the end of training."})
+    zo_cuda_graphs: bool = field(default=True, metadata={
+        "help": "On CUDA with Triton, capture each kind of weight sweep once as a CUDA graph and replay it every "
+                "step (one launch instead of one per tensor; identical results). --no_zo_cuda_graphs launches each "
+                "tensor's kernel from Python."})
     zo_state_dtype: str | None = field(default=None, metadata={
         "help": "ZO-AdaMU momentum dtype: float32, bfloat16 or float16 (default: the parameter dtype)."})
     # --- PEFT ---
@@ -406,7 +410,7 @@ def build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_sampl
     zo_config = trainer_zo.ZOConfig(
         optimizer=args.zo_optim, eps=args.zo_eps, direction=args.zo_direction, schedule=schedule,
         signed_momentum=not args.zo_unsigned_momentum, keep_direction=args.zo_keep_direction,
-        carry_perturbation=args.zo_carry_perturbation,
+        carry_perturbation=args.zo_carry_perturbation, cuda_graphs=args.zo_cuda_graphs,
         exact_restore={"auto": None, "always": True, "never": False}[args.zo_exact_restore],
         state_dtype=getattr(torch, args.zo_state_dtype) if args.zo_state_dtype else None)
     return trainer_zo.ZOTrainer(zo_config=zo_config, **common)

@@ -135,6 +135,7 @@ class ZOConfig:
     exact_restore: bool | None = None              # None: copy 16-bit weights only (see zo.ZOOptimizer)
     keep_direction: bool = False
     carry_perturbation: bool = False               # fuse the update with the next step's first perturbation
+    cuda_graphs: bool = True                       # replay captured sweeps on CUDA (identical results)
     max_consecutive_skips: int = 20
 
 
@@ -155,7 +156,7 @@ class ZOTrainer(SuiteTrainer):
             config, args = self.zo_config, self.args
             kwargs = dict(lr=args.learning_rate, eps=config.eps, seed=args.seed, direction=config.direction,
                           exact_restore=config.exact_restore, keep_direction=config.keep_direction,
-                          carry_perturbation=config.carry_perturbation)
+                          carry_perturbation=config.carry_perturbation, cuda_graphs=config.cuda_graphs)
             if config.optimizer == "zo_adamu":
                 kwargs.update(schedule=zo.AdaMUSchedule.for_max_steps(self.state.max_steps or args.max_steps,
                                                                       **config.schedule),

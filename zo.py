@@ -52,7 +52,10 @@ system C compiler, cached, and checked against the torch reference at load) that
 whole sweep in one pass over memory with no temporaries, on torch.get_num_threads() worker threads.  Without a
 compiler (or with ZO_NO_CKERNEL=1) the same arithmetic runs as torch operations: identical results, slower.
 On CUDA, float32/bfloat16/float16 tensors with the counter noise go through one fused Triton kernel per tensor and
-sweep (zo_triton), also bit-identical to the torch operations.
+sweep (zo_triton), also bit-identical to the torch operations.  Those kernels read every per-step value (noise keys,
+schedule values, update coefficients) from device buffers at fixed addresses, so with cuda_graphs=True (default) each
+kind of sweep is captured once as a CUDA graph and replayed: one launch per sweep instead of one per tensor, which is
+what a step of a model with many small tensors spends most of its sweep time on.
 """
 from __future__ import annotations
 
@@ -648,7 +651,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
-                 rng="auto", carry_perturbation=False):
+                 rng="auto", carry_perturbation=False, cuda_graphs=True):
         if rng not in RNGS:
             raise ValueError(f"Invalid rng: {rng!r} (choose from {RNGS})")
         if keep_direction and carry_perturbation:
@@ -656,6 +659,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "one noise sweep per step; choose one")
         self.rng = rng
         self.carry_perturbation = bool(carry_perturbation)
+        self.cuda_graphs = bool(cuda_graphs)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, direction=direction,
                         chunk_numel=chunk_numel, noise_block=noise_block)
         super().__init__(params, defaults)
@@ -665,6 +669,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._gens: dict[torch.device, torch.Generator] = {}
         self._stash: dict[torch.Tensor, torch.Tensor] = {}
         self._kept: dict[torch.Tensor, tuple] = {}
+        self._device_inputs: dict[torch.device, dict] = {}
+        self._graphs: dict[tuple, object] = {}  # sweep key -> "seen" (ran once, eagerly) or (CUDA graph, noise calls)
+        self._layout = None
         self.sweeps = self.noise_calls = 0  # diagnostics, not saved
         self.last_projected_grad = self.last_loss_plus = self.last_loss_minus = None
         self.last_schedule: dict[str, float] = {}
@@ -734,6 +741,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._kept_ready = False
         self._g = self._ok = None
         self._scal, self._host = {}, {}
+        self._next = None  # (seed, ZO-AdaMU values) of the next step, for an update that carries its perturbation
 
     def state_dict(self):
         if self._n_probes:
@@ -761,6 +769,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self.state[p]["momentum"] = v["momentum"].to(p.device, self._state_dtype(p), copy=True,
                                                              memory_format=torch.contiguous_format)
         first = params[0]
+        self._graphs.clear()  # the captured sweeps point at the replaced momentum buffers
         self.state[first].update(zo_kind=kind, zo_step=int(meta["zo_step"]),
                                  zo_skipped=meta["zo_skipped"].to(first.device, torch.int64, copy=True))
         self._reset_step()
@@ -779,11 +788,6 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _key(self, index: int, stream: int) -> int:
         return _counter_key(self._seed, index, stream)
-
-    def _fused_keys(self, index: int, seed: int) -> tuple[int, int]:
-        """zo_triton.sweep's two key slots for tensor `index` at step seed `seed` (unused streams: 0)."""
-        keys = tuple(_counter_key(seed, index, s) for s in range(self.streams))
-        return keys + (0,) * (2 - self.streams)
 
     def _noise(self, index, group, start, n, device, stream):
         """float32 noise of elements [start, start+n) of tensor `index` (torch path)."""
@@ -829,7 +833,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         lr, wd = group["lr"], group["weight_decay"]
         g64 = self._g.to(torch.float64)
         neg = torch.where(self._ok, -(g64 * lr), 0.0)
-        decay = torch.where(self._ok, torch.as_tensor(1.0 - lr * wd, dtype=torch.float64, device=g64.device), 1.0)
+        # torch.full fills on the device; torch.as_tensor of a Python float would copy it there and synchronise
+        decay = torch.where(self._ok, torch.full((), 1.0 - lr * wd, dtype=torch.float64, device=g64.device), 1.0)
         sgn = torch.where(g64 >= 0, 1.0, -1.0)  # sign(0) = +1
         return neg, decay, sgn
 
@@ -855,6 +860,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One pass over the trainable tensors.  kind: "perturb" θ += k·ε·u; "restore" the same, or the stash;
         "update" the restore fused with the update (and, with carry, the next step's +ε·u': fused tensors only)."""
         self.sweeps += 1
+        _, every, devices = self._fused_layout()
+        if devices:
+            self._load_device_inputs(devices, kind == "update")
+        if every is None or not self._replay(every, kind, k, carry):
+            self._sweep_tensors(kind, k, carry)
+
+    def _sweep_tensors(self, kind, k, carry):
         lib = _kernels() if self._use_kernels else None
         first = kind == "perturb" and self._offset == 0
         jobs, writebacks, touched = [], [], []
@@ -903,21 +915,105 @@ class ZOOptimizer(torch.optim.Optimizer):
         kernels = _triton()
         return kernels is not None and kernels.supports(p, self._state_dtype(p))
 
+    def _fused_layout(self) -> tuple:
+        """(layout key, the trainable tensors if every one is swept by a fused kernel else None, the devices of the
+        fused ones), cached per layout: which tensors are trainable, where they live, whether kernels are on."""
+        layout = (self._use_kernels, tuple((p.data_ptr(), p.device, p.requires_grad) for p in self._params()))
+        if self._layout is None or self._layout[0] != layout:
+            self._graphs.clear()  # captured for tensors that moved, froze or thawed
+            trainable = tuple(p for p in self._params() if p.requires_grad)
+            fused = [p for p in trainable if self._fused(p)]
+            every = trainable if trainable and len(fused) == len(trainable) else None
+            self._layout = (layout, every, tuple(dict.fromkeys(p.device for p in fused)))
+        return self._layout
+
+    # -- the fused sweeps' per-step inputs, in device tensors at fixed addresses
+    def _load_device_inputs(self, devices, update: bool):
+        """Write this step's seeds, ZO-AdaMU values and (for an update) coefficients where the kernels read them.
+        Host-to-device copies without synchronisation; skipped when the values did not change."""
+        next_seed, next_amu = self._next or (0, None)
+        seeds, amu = _triton().step_values(self._seed, next_seed, self._step_amu(), next_amu)
+        for device in devices:
+            inputs = self._device_inputs_of(device)
+            if inputs["values"] != (seeds, amu):
+                inputs["seeds"].copy_(_staged(seeds, torch.int64, device), non_blocking=True)
+                inputs["amu"].copy_(_staged(amu, torch.float32, device), non_blocking=True)
+                _triton().fill_keys(inputs["seeds"], inputs["keys"])
+                inputs["values"] = (seeds, amu)
+            if update:
+                for gi, group in enumerate(self.param_groups):
+                    neg, decay, sgn = self._coef64(gi, group)
+                    inputs["coef"][gi].copy_(torch.stack((neg, decay, sgn, self._ok.to(torch.float64))))
+
+    def _device_inputs_of(self, device) -> dict:
+        inputs = self._device_inputs.get(device)
+        tensors = sum(len(group["params"]) for group in self.param_groups)
+        if inputs is None or inputs["coef"].shape[0] != len(self.param_groups) or len(inputs["keys"]) != tensors:
+            self._graphs.clear()
+            inputs = self._device_inputs[device] = dict(
+                seeds=torch.zeros(2, dtype=torch.int64, device=device),
+                keys=torch.zeros(tensors, 4, dtype=torch.int64, device=device),
+                amu=torch.zeros(10, dtype=torch.float32, device=device),
+                coef=torch.zeros(len(self.param_groups), 4, dtype=torch.float32, device=device), values=None)
+        return inputs
+
+    def _step_amu(self):
+        """ZO-AdaMU's (√α, √(1-α), β1, 1-β1, β2, 1-β2) of this step; None for optimizers without them."""
+        return None
+
+    def _replay(self, trainable, kind, k, carry) -> bool:
+        """Run the sweep as a CUDA graph of its kernel launches, if possible; False: run it eagerly.
+
+        A sweep's launches depend only on the tensors and on constants (the sweep kind, k, the probe offset, each
+        group's ε and direction); every per-step value is read from device memory.  So each distinct sweep runs
+        eagerly once (which also compiles the kernels), is captured the second time, and is replayed from then on:
+        one graph launch instead of one Python-side kernel launch per tensor."""
+        if not self.cuda_graphs or len({p.device for p in trainable}) != 1 or trainable[0].device.type != "cuda" \
+                or not all(p.is_contiguous() for p in trainable) or torch.cuda.is_current_stream_capturing():
+            return False
+        key = (kind, k, carry, self._offset, self._fused_layout()[0], self._graph_constants(),
+               tuple((g["eps"], g["direction"]) for g in self.param_groups))
+        entry = self._graphs.get(key)
+        if entry is None:
+            self._graphs[key] = "seen"
+            return False
+        if entry == "seen":
+            graph, calls = torch.cuda.CUDAGraph(), self.noise_calls
+            try:
+                with torch.cuda.graph(graph):
+                    self._sweep_tensors(kind, k, carry)
+            except Exception as error:  # never fail a run over an optimisation: fall back to eager launches
+                logger.warning("CUDA graph capture of a ZO sweep failed (%s); sweeping with eager launches", error)
+                self.cuda_graphs = False
+                self._graphs.clear()
+                self.noise_calls = calls
+                return False
+            entry = self._graphs[key] = (graph, self.noise_calls - calls)
+            self.noise_calls = calls
+        graph, calls = entry
+        graph.replay()
+        self.noise_calls += calls
+        torch.autograd.graph.increment_version(list(trainable))
+        return True
+
+    def _graph_constants(self) -> tuple:
+        """Optimizer attributes baked into the captured launches (subclasses)."""
+        return ()
+
     def _fused_sweep(self, kind, k, index, gi, group, p, flat, stash, carry=False):
         """The sweep of one whole tensor by zo_triton.sweep (the same arithmetic as `_generic`)."""
-        args = self._fused_args(index, group, p)
+        inputs = self._device_inputs[p.device]
+        args = self._fused_args(index, group, p, inputs)
         if kind != "update":
             _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
             return
         if carry:
-            next_seed, next_amu = self._next
             self.noise_calls += self.streams
-            carry = (self._fused_keys(index, next_seed), next_amu, group["eps"])
         _triton().sweep(flat, update=True, offset_scale=self._offset * -group["eps"],
-                        stash=self._stash[p] if stash else None, carry=carry or None,
-                        coefficients=self._coef(gi, group, p.device, torch.float32), **args)
+                        stash=self._stash[p] if stash else None, carry=carry,
+                        perturb_scale=group["eps"] if carry else 0.0, coefficients=inputs["coef"][gi], **args)
 
-    def _fused_args(self, index, group, p) -> dict:
+    def _fused_args(self, index, group, p, inputs) -> dict:
         """The optimizer's own zo_triton.sweep arguments (noise keys, ZO-AdaMU's state); counts the noise streams."""
         raise NotImplementedError
 
@@ -1015,7 +1111,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         g = self._g_sum / self._n_probes
         self._g, self._ok = g, torch.isfinite(g)  # ok stays on device: no host sync on the torch path
         meta = self._meta()
-        fuse_carry = self.carry_perturbation and all(self._fused(p) for p in self._params() if p.requires_grad)
+        fuse_carry = self.carry_perturbation and self._fused_layout()[1] is not None
         if fuse_carry:
             self._next = self._carry_args(meta["zo_step"] + 1)
         self._sweep("update", carry=fuse_carry)
@@ -1045,6 +1141,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         pass
 
 
+def _staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` in host memory a non-blocking copy to `device` can read without synchronising: pinned for CUDA
+    (torch's pinned-memory cache keeps the block until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if device.type == "cuda" else host
+
+
 def _ptr(t: torch.Tensor, start: int) -> int:
     return t.data_ptr() + start * t.element_size()
 
@@ -1066,9 +1169,9 @@ class MeZO(ZOOptimizer):
     def _kept_dtypes(self, cdt):
         return (torch.float32,)  # the noise itself, exact in any compute dtype
 
-    def _fused_args(self, index, group, p):
+    def _fused_args(self, index, group, p, inputs):
         self.noise_calls += 1
-        return dict(keys=self._fused_keys(index, self._seed), gaussian=group["direction"] == "gaussian")
+        return dict(index=index, keys=inputs["keys"], gaussian=group["direction"] == "gaussian")
 
     def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
         tn, gn = _TORCH_TN[flat.dtype], "g" if group["direction"] == "gaussian" else "r"
@@ -1160,10 +1263,16 @@ class ZOAdaMU(ZOOptimizer):
     def _kept_dtypes(self, cdt):
         return (cdt, cdt)
 
-    def _fused_args(self, index, group, p):
+    def _fused_args(self, index, group, p, inputs):
         self.noise_calls += 2
-        return dict(keys=self._fused_keys(index, self._seed), gaussian=group["direction"] == "gaussian",
-                    momentum=self._momentum(p), amu=self._amu, sigma=self.sigma, signed=self.signed_momentum)
+        return dict(index=index, keys=inputs["keys"], gaussian=group["direction"] == "gaussian",
+                    momentum=self._momentum(p), amu=inputs["amu"], sigma=self.sigma, signed=self.signed_momentum)
+
+    def _step_amu(self):
+        return self._amu
+
+    def _graph_constants(self):
+        return self.sigma, self.signed_momentum, self.state_dtype
 
     def _after_update(self, p, start, u, ok, sgn):
         m = self._momentum(p)[start:start + u.numel()]

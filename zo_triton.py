@@ -4,7 +4,9 @@ applied in one pass over each tensor (read θ once, write it once; ZO-AdaMU also
 Every operation is the one `zo.ZOOptimizer._generic` performs on the torch path, in the same order, each rounded once
 in float32 (fused multiply-add off, IEEE division and square root), so a CUDA run draws the same directions as a CPU
 run from the same seed and the kernels equal the torch path bit for bit (tests/test_zo_triton.py). Scalars that change
-every step (-lr·g, 1-lr·λ, sign(g), whether g is finite) are read from device tensors: no host synchronisation.
+every step (the step seeds, ZO-AdaMU's schedule values, -lr·g, 1-lr·λ, sign(g), whether g is finite) are read from
+device tensors: no host synchronisation, and one CUDA graph of a sweep's launches serves every step (zo.ZOOptimizer
+captures and replays them).
 
 Used only when Triton imports and a CUDA tensor is float32/bfloat16/float16; everything else takes the torch path.
 With `TRITON_INTERPRET=1` set before the import and `allow_cpu = True`, the kernels run on CPU tensors in Triton's
@@ -70,12 +72,22 @@ if triton is not None:
             return y.to(DTYPE)
 
     @triton.jit
-    def _hash(key, i):
-        """h(i) = splitmix64 output i+1 of seed `key` (uint64 arithmetic wraps)."""
-        z = (i + 1) * 0x9E3779B97F4A7C15 + key
+    def _fmix(z):
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB
         return z ^ (z >> 31)
+
+    @triton.jit
+    def _key(seed, index, STREAM: tl.constexpr):
+        """zo._counter_key(seed, index, STREAM) (uint64): splitmix64 chained over the three words."""
+        h = _fmix(seed + 0x9E3779B97F4A7C15)
+        h = _fmix((h ^ index) + 0x9E3779B97F4A7C15)
+        return _fmix((h ^ STREAM) + 0x9E3779B97F4A7C15)
+
+    @triton.jit
+    def _hash(key, i):
+        """h(i) = splitmix64 output i+1 of seed `key` (uint64 arithmetic wraps)."""
+        return _fmix((i + 1) * 0x9E3779B97F4A7C15 + key)
 
     @triton.jit
     def _quadrant(q, swap, r, sine, cosine):
@@ -129,9 +141,19 @@ if triton is not None:
         zdd = zdd + mom
         return zd * b1 + zdd * ob1, zd, zdd
 
-    @triton.jit(do_not_specialize=["key0", "key1", "next0", "next1"])
-    def _sweep_kernel(x_ptr, stash_ptr, m_ptr, n, key0, key1, a, c, neg_ptr, decay_ptr, sgn_ptr, ok_ptr,
-                      sa, sb, b1, ob1, b2, ob2, sigma, next0, next1, nsa, nsb, nb1, nob1,
+    @triton.jit
+    def _keys_kernel(seed_ptr, keys_ptr, count, BLOCK: tl.constexpr):
+        """keys[i] = the counter keys of tensor i: (this step's stream 0, stream 1, the next step's stream 0, 1)."""
+        index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        inside = index < count
+        for step in tl.static_range(2):
+            seed = tl.load(seed_ptr + step).to(tl.uint64, bitcast=True)
+            for stream in tl.static_range(2):
+                key = _key(seed, index.to(tl.uint64), stream)
+                tl.store(keys_ptr + index * 4 + (step * 2 + stream), key.to(tl.int64, bitcast=True), mask=inside)
+
+    @triton.jit(do_not_specialize=["index"])
+    def _sweep_kernel(x_ptr, stash_ptr, m_ptr, n, index, keys_ptr, amu_ptr, a, c, coef_ptr, sigma,
                       ADAMU: tl.constexpr, UPDATE: tl.constexpr, STASH: tl.constexpr, GAUSSIAN: tl.constexpr,
                       SIGNED: tl.constexpr, CARRY: tl.constexpr, LN2: tl.constexpr,
                       L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
@@ -142,10 +164,14 @@ if triton is not None:
         column = tl.arange(0, 2)
         j = pairs[:, None] * 2 + column[None, :]
         inside = j < n
-        k0 = key0.to(tl.int64).to(tl.uint64, bitcast=True)
+        # the noise keys are read from the device (written once per step by _keys_kernel), so that one captured
+        # CUDA graph of a sweep serves every step
+        keys = keys_ptr + index * 4
+        k0 = tl.load(keys).to(tl.uint64, bitcast=True)
         if ADAMU:
             mom = tl.load(m_ptr + j, mask=inside, other=0.0).to(tl.float32)
-            u, zd, zdd = _adamu_direction(k0, key1.to(tl.int64).to(tl.uint64, bitcast=True), mom, pairs, j, column,
+            sa, sb, b1, ob1 = tl.load(amu_ptr), tl.load(amu_ptr + 1), tl.load(amu_ptr + 2), tl.load(amu_ptr + 3)
+            u, zd, zdd = _adamu_direction(k0, tl.load(keys + 1).to(tl.uint64, bitcast=True), mom, pairs, j, column,
                                           sa, sb, b1, ob1, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3,
                                           K0, K1, K2, K3, K4)
         else:
@@ -153,7 +179,7 @@ if triton is not None:
         x = tl.load(x_ptr + j, mask=inside, other=0.0)
         if UPDATE:
             if ADAMU:
-                v = (zd * zd) * b2 + (zdd * zdd) * ob2
+                v = (zd * zd) * tl.load(amu_ptr + 4) + (zdd * zdd) * tl.load(amu_ptr + 5)
                 v = v + sigma
                 w = tl.math.div_rn(u, tl.math.sqrt_rn(v))
             else:
@@ -162,13 +188,13 @@ if triton is not None:
                 y = tl.load(stash_ptr + j, mask=inside, other=0.0).to(tl.float32)
             else:
                 y = x.to(tl.float32) + u * c
-            y = y * tl.load(decay_ptr)
-            y = y + w * tl.load(neg_ptr)
+            y = y * tl.load(coef_ptr + 1)
+            y = y + w * tl.load(coef_ptr)
             x_new = _round_to(y, x_ptr.dtype.element_ty)
             if ADAMU:
-                ok = tl.load(ok_ptr) != 0
+                ok = tl.load(coef_ptr + 3) != 0
                 if SIGNED:
-                    new = u * tl.load(sgn_ptr)
+                    new = u * tl.load(coef_ptr + 2)
                 else:
                     new = u
                 # a skipped step (non-finite g) keeps m: rewriting the loaded value is exact
@@ -179,10 +205,12 @@ if triton is not None:
                 # equals an update sweep followed by a perturb sweep; the stash becomes θ'
                 if STASH:
                     tl.store(stash_ptr + j, x_new, mask=inside)
-                n0 = next0.to(tl.int64).to(tl.uint64, bitcast=True)
+                n0 = tl.load(keys + 2).to(tl.uint64, bitcast=True)
                 if ADAMU:  # built from the momentum this update just stored
-                    u_next, _, _ = _adamu_direction(n0, next1.to(tl.int64).to(tl.uint64, bitcast=True), mom, pairs,
-                                                    j, column, nsa, nsb, nb1, nob1, GAUSSIAN, LN2, L0, L1, L2, L3,
+                    u_next, _, _ = _adamu_direction(n0, tl.load(keys + 3).to(tl.uint64, bitcast=True), mom, pairs,
+                                                    j, column,
+                                                    tl.load(amu_ptr + 6), tl.load(amu_ptr + 7), tl.load(amu_ptr + 8),
+                                                    tl.load(amu_ptr + 9), GAUSSIAN, LN2, L0, L1, L2, L3,
                                                     S0, S1, S2, S3, K0, K1, K2, K3, K4)
                 else:
                     u_next = _noise(n0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3,
@@ -198,43 +226,64 @@ _CONSTANTS = dict(LN2=_LN2, L0=_LN[0], L1=_LN[1], L2=_LN[2], L3=_LN[3], S0=_SIN[
                   S3=_SIN[3], K0=_COS[0], K1=_COS[1], K2=_COS[2], K3=_COS[3], K4=_COS[4])
 
 
-def _signed64(key: int) -> int:
-    return key - (1 << 64) if key >= 1 << 63 else key
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def sweep(flat: torch.Tensor, *, keys: tuple[int, int], gaussian: bool, perturb_scale: float = 0.0,
-          update: bool = False, offset_scale: float = 0.0, coefficients=None, stash: torch.Tensor | None = None,
-          momentum: torch.Tensor | None = None, amu: tuple | None = None, sigma: float = 0.0,
-          signed: bool = True, carry: tuple | None = None) -> None:
-    """One sweep over the contiguous flat parameter `flat`, in place.
+def step_values(seed: int, next_seed: int = 0, amu=None, next_amu=None) -> tuple[list[int], list[float]]:
+    """What the sweep kernels read from the device each step: the step seeds as signed 64-bit integers (this step's,
+    the next step's for a carried update) and ZO-AdaMU's (√α, √(1-α), β1, 1-β1, β2, 1-β2) of this step followed by
+    the first four of the next step (zeros where unused)."""
+    amu = list(amu or (0.0,) * 6) + list((next_amu or (0.0,) * 4)[:4])
+    return [_signed64(seed), _signed64(next_seed)], [float(x) for x in amu]
 
+
+def fill_keys(seeds: torch.Tensor, keys: torch.Tensor) -> None:
+    """keys (int64 [tensors, 4]) <- the counter keys zo._counter_key(seed, i, stream) of every tensor i for this
+    step's and the next step's seed (int64 [2] on the same device), streams 0 and 1: one launch per step, so the
+    sweeps only load their tensor's keys."""
+    count = keys.shape[0]
+    _keys_kernel[(triton.cdiv(count, 256),)](seeds, keys, count, BLOCK=256)
+
+
+def step_tensors(device, seed: int, next_seed: int = 0, amu=None, next_amu=None,
+                 tensors: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `keys` (int64 [tensors, 4]) and `amu` (float32 [10]) of sweep() for one step, as fresh device tensors."""
+    seeds, values = step_values(seed, next_seed, amu, next_amu)
+    keys = torch.empty(tensors, 4, dtype=torch.int64, device=device)
+    fill_keys(torch.tensor(seeds, dtype=torch.int64, device=device), keys)
+    return keys, torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def sweep(flat: torch.Tensor, *, index: int, keys: torch.Tensor, gaussian: bool, perturb_scale: float = 0.0,
+          update: bool = False, offset_scale: float = 0.0, coefficients: torch.Tensor | None = None,
+          stash: torch.Tensor | None = None, momentum: torch.Tensor | None = None, amu: torch.Tensor | None = None,
+          sigma: float = 0.0, signed: bool = True, carry: bool = False) -> None:
+    """One sweep over the contiguous flat parameter `flat` (tensor number `index` of the optimizer), in place.
+
+    keys, amu: the device tensors of step_tensors (amu only for ZO-AdaMU, whose momentum is given).
     perturb: flat += perturb_scale·u.  update: y = stash or flat + offset_scale·u; flat = y·decay + neg·w, and for
-    ZO-AdaMU (momentum given) momentum = sign(g)·u (or u) where g is finite. coefficients = (neg, decay, sgn, ok),
-    0-dim float32/bool tensors on flat's device; amu = (√α, √(1-α), β1, 1-β1, β2, 1-β2).
-    carry = (next keys, next amu or None, ε), update only: then flat += ε·u' with the next step's direction u'
-    (built from the updated momentum), and a stash takes the updated weights.
+    ZO-AdaMU momentum = sign(g)·u (or u) where g is finite.  coefficients: float32 [4] on flat's device,
+    (neg, decay, sgn, ok) = (-lr·g, 1-lr·λ, sign(g), 1 where g is finite else 0).
+    carry (update only): then flat += perturb_scale·u' with the next step's direction u' (built from the updated
+    momentum), and a stash takes the updated weights.
+    Every per-step value is read from device memory, so the launches can be captured in a CUDA graph once and
+    replayed for every later step.
     """
     n = flat.numel()
     if n == 0:
         return
     adamu = momentum is not None
+    if adamu and amu is None:
+        raise ValueError("ZO-AdaMU sweeps need the step's amu tensor")
+    if carry and not update:
+        raise ValueError("carry fuses the next perturbation into an update sweep: pass update=True")
+    if update and coefficients is None:
+        raise ValueError("an update sweep needs the step's coefficients")
     dummy = flat
-    if coefficients is None:
-        neg = decay = sgn = ok = dummy
-    else:
-        neg, decay, sgn, ok = coefficients
-    sa, sb, b1, ob1, b2, ob2 = amu if adamu else (0.0,) * 6
-    if carry is not None:
-        if not update:
-            raise ValueError("carry fuses the next perturbation into an update sweep: pass update=True")
-        next_keys, next_amu, perturb_scale = carry
-        nsa, nsb, nb1, nob1 = next_amu[:4] if adamu else (0.0,) * 4
-    else:
-        next_keys, nsa, nsb, nb1, nob1 = (0, 0), 0.0, 0.0, 0.0, 0.0
     _sweep_kernel[(triton.cdiv(n, 2 * PAIRS),)](
-        flat, stash if stash is not None else dummy, momentum if adamu else dummy, n,
-        _signed64(keys[0]), _signed64(keys[1]), float(perturb_scale), float(offset_scale), neg, decay, sgn, ok,
-        float(sa), float(sb), float(b1), float(ob1), float(b2), float(ob2), float(sigma),
-        _signed64(next_keys[0]), _signed64(next_keys[1]), float(nsa), float(nsb), float(nb1), float(nob1),
+        flat, stash if stash is not None else dummy, momentum if adamu else dummy, n, index, keys,
+        amu if adamu else keys, float(perturb_scale), float(offset_scale),
+        coefficients if coefficients is not None else dummy, float(sigma),
         ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed,
-        CARRY=carry is not None, PAIRS=PAIRS, num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)
+        CARRY=bool(carry), PAIRS=PAIRS, num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)

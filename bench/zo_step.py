@@ -18,6 +18,7 @@ on GPU.
     python bench/zo_step.py --threads 1 --reps 7
     python bench/zo_step.py --keep_direction                  # adds the opt-in keep_direction figures (separate keys)
     python bench/zo_step.py --carry_perturbation              # adds the opt-in carried-perturbation figures (ditto)
+    python bench/zo_step.py --compare_cuda_graphs             # CUDA: adds MeZO's steps without CUDA graphs (ditto)
     python bench/zo_step.py --model random:opt-13b --dtype float16 --seq 256      # GPU: random-weight OPT-13B shape
         (16-bit weights get an exact-restore copy by default, which doubles their memory: add --exact_restore never
         for MeZO's own memory footprint)
@@ -138,7 +139,9 @@ def trainable(model):
 def make_optimizer(name, model, args, **extra):
     groups = zo.param_groups_for_model(model, WD)
     kw = dict(lr=LR, eps=EPS, direction=args.direction,
-              exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], rng=args.rng, **extra)
+              exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], rng=args.rng,
+              cuda_graphs=not args.no_cuda_graphs)
+    kw.update(extra)
     if name == "mezo":
         return zo.MeZO(groups, **kw)
     state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
@@ -233,6 +236,12 @@ def measure_times(model, batch, args):
     if args.carry_perturbation:  # steady state: each step starts from the perturbation the previous one carried
         fns["S_mezo_carry"] = zo_step_fn(make_optimizer("mezo", model, args, carry_perturbation=True), model, batch)
         fns["S_adamu_carry"] = zo_step_fn(make_optimizer("adamu", model, args, carry_perturbation=True), model, batch)
+    if args.compare_cuda_graphs:  # MeZO's steps with one Python-side kernel launch per tensor and sweep (MeZO only:
+        # every ZO-AdaMU optimizer holds a parameter-sized momentum, and two more would not fit beside a 13B model)
+        fns["S_mezo_eager"] = zo_step_fn(make_optimizer("mezo", model, args, cuda_graphs=False), model, batch)
+        if args.carry_perturbation:
+            fns["S_mezo_carry_eager"] = zo_step_fn(
+                make_optimizer("mezo", model, args, carry_perturbation=True, cuda_graphs=False), model, batch)
     if not args.no_reference:
         fns["F_ref"] = reference_forward_fn(model, batch)
         fns["R"] = reference_step_fn(model, batch, args)
@@ -282,7 +291,8 @@ def measure_memory(args, what):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", what, "--model", args.model,
            "--batch", str(args.batch), "--seq", str(args.seq), "--mode", args.mode, "--dtype", args.dtype,
            "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps),
-           "--exact_restore", args.exact_restore, "--rng", args.rng]
+           "--exact_restore", args.exact_restore, "--rng", args.rng] + (["--no_cuda_graphs"] if args.no_cuda_graphs
+                                                                           else [])
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
     if args.data_dir:
@@ -317,9 +327,14 @@ def main():
     parser.add_argument("--keep_direction", action="store_true", help="also measure the opt-in keep_direction mode")
     parser.add_argument("--carry_perturbation", action="store_true",
                         help="also measure the opt-in carry_perturbation mode (update fused with the next +εu)")
+    parser.add_argument("--no_cuda_graphs", action="store_true",
+                        help="sweep with one kernel launch per tensor instead of replaying captured CUDA graphs")
+    parser.add_argument("--compare_cuda_graphs", action="store_true",
+                        help="also measure MeZO's steps with eager launches (CUDA), in the same run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps per measurement (CUDA graphs: the 1st runs eagerly, the 2nd captures)")
     parser.add_argument("--mem_steps", type=int, default=3)
     parser.add_argument("--no_memory", action="store_true")
     parser.add_argument("--no_reference", action="store_true")
@@ -336,7 +351,8 @@ def main():
     F = median["F"]
     report = {"device": device_name(args.threads), "threads": args.threads, "model": args.model, "mode": args.mode,
               "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "direction": args.direction,
-              "exact_restore": args.exact_restore, "rng": args.rng, "zo_kernels": zo.kernels_available(),
+              "exact_restore": args.exact_restore, "rng": args.rng, "cuda_graphs": not args.no_cuda_graphs,
+              "zo_kernels": zo.kernels_available(),
               "triton_kernels": zo.triton_available(),
               "trainable_params": n_train, "reps": args.reps,
               "seconds_median": {k: round(v, 4) for k, v in median.items()},
@@ -356,6 +372,10 @@ def main():
                                for k in ("mezo", "adamu")}
     for k in ("mezo", "adamu"):  # 3 sweeps per step; ZO-AdaMU's sweeps draw two noise streams
         report[f"sweep_seconds_{k}"] = paired(f"S_{k}", lambda s, f: (s - 2 * f) / 3)
+    if args.compare_cuda_graphs:
+        report["eager_launches"] = {f"step_over_2fwd_mezo{v}": round(median[f"S_mezo{v}_eager"] / (2 * F), 4)
+                                    for v in ("", "_carry") if f"S_mezo{v}_eager" in median}
+        report["eager_launches"]["sweep_seconds_mezo"] = paired("S_mezo_eager", lambda s, f: (s - 2 * f) / 3)
     for variant, flag in (("keep", "keep_direction"), ("carry", "carry_perturbation")):
         if getattr(args, flag):
             report[flag] = {f"step_over_2fwd_{k}": round(median[f"S_{k}_{variant}"] / (2 * F), 4)

@@ -59,11 +59,9 @@ def main():
     dtype, n = DTYPES[args.dtype], args.numel
     x = torch.randn(n, device="cuda", dtype=dtype)
     m = torch.zeros(n, device="cuda", dtype=dtype)
-    keys = (zo._counter_key(zo.step_seed(0, 0), 0, 0), zo._counter_key(zo.step_seed(0, 0), 0, 1))
-    next_keys = (zo._counter_key(zo.step_seed(0, 1), 0, 0), zo._counter_key(zo.step_seed(0, 1), 0, 1))
-    ones = torch.ones((), device="cuda")
-    coefficients = (ones * -1e-9, ones, ones, torch.ones((), dtype=torch.bool, device="cuda"))
-    amu = (0.9, 0.43, 0.9, 0.1, 0.9, 0.1)
+    amu_values = (0.9, 0.43, 0.9, 0.1, 0.9, 0.1)
+    keys, amu = zo_triton.step_tensors("cuda", zo.step_seed(0, 0), zo.step_seed(0, 1), amu_values, amu_values)
+    coefficients = torch.tensor([-1e-9, 1.0, 1.0, 1.0], device="cuda")   # -lr·g, 1-lr·λ, sign(g), g finite
     bytes_rw = 2 * n * x.element_size()
     report = {"device": torch.cuda.get_device_name(), "numel": n, "dtype": args.dtype,
               "add_seconds": timed(lambda: x.add_(1.0), args.reps)}
@@ -72,7 +70,7 @@ def main():
     adamu = dict(momentum=m, amu=amu, sigma=1e-8)
 
     def sweep(gaussian=True, **kw):  # the median time of one zo_triton.sweep over x at the current launch shape
-        return timed(lambda: zo_triton.sweep(x, keys=keys, gaussian=gaussian, **kw), args.reps)
+        return timed(lambda: zo_triton.sweep(x, index=0, keys=keys, gaussian=gaussian, **kw), args.reps)
 
     shapes = {}
     for pairs, warps in shapes_wanted:
@@ -84,10 +82,10 @@ def main():
             "adamu_perturb": sweep(perturb_scale=1e-3, **adamu),
             "adamu_update": sweep(**update, **adamu),
             # the update fused with the next step's +εu' (carry_perturbation): two directions per element
-            "mezo_update_carry": sweep(**update, carry=(next_keys, None, 1e-3)),
-            "adamu_update_carry": sweep(**update, **adamu, carry=(next_keys, amu, 1e-3)),
+            "mezo_update_carry": sweep(**update, carry=True, perturb_scale=1e-3),
+            "adamu_update_carry": sweep(**update, **adamu, carry=True, perturb_scale=1e-3),
             "mezo_perturb_rademacher": sweep(gaussian=False, perturb_scale=1e-3),
-            "mezo_update_carry_rademacher": sweep(gaussian=False, **update, carry=(next_keys, None, 1e-3)),
+            "mezo_update_carry_rademacher": sweep(gaussian=False, **update, carry=True, perturb_scale=1e-3),
         }
         print(shape, {k: round(v * 1e3, 2) for k, v in shapes[shape].items()}, "ms", file=sys.stderr, flush=True)
     report["sweeps_seconds"] = shapes

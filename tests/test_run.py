@@ -64,6 +64,14 @@ def test_defaults_follow_the_reference():
     assert args.model_name == "smollm2-135m" and args.output_dir
 
 
+def test_cuda_graphs_flag():
+    assert run.parse_args([]).zo_cuda_graphs
+    assert not run.parse_args(["--no_zo_cuda_graphs"]).zo_cuda_graphs
+    assert not run.parse_args(["--zo_cuda_graphs", "false"]).zo_cuda_graphs
+    with pytest.raises(SystemExit):
+        run.parse_args(["--zo_cuda_graphs", "maybe"])
+
+
 def call_main(tmp_path, monkeypatch, *args):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

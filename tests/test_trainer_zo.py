@@ -209,3 +209,10 @@ def test_repeated_non_finite_steps_stop_the_run(tmp_path):
     trainer = make_trainer(model, tmp_path, steps=30, max_consecutive_skips=5)
     with pytest.raises(RuntimeError, match="5 ZO steps in a row had a non-finite"):
         trainer.train()
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_cuda_graphs_setting_reaches_the_optimizer(tmp_path, cuda_graphs):
+    trainer = make_trainer(tiny_model("llama"), tmp_path, cuda_graphs=cuda_graphs)
+    trainer.create_optimizer()
+    assert trainer.optimizer.cuda_graphs is cuda_graphs

@@ -835,3 +835,25 @@ def test_group_and_state_dtype_validation():
         MeZO([{"params": [model.lin1.weight]}, {"params": [model.lin2.weight], "eps": 0.1}], lr=1e-3)
     with pytest.raises(ValueError, match="state_dtype"):
         ZOAdaMU(model.parameters(), state_dtype=torch.int8)
+
+
+def test_captured_sweeps_are_dropped_when_the_tensors_change():
+    """A CUDA graph holds raw pointers: moving, freezing or reloading state must discard the captured sweeps, and
+    nothing else may (the layout is re-derived at every sweep)."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    optimizer = ZOAdaMU(param_groups_for_model(model, 0.0), lr=1e-3)
+    optimizer.step(lambda: model(torch.ones(2, 4)).square().mean())
+    optimizer._graphs["a sweep"] = "seen"
+    optimizer._fused_layout()
+    optimizer.step(lambda: model(torch.ones(2, 4)).square().mean())
+    assert "a sweep" in optimizer._graphs
+    model[0].bias.requires_grad_(False)
+    optimizer._fused_layout()
+    assert not optimizer._graphs
+    optimizer._graphs["a sweep"] = "seen"
+    optimizer.load_state_dict(optimizer.state_dict())  # new momentum buffers
+    assert not optimizer._graphs
+    optimizer._graphs["a sweep"] = "seen"
+    model[1].weight.data = model[1].weight.data.clone()  # new storage
+    optimizer._fused_layout()
+    assert not optimizer._graphs

@@ -33,13 +33,25 @@ def kernels(monkeypatch):
     zo._triton.cache_clear()
 
 
+def fused_noise(kernels, seed, index, stream, n, direction, device="cpu"):
+    """Stream `stream` of tensor `index` drawn by the fused kernel from the step seed on the device: stream 0 is
+    MeZO's z; stream 1 is ZO-AdaMU's u with √α = 0, √(1-α) = 1, β1 = 0 and zero momentum, which is n2 exactly."""
+    keys, amu = kernels.step_tensors(device, seed, amu=(0.0, 1.0, 0.0, 1.0, 0.0, 1.0), tensors=index + 1)
+    got = torch.zeros(n, device=device)
+    momentum = torch.zeros(n, device=device) if stream else None
+    kernels.sweep(got, index=index, keys=keys, amu=amu, momentum=momentum, gaussian=direction == "gaussian",
+                  perturb_scale=1.0)
+    return got
+
+
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("n", [1, 7, 1024, 2501])
-def test_fused_noise_is_the_counter_stream(kernels, direction, n):
-    key = zo._counter_key(zo.step_seed(5, 3), 2, 1)
-    got = torch.zeros(n)
-    kernels.sweep(got, keys=(key, 0), gaussian=direction == "gaussian", perturb_scale=1.0)
-    assert torch.equal(got, zo._counter_noise_torch(key, 0, n, direction, "cpu"))
+@pytest.mark.parametrize("seed, index, stream", [(zo.step_seed(5, 3), 2, 0), (zo.step_seed(5, 3), 2, 1),
+                                                 ((1 << 64) - 12345, 3_000, 0), (3, 0, 1)])
+def test_fused_noise_is_the_counter_stream(kernels, direction, n, seed, index, stream):
+    """The kernel derives each tensor's noise key from the step seed on the device (zo._counter_key)."""
+    got = fused_noise(kernels, seed, index, stream, n, direction)
+    assert torch.equal(got, zo._counter_noise_torch(zo._counter_key(seed, index, stream), 0, n, direction, "cpu"))
 
 
 def small_model(dtype):
@@ -101,12 +113,12 @@ def test_fused_steps_equal_the_torch_path(kernels, monkeypatch, dtype, name, exa
 def test_cuda_draws_the_cpu_directions(direction):
     import zo_triton
     assert zo._resolve_rng("auto", "cuda") == "counter"
-    key, n = zo._counter_key(zo.step_seed(5, 3), 2, 1), 3 * 2**20 + 5
-    cpu = zo._counter_noise_torch(key, 0, n, direction, "cpu")
-    fused = torch.zeros(n, device="cuda")
-    zo_triton.sweep(fused, keys=(key, 0), gaussian=direction == "gaussian", perturb_scale=1.0)
-    assert torch.equal(fused.cpu(), cpu)
-    assert torch.equal(zo._counter_noise_torch(key, 0, n, direction, "cuda").cpu(), cpu)
+    seed, n = zo.step_seed(5, 3), 3 * 2**20 + 5
+    for index, stream in ((2, 0), (2, 1), (643, 1)):
+        key = zo._counter_key(seed, index, stream)
+        cpu = zo._counter_noise_torch(key, 0, n, direction, "cpu")
+        assert torch.equal(fused_noise(zo_triton, seed, index, stream, n, direction, "cuda").cpu(), cpu)
+        assert torch.equal(zo._counter_noise_torch(key, 0, n, direction, "cuda").cpu(), cpu)
 
 
 @cuda
@@ -162,3 +174,48 @@ def test_fused_carry_equals_the_torch_path(kernels, dtype, name, exact_restore):
 def test_cuda_fused_carry_equals_the_torch_path(dtype, name, exact_restore):
     make = lambda groups, **kw: OPTIMIZERS[name](groups, exact_restore=exact_restore, **kw)  # noqa: E731
     check_carry(make, dtype, "cuda")
+
+
+def graph_run(model, make, cuda_graphs: bool, carry: bool):
+    """Seven steps that vary everything a captured sweep must not bake in: the LR (a scheduler), a skipped step
+    (NaN loss), two probes in one step (accumulation), a settle, a reload of the optimizer state (new momentum
+    buffers) and a tensor frozen mid-run (another set of tensors to sweep)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 12, device="cuda"), torch.randn(8, 3, device="cuda")
+    optimizer = make(param_groups_for_model(model, 0.1), cuda_graphs=cuda_graphs, carry_perturbation=carry)
+    for t in range(7):
+        def closure():
+            loss = ((model(x.to(model[0].weight.dtype)).float() - y) ** 2).mean()
+            return loss * float("nan") if t == 2 else loss
+        if t == 3:
+            for group in optimizer.param_groups:
+                group["lr"] *= 0.5
+            optimizer.settle()
+            optimizer.load_state_dict(optimizer.state_dict())
+        if t == 5:
+            model[0].bias.requires_grad_(False)
+        if t == 4:
+            optimizer.probe(closure)
+        optimizer.step(closure)
+    optimizer.settle()
+    return optimizer
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", ["mezo", "adamu", "mezo_rademacher"])
+@pytest.mark.parametrize("carry", [False, True])
+def test_cuda_graph_sweeps_equal_eager_launches(dtype, name, carry):
+    """Each distinct sweep is captured once and replayed; the replays equal eager kernel launches bit for bit."""
+    graphed_model, eager_model = small_model(dtype).cuda(), small_model(dtype).cuda()
+    graphed = graph_run(graphed_model, OPTIMIZERS[name], True, carry)
+    eager = graph_run(eager_model, OPTIMIZERS[name], False, carry)
+    captured = [entry for entry in graphed._graphs.values() if entry != "seen"]
+    assert captured and not eager._graphs, "the graphed run did not replay, or the eager run did"
+    assert graphed.sweeps == eager.sweeps and graphed.noise_calls == eager.noise_calls
+    assert graphed.skipped_steps.item() == eager.skipped_steps.item() == 1
+    for (name_, a), b in zip(graphed_model.named_parameters(), eager_model.parameters()):
+        assert torch.equal(a, b), name_
+    for p_graphed, p_eager in zip(graphed_model.parameters(), eager_model.parameters()):
+        if "momentum" in graphed.state[p_graphed]:
+            assert torch.equal(graphed.state[p_graphed]["momentum"], eager.state[p_eager]["momentum"])
