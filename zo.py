@@ -860,10 +860,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One pass over the trainable tensors.  kind: "perturb" θ += k·ε·u; "restore" the same, or the stash;
         "update" the restore fused with the update (and, with carry, the next step's +ε·u': fused tensors only)."""
         self.sweeps += 1
-        _, every, devices = self._fused_layout()
+        layout, every, devices, graphable = self._fused_layout()
         if devices:
             self._load_device_inputs(devices, kind == "update")
-        if every is None or not self._replay(every, kind, k, carry):
+        if not (graphable and self._replay(layout, every, kind, k, carry)):
             self._sweep_tensors(kind, k, carry)
 
     def _sweep_tensors(self, kind, k, carry):
@@ -917,14 +917,19 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _fused_layout(self) -> tuple:
         """(layout key, the trainable tensors if every one is swept by a fused kernel else None, the devices of the
-        fused ones), cached per layout: which tensors are trainable, where they live, whether kernels are on."""
-        layout = (self._use_kernels, tuple((p.data_ptr(), p.device, p.requires_grad) for p in self._params()))
+        fused ones, whether the sweeps can be captured as CUDA graphs: all fused, contiguous, on one CUDA device),
+        cached per layout: which tensors are trainable, where and how they are stored, whether kernels are on."""
+        layout = (self._use_kernels,
+                  tuple((p.data_ptr(), p.device, p.requires_grad, p.is_contiguous()) for p in self._params()))
         if self._layout is None or self._layout[0] != layout:
             self._graphs.clear()  # captured for tensors that moved, froze or thawed
             trainable = tuple(p for p in self._params() if p.requires_grad)
             fused = [p for p in trainable if self._fused(p)]
             every = trainable if trainable and len(fused) == len(trainable) else None
-            self._layout = (layout, every, tuple(dict.fromkeys(p.device for p in fused)))
+            devices = tuple(dict.fromkeys(p.device for p in fused))
+            graphable = (every is not None and len(devices) == 1 and devices[0].type == "cuda"
+                         and all(p.is_contiguous() for p in every))
+            self._layout = (layout, every, devices, graphable)
         return self._layout
 
     # -- the fused sweeps' per-step inputs, in device tensors at fixed addresses
@@ -933,6 +938,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         Host-to-device copies without synchronisation; skipped when the values did not change."""
         next_seed, next_amu = self._next or (0, None)
         seeds, amu = _triton().step_values(self._seed, next_seed, self._step_amu(), next_amu)
+        if update:  # (neg, decay, sgn, ok) of each group, float64, wherever g lives
+            coefficients = [torch.stack((*self._coef64(gi, group), self._ok.to(torch.float64)))
+                            for gi, group in enumerate(self.param_groups)]
         for device in devices:
             inputs = self._device_inputs_of(device)
             if inputs["values"] != (seeds, amu):
@@ -941,9 +949,8 @@ class ZOOptimizer(torch.optim.Optimizer):
                 _triton().fill_keys(inputs["seeds"], inputs["keys"])
                 inputs["values"] = (seeds, amu)
             if update:
-                for gi, group in enumerate(self.param_groups):
-                    neg, decay, sgn = self._coef64(gi, group)
-                    inputs["coef"][gi].copy_(torch.stack((neg, decay, sgn, self._ok.to(torch.float64))))
+                for row, values in zip(inputs["coef"], coefficients):
+                    row.copy_(values)
 
     def _device_inputs_of(self, device) -> dict:
         inputs = self._device_inputs.get(device)
@@ -961,17 +968,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         """ZO-AdaMU's (√α, √(1-α), β1, 1-β1, β2, 1-β2) of this step; None for optimizers without them."""
         return None
 
-    def _replay(self, trainable, kind, k, carry) -> bool:
-        """Run the sweep as a CUDA graph of its kernel launches, if possible; False: run it eagerly.
+    def _replay(self, layout, trainable, kind, k, carry) -> bool:
+        """Run the sweep (of a graphable layout, see _fused_layout) as a CUDA graph of its kernel launches, if
+        possible; False: run it eagerly.
 
         A sweep's launches depend only on the tensors and on constants (the sweep kind, k, the probe offset, each
         group's ε and direction); every per-step value is read from device memory.  So each distinct sweep runs
         eagerly once (which also compiles the kernels), is captured the second time, and is replayed from then on:
         one graph launch instead of one Python-side kernel launch per tensor."""
-        if not self.cuda_graphs or len({p.device for p in trainable}) != 1 or trainable[0].device.type != "cuda" \
-                or not all(p.is_contiguous() for p in trainable) or torch.cuda.is_current_stream_capturing():
+        if not self.cuda_graphs or torch.cuda.is_current_stream_capturing():
             return False
-        key = (kind, k, carry, self._offset, self._fused_layout()[0], self._graph_constants(),
+        key = (kind, k, carry, self._offset, layout, self._graph_constants(),
                tuple((g["eps"], g["direction"]) for g in self.param_groups))
         entry = self._graphs.get(key)
         if entry is None:

@@ -291,8 +291,9 @@ def measure_memory(args, what):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", what, "--model", args.model,
            "--batch", str(args.batch), "--seq", str(args.seq), "--mode", args.mode, "--dtype", args.dtype,
            "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps),
-           "--exact_restore", args.exact_restore, "--rng", args.rng] + (["--no_cuda_graphs"] if args.no_cuda_graphs
-                                                                           else [])
+           "--exact_restore", args.exact_restore, "--rng", args.rng]
+    if args.no_cuda_graphs:
+        cmd += ["--no_cuda_graphs"]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
     if args.data_dir:
