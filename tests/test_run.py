@@ -64,12 +64,14 @@ def test_defaults_follow_the_reference():
     assert args.model_name == "smollm2-135m" and args.output_dir
 
 
-def test_cuda_graphs_flag():
+def test_cuda_graphs_flag(capsys):
     assert run.parse_args([]).zo_cuda_graphs
     assert not run.parse_args(["--no_zo_cuda_graphs"]).zo_cuda_graphs
     assert not run.parse_args(["--zo_cuda_graphs", "false"]).zo_cuda_graphs
     with pytest.raises(SystemExit):
         run.parse_args(["--zo_cuda_graphs", "maybe"])
+    error = capsys.readouterr().err
+    assert "--zo_cuda_graphs" in error and "maybe" in error and "true/false" in error  # the value and what to pass
 
 
 def call_main(tmp_path, monkeypatch, *args):
