@@ -213,7 +213,8 @@ def collect_features(model, batches: Iterable[dict]) -> tuple[torch.Tensor, torc
                     continue
                 keep = int(option_len.max()) + 1
                 captured.clear()
-                model(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}, logits_to_keep=keep)
+                model(**{k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}, logits_to_keep=keep,
+                      use_cache=False)  # a cache would copy every layer's keys and values for nothing
                 if len(captured) != 1:
                     raise RuntimeError(f"Expected the LM head to run once per forward, it ran {len(captured)} times.")
                 hidden = captured[0][:, -keep:-1]                 # positions predicting the last keep-1 tokens

@@ -126,11 +126,18 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def model_logits(model, batch: dict, **kwargs) -> torch.Tensor:
+    """The model's logits for a collated batch.  No KV cache: a loss forward never reuses one, and building it
+    copies every layer's keys and values (on OPT-13B at 16 x 256 tokens, 3.4 GB kept to the end of the forward and
+    about 7 % of its time)."""
+    return model(**{k: batch[k] for k in MODEL_INPUTS}, use_cache=False, **kwargs).logits
+
+
 def option_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs (fp32) of the tokens each kept position predicts, and the mask of option tokens among them."""
     option_len = batch["option_len"]
     keep = int(option_len.max()) + 1
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=keep).logits
+    logits = model_logits(model, batch, logits_to_keep=keep)
     targets = batch["input_ids"][:, -keep + 1:]
     log_probs = _at_least_fp32(logits[:, :-1]).log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     position = torch.arange(keep - 1, device=targets.device)
@@ -140,7 +147,7 @@ def option_log_probs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 def lm_loss(model, batch: dict) -> torch.Tensor:
     """Token-mean cross-entropy over every real token (MeZO's plain LM loss)."""
-    logits = _at_least_fp32(model(**{k: batch[k] for k in MODEL_INPUTS}).logits[:, :-1])
+    logits = _at_least_fp32(model_logits(model, batch)[:, :-1])
     targets = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
@@ -159,7 +166,7 @@ def classification_loss_from_scores(scores: torch.Tensor, labels: torch.Tensor, 
 def candidate_scores(model, batch: dict) -> torch.Tensor:
     """Length-normalised log-likelihood (fp32) of every candidate, flat in example order."""
     if "candidate_ids" in batch:
-        logits = model(**{k: batch[k] for k in MODEL_INPUTS}, logits_to_keep=1).logits[:, -1]
+        logits = model_logits(model, batch, logits_to_keep=1)[:, -1]
         candidates = batch["candidate_ids"].to(logits.device)
         return _at_least_fp32(logits).log_softmax(-1).gather(-1, candidates).reshape(-1)
     log_probs, is_option = option_log_probs(model, batch)

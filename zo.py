@@ -13,7 +13,9 @@ Noise definition (what a seed means; everything else may change without changing
                   (_counter_noise_torch spells out every operation).  Every step is one IEEE-754 float32
                   operation (no fused multiply-add, no library transcendental), so the C kernel below and the
                   pure-torch reference give bit-identical noise on any machine.  |z| <= 5.77 (24-bit u1).
-      rademacher: z(j) = +1 if the top bit of h(j) is 0, else -1.
+      rademacher: z(j) = -1 if bit (j mod 64) of h(j div 64) is set, else +1: one hash gives 64 signs.  (Until
+                  2026-11-26 it was the top bit of h(j), one hash per element: Rademacher runs from before then
+                  draw other directions from the same seed.)
     Because the noise is a function of the element position, any chunking gives the same noise.
   * rng="counter" is also the default for CUDA tensors where Triton is installed: zo_triton generates the same
     stream inside fused sweep kernels, so a GPU run draws exactly the CPU run's directions.
@@ -202,10 +204,13 @@ def _counter_noise_torch(key: int, start: int, n: int, direction: str, device) -
     """Elements [start, start+n) of the counter stream `key`, float32, in torch operations (any device)."""
     if n <= 0:
         return torch.empty(0, dtype=torch.float32, device=device)
-    if direction == "rademacher":
-        h = _splitmix_torch(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
+    if direction == "rademacher":  # element j: bit j mod 64 of h(j div 64)
+        w0, w1 = start >> 6, (start + n - 1) >> 6
+        h = _splitmix_torch(key, torch.arange(w0, w1 + 1, dtype=torch.int64, device=device))
+        bits = (h[:, None] >> torch.arange(64, device=device)) & 1   # arithmetic shift: bit b is still bit b
         one = torch.ones((), dtype=torch.float32, device=device)
-        return torch.where((_lsr(h, 63)).bool(), -one, one)
+        off = start - 64 * w0
+        return torch.where(bits.view(-1)[off:off + n].bool(), -one, one)
     p0, p1 = start >> 1, (start + n - 1) >> 1
     z0, z1 = _box_muller_torch(_splitmix_torch(key, torch.arange(p0, p1 + 1, dtype=torch.int64, device=device)))
     off = start - 2 * p0
@@ -287,10 +292,14 @@ static inline __attribute__((always_inline)) void zo_gauss2(uint64_t key, uint64
     z[0] = zo_quadrant(q, swap, r, S, C);
     z[1] = zo_quadrant((q + 3) & 3, swap, r, S, C);
 }
-static inline __attribute__((always_inline)) float zo_sign(uint64_t h) { return zo_u2f(0x3F800000u | ((uint32_t)(h >> 63) << 31)); }
+static inline __attribute__((always_inline)) float zo_sign(uint64_t h, uint32_t b) {   /* bit b set: -1 */
+    return zo_u2f(0x3F800000u | ((uint32_t)((h >> b) & 1u) << 31));
+}
 static inline __attribute__((always_inline)) void zo_rad2(uint64_t key, uint64_t p, float* z) {
-    z[0] = zo_sign(zo_hash(key, 2 * p));
-    z[1] = zo_sign(zo_hash(key, 2 * p + 1));
+    uint64_t h = zo_hash(key, p >> 5);           /* elements 2p, 2p+1: bits 2(p mod 32), +1 of h(2p div 64) */
+    uint32_t b = (uint32_t)(p & 31) << 1;
+    z[0] = zo_sign(h, b);
+    z[1] = zo_sign(h, b + 1);
 }
 """
 

@@ -27,7 +27,7 @@ except ImportError:  # CPU-only installs: the C kernels and the torch path cover
 from zo import _COS, _LN, _LN2, _SIN  # noqa: E402
 
 # Launch shape: Box–Muller pairs per program and warps per program (bench/zo_sweep.py measures the alternatives).
-PAIRS = 512
+PAIRS = 512  # a multiple of 32: a block holds whole 64-element words of the Rademacher noise
 NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this (with TRITON_INTERPRET=1 before the import) to run the kernels on CPU tensors in Triton's interpreter.
@@ -100,8 +100,9 @@ if triton is not None:
                L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr):
-        """Elements j = 2·pairs + column (a [pairs, 2] block) of the counter stream `key` (uint64), float32:
-        zo._box_muller_torch op by op, one hash and one Box–Muller transform per pair."""
+        """Elements j = 2·pairs + column (a [pairs, 2] block; pairs = program_id·P + [0, P)) of the counter stream
+        `key` (uint64), float32: zo._box_muller_torch op by op, one hash and one Box–Muller transform per pair;
+        Rademacher: one hash per 64 elements."""
         if GAUSSIAN:
             h = _hash(key, pairs.to(tl.uint64))
             m = ((h >> 40) + 1).to(tl.int32)
@@ -127,8 +128,15 @@ if triton is not None:
             odd = _quadrant((q + 3) & 3, swap, r, sine, cosine)
             return tl.where(column[None, :] == 0, even[:, None], odd[:, None])
         else:
-            h = _hash(key, j.to(tl.uint64))
-            return tl.where((h >> 63) == 1, -1.0, 1.0).to(tl.float32)
+            # element j = 2p + c is bit j mod 64 = 2(p mod 32) + c of h(j div 64) = h(p div 32).  The block's pairs
+            # are program_id·P + [0, P) with P a multiple of 32, so its words are program_id·P/32 + [0, P/32):
+            # one hash per 64 elements, broadcast to the pairs
+            per_block: tl.constexpr = pairs.shape[0] // 32
+            words = tl.program_id(0).to(tl.int64) * per_block + tl.arange(0, per_block)
+            h = _hash(key, words.to(tl.uint64))
+            shift = (tl.arange(0, 32)[:, None] * 2 + column[None, :]).to(tl.uint64)
+            bits = tl.reshape((h[:, None, None] >> shift[None, :, :]) & 1, (pairs.shape[0], 2))
+            return tl.where(bits == 1, -1.0, 1.0).to(tl.float32)
 
     @triton.jit
     def _adamu_direction(k0, k1, mom, pairs, j, column, sa, sb, b1, ob1, GAUSSIAN: tl.constexpr, LN2: tl.constexpr,

@@ -101,7 +101,10 @@ def test_noise_distribution_and_independence(rng):
     r = draw(s0, 0, direction="rademacher")
     assert set(r.unique().tolist()) == {-1.0, 1.0} and abs(r.mean()) < 0.01
     assert abs(corr(r, draw(s0, 1, direction="rademacher"))) < 0.015
-    assert abs(corr(r[:-1], r[1:])) < 0.015
+    for lag in (1, 2, 31, 32, 63, 64, 65, 128):  # bits of one hash word, and of neighbouring words
+        assert abs(corr(r[:-lag], r[lag:])) < 0.015, lag
+    words = r[: n // 64 * 64].view(-1, 64)   # each of the 64 bit positions is balanced on its own
+    assert float((words.mean(0)).abs().max()) < 4.5 / math.sqrt(n // 64)
 
 
 def test_counter_noise_is_standard_normal():
@@ -128,13 +131,34 @@ def test_counter_noise_is_standard_normal():
     assert float(((counts - n / 8) ** 2 / (n / 8)).sum()) < 16.3  # chi-square, 3 dof, 0.1 %
 
 
+def _splitmix64(key: int, i: int) -> int:
+    """Output i+1 of splitmix64 seeded with `key`, in Python integers (independent of zo's implementations)."""
+    mask = (1 << 64) - 1
+    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_rademacher_is_bit_j_mod_64_of_hash_j_div_64(use_kernels):
+    """The definition in zo's docstring, from any start (C kernel and torch path)."""
+    key = zo._counter_key(step_seed(3, 1), 2, 0)
+    for start, n in ((0, 256), (61, 130), (1, 1), (127, 3), (4095, 70)):
+        want = [-1.0 if (_splitmix64(key, j >> 6) >> (j & 63)) & 1 else 1.0 for j in range(start, start + n)]
+        got = zo._counter_fill(torch.empty(n), key, start, "rademacher", use_kernels)
+        assert got.tolist() == want, (start, n)
+
+
 def test_counter_noise_golden_values():
     """The counter stream is the definition of what a seed means: these numbers must never change silently
     (the C kernel, the torch implementation and every platform give exactly these)."""
     z = sample_direction(step_seed(0, 0), 0, 6)
     assert [float(v).hex() for v in z] == ['-0x1.50f9500000000p+1', '-0x1.b6a6dc0000000p-5', '-0x1.3564ae0000000p-6',
                                            '0x1.b34cf00000000p-5', '0x1.33a0080000000p+0', '0x1.37c5540000000p+1']
-    assert sample_direction(step_seed(0, 0), 0, 8, direction="rademacher").tolist() == [1, -1, 1, 1, 1, -1, -1, -1]
+    # the Rademacher stream changed on 2026-11-26 (one hash per 64 elements; before: the top bit of one hash per
+    # element gave [1, -1, 1, 1, 1, -1, -1, -1] here)
+    assert sample_direction(step_seed(0, 0), 0, 8, direction="rademacher").tolist() == [-1, -1, 1, -1, -1, 1, 1, -1]
     torch.testing.assert_close(sample_direction(step_seed(5, 3), 2, 4, stream=1),
                                torch.tensor([-0.5452072620391846, -0.9699419140815735, -0.32391253113746643,
                                              -0.26907745003700256]), rtol=0, atol=0)
