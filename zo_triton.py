@@ -288,6 +288,9 @@ def sweep(flat: torch.Tensor, *, index: int, keys: torch.Tensor, gaussian: bool,
         raise ValueError("carry fuses the next perturbation into an update sweep: pass update=True")
     if update and coefficients is None:
         raise ValueError("an update sweep needs the step's coefficients")
+    if not gaussian and PAIRS % 32:
+        raise ValueError(f"zo_triton.PAIRS = {PAIRS}: Rademacher blocks hold whole 64-element hash words, so PAIRS "
+                         "must be a multiple of 32")
     dummy = flat
     _sweep_kernel[(triton.cdiv(n, 2 * PAIRS),)](
         flat, stash if stash is not None else dummy, momentum if adamu else dummy, n, index, keys,

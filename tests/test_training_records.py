@@ -75,7 +75,7 @@ def forwards_seen(model):
 @pytest.mark.parametrize("kind", ["opt", "llama", "gpt2"])
 def test_loss_forwards_build_no_kv_cache(kind):
     # a loss forward never reuses a cache; building one copies every layer's keys and values (7 % of an OPT-13B
-    # forward at 16 x 256 tokens, 3.4 GB held until its end)
+    # forward at 16 x 256 tokens, 3.2 GB held until its end)
     import heads
     model = tiny_model(kind)
     seen = forwards_seen(model)

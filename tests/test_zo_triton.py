@@ -54,6 +54,14 @@ def test_fused_noise_is_the_counter_stream(kernels, direction, n, seed, index, s
     assert torch.equal(got, zo._counter_noise_torch(zo._counter_key(seed, index, stream), 0, n, direction, "cpu"))
 
 
+def test_rademacher_blocks_need_whole_hash_words(kernels, monkeypatch):
+    # a block of 16 pairs would split a 64-element hash word between two programs: refused, not silently wrong
+    monkeypatch.setattr(kernels, "PAIRS", 16)
+    keys, _ = kernels.step_tensors("cpu", 1)
+    with pytest.raises(ValueError, match="PAIRS = 16.*multiple of 32"):
+        kernels.sweep(torch.zeros(100), index=0, keys=keys, gaussian=False, perturb_scale=1.0)
+
+
 def small_model(dtype):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(12, 40), nn.LayerNorm(40), nn.Linear(40, 3)).to(dtype)
