@@ -87,3 +87,6 @@ def test_loss_forwards_build_no_kv_cache(kind):
     utils.training_loss(model, utils.TrainCollator(pad_id=0)(compact), utils.Objective(classification=True))
     heads.collect_features(model, [batch])
     assert seen == [(False, False)] * 4
+    # and the logits are those of a forward that fills a cache, bit for bit
+    cached = model(**{k: batch[k] for k in utils.MODEL_INPUTS}, use_cache=True).logits
+    assert torch.equal(utils.model_logits(model, batch), cached)
