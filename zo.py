@@ -1020,17 +1020,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The sweep of one whole tensor by zo_triton.sweep (the same arithmetic as `_generic`)."""
         inputs = self._device_inputs[p.device]
         args = self._fused_args(index, group, p, inputs)
+        self.noise_calls += self.streams * (2 if carry else 1)  # a carried update also draws the next direction
         if kind != "update":
             _triton().sweep(flat, perturb_scale=k * group["eps"], **args)
             return
-        if carry:
-            self.noise_calls += self.streams
         _triton().sweep(flat, update=True, offset_scale=self._offset * -group["eps"],
                         stash=self._stash[p] if stash else None, carry=carry,
                         perturb_scale=group["eps"] if carry else 0.0, coefficients=inputs["coef"][gi], **args)
 
     def _fused_args(self, index, group, p, inputs) -> dict:
-        """The optimizer's own zo_triton.sweep arguments (noise keys, ZO-AdaMU's state); counts the noise streams."""
+        """The optimizer's own zo_triton.sweep arguments (noise keys, ZO-AdaMU's state)."""
         raise NotImplementedError
 
     @staticmethod
@@ -1186,7 +1185,6 @@ class MeZO(ZOOptimizer):
         return (torch.float32,)  # the noise itself, exact in any compute dtype
 
     def _fused_args(self, index, group, p, inputs):
-        self.noise_calls += 1
         return dict(index=index, keys=inputs["keys"], gaussian=group["direction"] == "gaussian")
 
     def _fast_job(self, lib, kind, k, index, gi, group, p, flat, start, n, stash):
@@ -1195,10 +1193,10 @@ class MeZO(ZOOptimizer):
         if self.keep_direction:
             zp = _ptr(self._kept_buffers(p, flat.dtype)[0], start)
             if not self._kept_ready:
-                self.noise_calls += 1
+                self.noise_calls += self.streams
                 calls.append(functools.partial(getattr(lib, f"zo_fill_{gn}"), zp, n, key, start))
         else:
-            self.noise_calls += 1
+            self.noise_calls += self.streams
         if kind != "update":
             a = k * group["eps"]
             if self.keep_direction:
@@ -1280,7 +1278,6 @@ class ZOAdaMU(ZOOptimizer):
         return (cdt, cdt)
 
     def _fused_args(self, index, group, p, inputs):
-        self.noise_calls += 2
         return dict(index=index, keys=inputs["keys"], gaussian=group["direction"] == "gaussian",
                     momentum=self._momentum(p), amu=inputs["amu"], sigma=self.sigma, signed=self.signed_momentum)
 
@@ -1312,11 +1309,11 @@ class ZOAdaMU(ZOOptimizer):
             ub, wb = self._kept_buffers(p, flat.dtype)
             up, wp = _ptr(ub, start), _ptr(wb, start)
             if not self._kept_ready:
-                self.noise_calls += 2
+                self.noise_calls += self.streams
                 calls.append(functools.partial(getattr(lib, f"zo_amu_dirs_{suf}"), up, wp, mp, *head,
                                                b2, ob2, self.sigma))
         else:
-            self.noise_calls += 2
+            self.noise_calls += self.streams
         if kind != "update":
             a = k * group["eps"]
             if self.keep_direction:

@@ -106,6 +106,7 @@ def test_fused_steps_equal_the_torch_path(kernels, monkeypatch, dtype, name, exa
     monkeypatch.setattr(kernels, "sweep", original)
     reference = run_steps(torch_model, make, fused=False)
     assert calls, "the fused path was not taken"
+    assert fused.noise_calls == reference.noise_calls
     assert fused.skipped_steps.item() == reference.skipped_steps.item() == 1
     before = small_model(dtype)
     for (name_, a), b, start in zip(fused_model.named_parameters(), torch_model.parameters(), before.parameters()):
@@ -156,6 +157,7 @@ def check_carry(make, dtype, device):
     assert fused.carried and reference.carried
     # 4 steps, settled after step 2: the fused path sweeps 3+2, 1 (settle), 3+2 times; the torch path 4+3, 1, 4+3
     assert (fused.sweeps, reference.sweeps) == (11, 15)
+    assert fused.noise_calls == reference.noise_calls  # the same directions drawn, in fewer sweeps
     for p_fused, p_ref in zip(fused_model.parameters(), torch_model.parameters()):
         if "momentum" in fused.state[p_fused]:
             assert torch.equal(fused.state[p_fused]["momentum"], reference.state[p_ref]["momentum"])
