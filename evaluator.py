@@ -15,10 +15,12 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import sys
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from metrics import Prediction, calculate_metric
 from models import TokenizerSettings, model_device
@@ -26,13 +28,38 @@ from models import TokenizerSettings, model_device
 logger = logging.getLogger(__name__)
 
 
+def progress(iterable: Iterable, *, total: int, desc: str, unit: str, enabled: bool = True):
+    """A progress bar with the rate and an ETA (on stderr). Where stderr is not a terminal (logs, batch jobs) it
+    writes a line at most every 30 s instead of redrawing many times a second, and its final line stays in the log;
+    on a terminal it is cleared when done, so bars of dev evaluations do not pile up under the training bar."""
+    if not enabled:
+        return iterable
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=not interactive, dynamic_ncols=True,
+                mininterval=0.2 if interactive else 30.0, file=sys.stderr)
+
+
 # --- prompt encoding (reference §7.2) ------------------------------------------------------------------------------
+
+class PromptTooLong(ValueError):
+    """An example whose answer does not fit in --max_length (the message says by how much and the fix)."""
+
 
 @dataclass
 class Encoded:
     sequences: list[list[int]]   # one token list per candidate (generation: the prompt)
     option_lens: list[int]       # trailing tokens of each sequence that form the option/answer
     texts: list[str] = field(default_factory=list)
+    truncated: int = 0           # tokens cut from the left of the longest sequence to fit the length limit
+
+
+def warn_truncated(encoded: Sequence[Encoded], limit: int, what: str) -> None:
+    """One warning for all the prompts of a phase that were cut to fit (never silently, never once per example)."""
+    cut = [e.truncated for e in encoded if e.truncated]
+    if cut:
+        logger.warning("!!! %d of %d %s exceeded --max_length %d and were truncated from the left (oldest "
+                       "demonstrations first; up to %d tokens cut). Raise --max_length to keep them whole.", len(cut),
+                       len(encoded), what, limit, max(cut))
 
 
 def encode_prompt(template, train_sep: str, demos: Sequence, sample, tokenizer, tokens: TokenizerSettings,
@@ -67,18 +94,18 @@ def encode_prompt(template, train_sep: str, demos: Sequence, sample, tokenizer, 
             texts.append(with_demos(verbalized))
 
     limit = max_length - (max_new_tokens or 0) if generation else max_length
-    sequences = []
+    sequences, truncated = [], 0
     for text, option_len in zip(texts, option_lens):
         ids = tokens.encode(tokenizer, text)
         if len(ids) > limit:
-            logger.warning("Prompt of %d tokens exceeds max_length %d; truncating from the left (oldest demos first).",
-                           len(ids), limit)
+            truncated = max(truncated, len(ids) - limit)
             ids = ids[:1] + ids[len(ids) - limit + 1:] if tokens.bos_id is not None else ids[len(ids) - limit:]
         if option_len >= len(ids):
-            raise ValueError(f"The option ({option_len} tokens) does not fit in max_length {limit}; "
-                             f"raise --max_length.")
+            raise PromptTooLong(f"An example's option ({option_len} tokens) does not fit in --max_length {limit}"
+                                f"{' minus --max_new_tokens' if generation and max_new_tokens else ''}; raise "
+                                f"--max_length.")
         sequences.append(ids)
-    return Encoded(sequences, option_lens, texts)
+    return Encoded(sequences, option_lens, texts, truncated)
 
 
 # --- batched option scoring -----------------------------------------------------------------------------------------
@@ -122,7 +149,7 @@ def _positions(mask: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id: int,
-                  batch_size: int = 8) -> list[list[torch.Tensor]]:
+                  batch_size: int = 8, show_progress: bool = False) -> list[list[torch.Tensor]]:
     """Log-probs of each sequence's option tokens, as fp32 CPU tensors, grouped like the input.
 
     `groups` holds one (sequences, option_lens) pair per example; sequences of a group share their prompt, so the
@@ -143,6 +170,7 @@ def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id
 
     results: list[list[torch.Tensor] | None] = [None] * len(groups)
     order = sorted(range(len(groups)), key=lambda g: -max(len(s) for s in groups[g][0]))
+    bar = progress(None, total=len(groups), desc="Scoring", unit="prompt", enabled=show_progress)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         # Stage 1: each group's own prompt part, after the shared prefix.
@@ -183,6 +211,10 @@ def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id
                 scores.append(picked[row, picked.shape[1] - n:] if n else picked[row, :0])
                 row += 1
             results[g] = scores
+        if show_progress:
+            bar.update(len(batch))
+    if show_progress:
+        bar.close()
     return results  # type: ignore[return-value]
 
 
@@ -237,6 +269,7 @@ class EvalSettings:
     batch_size: int = 8
     verbose: bool = False
     generation: GenerationOptions = field(default_factory=GenerationOptions)
+    show_progress: bool = False   # progress bars for encoding, scoring and generation
 
 
 def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[list], eval_samples: list,
@@ -247,18 +280,28 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
     if spec.generation and (settings.sfc or settings.icl_sfc):
         raise ValueError(f"--sfc/--icl_sfc cannot be used with the generation task {spec.name}; drop the flag.")
     records = []
+    pairs = progress(zip(demo_sets, eval_samples), total=len(eval_samples), desc=f"Encoding {spec.name}", unit="ex",
+                     enabled=settings.show_progress)
     if spec.generation:
         prompts = [encode_prompt(template, spec.train_sep, demos, sample, tokenizer, tokens, settings.max_length,
                                  generation=True, max_new_tokens=settings.generation.max_new_tokens)
-                   for demos, sample in zip(demo_sets, eval_samples)]
+                   for demos, sample in pairs]
+        warn_truncated(prompts, settings.max_length - settings.generation.max_new_tokens, "prompts")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].sequences[0]))
         outputs: list[str] = [""] * len(prompts)
-        for start in range(0, len(order), settings.batch_size):
+        starts = range(0, len(order), settings.batch_size)
+        bar = progress(None, total=len(order), desc=f"Generating {spec.name}", unit="ex",
+                       enabled=settings.show_progress)
+        for start in starts:
             batch = order[start:start + settings.batch_size]
             texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in batch],
                                    settings.generation)
             for i, text in zip(batch, texts):
                 outputs[i] = text
+            if settings.show_progress:
+                bar.update(len(batch))
+        if settings.show_progress:
+            bar.close()
         for i, (sample, prompt, output) in enumerate(zip(eval_samples, prompts, outputs)):
             if settings.verbose or i < 3:
                 logger.info("=== example %d ===\nPROMPT:\n%s\nGENERATED: %r  GOLD: %r", i, prompt.texts[0], output,
@@ -268,7 +311,8 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
         return records
 
     encoded = [encode_prompt(template, spec.train_sep, demos, sample, tokenizer, tokens, settings.max_length)
-               for demos, sample in zip(demo_sets, eval_samples)]
+               for demos, sample in pairs]
+    warn_truncated(encoded, settings.max_length, "prompts")
     groups = [(e.sequences, e.option_lens) for e in encoded]
     calibration = None
     if settings.sfc or settings.icl_sfc:
@@ -276,7 +320,7 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
                                      sfc=settings.sfc, icl_sfc=settings.icl_sfc)
                        for demos, sample in zip(demo_sets, eval_samples)]
         groups += [(e.sequences, e.option_lens) for e in calibration]
-    option_log_probs = score_options(model, groups, tokens.pad_id, settings.batch_size)
+    option_log_probs = score_options(model, groups, tokens.pad_id, settings.batch_size, settings.show_progress)
 
     for i, sample in enumerate(eval_samples):
         per_option = option_log_probs[i]

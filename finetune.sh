@@ -5,34 +5,32 @@
 #   MODEL=facebook/opt-1.3b TASK=RTE MODE=lora LR=1e-4 bash finetune.sh
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
-MODEL_NAME=$(basename "$MODEL")
 TASK=${TASK:-SST2}
 EPOCH=${EPOCH:-5}
 BS=${BS:-8}
 LR=${LR:-1e-5}
 SEED=${SEED:-0}
 TRAIN=${TRAIN:-1000}
-DEV=${DEV:-500}
 EVAL=${EVAL:-1000}
 MODE=${MODE:-ft}               # ft | prefix | lora
 
 MODE_ARGS=()
 case "$MODE" in
     ft) ;;
-    prefix) MODE_ARGS=(--prefix_tuning --num_prefix 5 --no_reparam --prefix_init_by_real_act) ;;
+    prefix) MODE_ARGS=(--prefix_tuning --num_prefix 5) ;;
     lora) MODE_ARGS=(--lora) ;;
     *) echo "finetune.sh: unknown MODE=$MODE (ft | prefix | lora)" >&2; exit 2 ;;
 esac
 
+# per-task defaults (the dev size, the largest per-device batch of long-input tasks; the training objective is
+# run.py's default) come from the task table in tasks.py
+TASK_DEFAULTS=$(python "$(dirname "$0")/tasks.py" defaults "$TASK") || exit 2
+eval "$TASK_DEFAULTS"
+DEV=${DEV:-$TASK_DEV}
 TASK_ARGS=()
-case "$TASK" in
-    CB) DEV=100 ;;
-    Copa) DEV=100; TASK_ARGS=(--train_as_classification False) ;;
-    MultiRC) GA=$((BS / 2)); BS=2; TASK_ARGS=(--gradient_accumulation_steps "$GA") ;;
-    ReCoRD) GA=$((BS / 2)); BS=2; TASK_ARGS=(--gradient_accumulation_steps "$GA" --train_as_classification False) ;;
-    DROP) GA=$((BS / 1)); BS=1; TASK_ARGS=(--gradient_accumulation_steps "$GA" --train_as_classification False) ;;
-    SQuAD) TASK_ARGS=(--train_as_classification False) ;;
-esac
+if [ -n "$TASK_FO_BATCH_LIMIT" ] && [ "$BS" -gt "$TASK_FO_BATCH_LIMIT" ]; then  # same effective batch, less memory
+    GA=$((BS / TASK_FO_BATCH_LIMIT)); BS=$TASK_FO_BATCH_LIMIT; TASK_ARGS=(--gradient_accumulation_steps "$GA")
+fi
 
 if [ -z "${PRECISION+set}" ]; then  # fp16 mixed precision on GPUs as in the papers; fp32 on CPU
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRECISION=--fp16; else PRECISION=; fi
@@ -43,8 +41,8 @@ echo "finetune.sh: TAG=$TAG MODEL=$MODEL TASK=$TASK MODE=$MODE EPOCH=$EPOCH BS=$
      "TRAIN=$TRAIN DEV=$DEV EVAL=$EVAL PRECISION=${PRECISION:-fp32} extra: $*"
 
 python "$(dirname "$0")/run.py" \
-    --model_name "$MODEL" --task_name "$TASK" --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
+    --model_name "$MODEL" --task_name "$TASK" --tag "$TAG" \
     --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" --logging_steps 10 \
     --trainer regular $PRECISION --learning_rate "$LR" --num_train_epochs "$EPOCH" --per_device_train_batch_size "$BS" \
     --load_best_model_at_end --evaluation_strategy epoch --save_strategy epoch --save_total_limit 1 \
-    --train_as_classification "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+    "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"

@@ -6,31 +6,27 @@
 set -euo pipefail
 if [ -z "${NUM_GPU:-}" ]; then echo "finetune_fsdp.sh: set NUM_GPU (GPUs to shard over), e.g. NUM_GPU=4" >&2; exit 2; fi
 MODEL=${MODEL:-smollm2-135m}
-MODEL_NAME=$(basename "$MODEL")
 TASK=${TASK:-SST2}
 EPOCH=${EPOCH:-5}
 BS=${BS:-8}
 LR=${LR:-1e-5}
 SEED=${SEED:-0}
 TRAIN=${TRAIN:-1000}
-DEV=${DEV:-500}
 EVAL=${EVAL:-1000}
 MODE=${MODE:-ft}               # ft | prefix | lora
 
 MODE_ARGS=()
 case "$MODE" in
     ft) ;;
-    prefix) MODE_ARGS=(--prefix_tuning --num_prefix 5 --no_reparam --prefix_init_by_real_act) ;;
+    prefix) MODE_ARGS=(--prefix_tuning --num_prefix 5) ;;
     lora) MODE_ARGS=(--lora) ;;
     *) echo "finetune_fsdp.sh: unknown MODE=$MODE (ft | prefix | lora)" >&2; exit 2 ;;
 esac
 
-TASK_ARGS=()
-case "$TASK" in
-    CB) DEV=100 ;;
-    Copa) DEV=100; TASK_ARGS=(--train_as_classification False) ;;
-    ReCoRD|DROP|SQuAD) TASK_ARGS=(--train_as_classification False) ;;
-esac
+# per-task defaults (the dev size; the training objective is run.py's default) come from the task table in tasks.py
+TASK_DEFAULTS=$(python "$(dirname "$0")/tasks.py" defaults "$TASK") || exit 2
+eval "$TASK_DEFAULTS"
+DEV=${DEV:-$TASK_DEV}
 
 TAG=fsdp-$MODE-$EPOCH-$BS-$LR-$SEED
 echo "finetune_fsdp.sh: TAG=$TAG MODEL=$MODEL TASK=$TASK MODE=$MODE NUM_GPU=$NUM_GPU EPOCH=$EPOCH BS=$BS LR=$LR" \
@@ -38,9 +34,9 @@ echo "finetune_fsdp.sh: TAG=$TAG MODEL=$MODEL TASK=$TASK MODE=$MODE NUM_GPU=$NUM
 
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-10} torchrun --nproc_per_node="$NUM_GPU" --master_port=$((RANDOM + 1000)) \
     "$(dirname "$0")/run.py" \
-    --model_name "$MODEL" --task_name "$TASK" --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
+    --model_name "$MODEL" --task_name "$TASK" --tag "$TAG" \
     --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" --logging_steps 10 \
     --trainer regular --fp16 --no_auto_device --learning_rate "$LR" --num_train_epochs "$EPOCH" \
     --per_device_train_batch_size 1 --gradient_accumulation_steps "$BS" \
     --load_best_model_at_end --evaluation_strategy epoch --save_strategy epoch --save_total_limit 1 \
-    --train_as_classification --fsdp "full_shard auto_wrap" "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+    --fsdp "full_shard auto_wrap" "${MODE_ARGS[@]}" "$@"

@@ -11,5 +11,5 @@ if [ -z "${PRECISION+set}" ]; then
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRECISION=--load_float16; else PRECISION=; fi
 fi
 echo "icl.sh: MODEL=$MODEL TASK=$TASK PRECISION=${PRECISION:-fp32} extra: $*"
-python "$(dirname "$0")/run.py" --model_name "$MODEL" --task_name "$TASK" --output_dir result/tmp --tag icl \
+python "$(dirname "$0")/run.py" --model_name "$MODEL" --task_name "$TASK" --tag icl \
     --num_train 32 --num_eval 1000 $PRECISION --verbose "$@"

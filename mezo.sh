@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
 # Zeroth-order fine-tuning with MeZO (ZO-SGD) or ZO-AdaMU. Environment variables set the run; extra flags come
-# last and override. Defaults are the reference's (1000 train / 500 dev / 1000 test, batch 16, 20k steps, dev
+# last and override. run.py puts checkpoints in a folder of their own for each configuration (result/output/...)
+# and a rerun of the same command resumes from the newest complete one. Defaults are the reference's (1000 train / 500 dev / 1000 test, batch 16, 20k steps, dev
 # evaluation and checkpoint every 4k steps, constant LR) on the embedded model.
 #   TASK=SST2 MODE=lora bash mezo.sh                               # MeZO LoRA
 #   OPTIM=zo_adamu TASK=SST2 MODE=prefix bash mezo.sh               # ZO-AdaMU with the paper's LR/EPS for prefix
 #   MODEL=facebook/opt-13b TASK=SQuAD MODE=prefix LR=1e-2 EPS=1e-1 bash mezo.sh --non_diff --evaluation_strategy no --save_strategy no --save_model
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
-MODEL_NAME=$(basename "$MODEL")
 TASK=${TASK:-SST2}
 OPTIM=${OPTIM:-mezo}           # mezo | zo_adamu
 MODE=${MODE:-ft}               # ft | prefix | lora
 BS=${BS:-16}
 SEED=${SEED:-0}
 TRAIN=${TRAIN:-1000}
-DEV=${DEV:-500}
 EVAL=${EVAL:-1000}
 STEPS=${STEPS:-20000}
 EVAL_STEPS=${EVAL_STEPS:-4000}
+# per-task defaults (the dev size; the training objective is run.py's default) come from the task table in tasks.py
+TASK_DEFAULTS=$(python "$(dirname "$0")/tasks.py" defaults "$TASK") || exit 2
+eval "$TASK_DEFAULTS"
+DEV=${DEV:-$TASK_DEV}
 
 case "$OPTIM" in
     mezo) DEFAULT_LR=1e-5; DEFAULT_EPS=1e-3 ;;
@@ -36,16 +39,9 @@ EPS=${EPS:-$DEFAULT_EPS}
 MODE_ARGS=()
 case "$MODE" in
     ft) ;;
-    prefix) MODE_ARGS=(--prefix_tuning --num_prefix 5 --no_reparam --prefix_init_by_real_act) ;;
+    prefix) MODE_ARGS=(--prefix_tuning --num_prefix 5) ;;
     lora) MODE_ARGS=(--lora) ;;
     *) echo "mezo.sh: unknown MODE=$MODE (ft | prefix | lora)" >&2; exit 2 ;;
-esac
-
-TASK_ARGS=()
-case "$TASK" in
-    CB) DEV=100 ;;
-    Copa) DEV=100; TASK_ARGS=(--train_as_classification False) ;;
-    ReCoRD|DROP|SQuAD) TASK_ARGS=(--train_as_classification False) ;;
 esac
 
 if [ -z "${PRECISION+set}" ]; then  # fp16 weights on GPUs as in the papers; fp32 on CPU
@@ -57,10 +53,10 @@ echo "mezo.sh: TAG=$TAG MODEL=$MODEL TASK=$TASK OPTIM=$OPTIM MODE=$MODE BS=$BS L
      "TRAIN=$TRAIN DEV=$DEV EVAL=$EVAL STEPS=$STEPS EVAL_STEPS=$EVAL_STEPS PRECISION=${PRECISION:-fp32} extra: $*"
 
 python "$(dirname "$0")/run.py" \
-    --model_name "$MODEL" --task_name "$TASK" --output_dir "result/$TASK-$MODEL_NAME-$TAG" --tag "$TAG" \
+    --model_name "$MODEL" --task_name "$TASK" --tag "$TAG" \
     --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" --logging_steps 10 \
     --max_steps "$STEPS" --trainer zo --zo_optim "$OPTIM" $PRECISION --learning_rate "$LR" --zo_eps "$EPS" \
     --per_device_train_batch_size "$BS" --lr_scheduler_type constant \
     --load_best_model_at_end --evaluation_strategy steps --save_strategy steps --save_total_limit 1 \
     --eval_steps "$EVAL_STEPS" --save_steps "$EVAL_STEPS" \
-    --train_as_classification "${MODE_ARGS[@]}" "${TASK_ARGS[@]}" "$@"
+    "${MODE_ARGS[@]}" "$@"

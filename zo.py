@@ -1335,3 +1335,7 @@ class ZOAdaMU(ZOOptimizer):
             calls.append(functools.partial(getattr(lib, f"zo_amu_rupd_{suf}"), x, src, mp, *head, *tail) if stash
                          else functools.partial(getattr(lib, f"zo_amu_upd_{suf}"), x, mp, *head, *tail, c))
         return calls
+
+
+# The optimizers --zo_optim offers, by name.
+OPTIMIZERS = {cls.kind: cls for cls in (MeZO, ZOAdaMU)}

@@ -117,3 +117,17 @@ def test_encode_prompt_truncates_from_the_left_keeping_bos(byte_tokenizer):
                            TokenizerSettings(bos_id=None, pad_id=258), max_length=20)
     assert all(len(s) == 20 and bytes(s).decode().endswith("question " + c)
                for s, c in zip(no_bos.sequences, ["yes", "no"]))
+    # the longest candidate ("yes"): BOS, two demos "d..d x" with their separators, the question
+    assert encoded.truncated == 1 + 2 * len("d" * 40 + " x\n\n") + len("question yes") - 30
+
+
+def test_truncation_is_warned_once_per_phase_with_the_count(byte_tokenizer, caplog):
+    from evaluator import Encoded, warn_truncated
+    encoded = [Encoded([[1]], [1], truncated=n) for n in (0, 5, 0, 12)]
+    warn_truncated(encoded, 30, "prompts")
+    assert len(caplog.records) == 1
+    assert "2 of 4 prompts exceeded --max_length 30 and were truncated from the left" in caplog.text
+    assert "up to 12 tokens cut" in caplog.text
+    caplog.clear()
+    warn_truncated(encoded[:1], 30, "prompts")
+    assert not caplog.records

@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
+import args
 import run
+import runs
 from conftest import ROOT, shared_data_or_skip
 
 
@@ -50,28 +52,30 @@ def test_shared_demo_set_mode_writes_trainset_file(tmp_path):
     assert result["train_set_seed"] == 5 and result["sizes"]["train"] == 4
 
 
+ZO = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0"]
+
+
 def test_legacy_evaluation_strategy_spelling_is_accepted():
-    args = run.parse_args(["--evaluation_strategy", "steps", "--eval_steps", "10"])
-    assert args.eval_strategy == "steps"
-    args = run.parse_args(["--evaluation_strategy=epoch"])
-    assert args.eval_strategy == "epoch"
+    config = args.parse(["--evaluation_strategy", "steps", "--eval_steps", "10"])
+    assert config.hf.eval_strategy == "steps"
+    config = args.parse(["--evaluation_strategy=epoch"])
+    assert config.hf.eval_strategy == "epoch"
 
 
 def test_defaults_follow_the_reference():
-    args = run.parse_args([])
-    assert (args.task_name, args.num_train, args.zo_eps, args.max_length, args.max_new_tokens) == ("SST2", 0, 1e-3, 2048, 50)
-    assert args.only_train_option and args.no_reparam and args.prefix_init_by_real_act and not args.train_as_classification
-    assert args.model_name == "smollm2-135m" and args.output_dir
+    config = args.parse([])
+    assert (config.task.task_name, config.task.num_train, config.zo.zo_eps, config.model.max_length,
+            config.evaluation.max_new_tokens) == ("SST2", 0, 1e-3, 2048, 50)
+    assert config.train.only_train_option and not config.peft.prefix_reparam and config.peft.prefix_init_by_real_act
+    assert config.model.model_name == "smollm2-135m" and config.mode == "icl"
 
 
-def test_cuda_graphs_flag(capsys):
-    assert run.parse_args([]).zo_cuda_graphs
-    assert not run.parse_args(["--no_zo_cuda_graphs"]).zo_cuda_graphs
-    assert not run.parse_args(["--zo_cuda_graphs", "false"]).zo_cuda_graphs
-    with pytest.raises(SystemExit):
-        run.parse_args(["--zo_cuda_graphs", "maybe"])
-    error = capsys.readouterr().err
-    assert "--zo_cuda_graphs" in error and "maybe" in error and "true/false" in error  # the value and what to pass
+def test_cuda_graphs_flag():
+    assert args.parse([]).zo.zo_cuda_graphs
+    assert not args.parse([*ZO, "--no_zo_cuda_graphs"]).zo.zo_cuda_graphs
+    assert not args.parse([*ZO, "--zo_cuda_graphs", "false"]).zo.zo_cuda_graphs
+    with pytest.raises(args.UsageError, match="--zo_cuda_graphs 'maybe': expected true or false"):
+        args.parse([*ZO, "--zo_cuda_graphs", "maybe"])  # the flag, the value and what to pass
 
 
 def call_main(tmp_path, monkeypatch, *args):
@@ -81,47 +85,55 @@ def call_main(tmp_path, monkeypatch, *args):
     return run.main(list(args))
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--task_name", "Foo"], "Unknown task 'Foo'. Valid task names: SST2"),
+@pytest.mark.parametrize("argv,message", [
+    (["--task_name", "Foo"], "--task_name 'Foo' is not available. Choose one of SST2, RTE"),
+    (["--task_name", "copa"], "Did you mean 'Copa'? (names are case-sensitive)"),
     (["--task_name", "SST2", "--num_dev", "8"], "--num_dev 8 only applies to training"),
     (["--task_name", "SQuAD", "--sfc"], "task SQuAD is a generation task"),
     (["--task_name", "SST2", "--icl_sfc"  , "--task_name", "DROP"], "task DROP is a generation task"),
     (["--task_name", "SST2", "--trainer", "bogus"], "--trainer 'bogus' is not available"),
-    (["--model_name", "no-such-org/no-such-model"], "Cannot load model 'no-such-org/no-such-model'"),
+    (["--model_name", "no-such-org/no-such-model"], "--model_name no-such-org/no-such-model is not in the Hugging Face "
+                                                    "cache and HF_HUB_OFFLINE is set"),
+    (["--model_name", "./nope"], "--model_name ./nope: no such local folder"),
+    (["--result_file", "/proc/x.json"], "--result_file /proc/x.json: cannot write in /proc"),
+    ([*ZO, "--output_dir", "/proc/x"], "--output_dir /proc/x: cannot write in /proc"),
+    ([*ZO, "--task_name", "SQuAD", "--max_length", "8", "--max_new_tokens", "2"],
+     "tokens) does not fit in --max_length 8; raise --max_length"),
     # training combinations
     (["--trainer", "zo", "--num_train", "8"], "needs --train_set_seed S"),
-    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_eps", "0"], "--zo_eps 0.0 must be > 0"),
-    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "adam"], "--zo_optim 'adam' is unknown"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_eps", "0"], "--zo_eps 0.0: must be > 0.0"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "adam"], "--zo_optim 'adam' is not available. Choose one of mezo, zo_adamu"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard"], "FSDP/DeepSpeed"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
       "--zo_t1", "60", "--zo_t2", "50"], "ZO-AdaMU schedule"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
       "--zo_t2", "90", "--zo_t3", "80"], "ZO-AdaMU schedule"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_direction", "uniform"],
-     "--zo_direction 'uniform' is unknown; choose gaussian or rademacher"),
+     "--zo_direction 'uniform' is not available. Choose one of gaussian, rademacher"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_exact_restore", "sometimes"],
-     "--zo_exact_restore 'sometimes' is unknown; choose auto, always or never"),
+     "--zo_exact_restore 'sometimes' is not available. Choose one of auto, always, never"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_carry_perturbation",
       "--zo_keep_direction"], "--zo_carry_perturbation and --zo_keep_direction do not combine"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_state_dtype", "int8"],
-     "--zo_state_dtype 'int8' is unknown; choose one of float32, bfloat16, float16"),
+     "--zo_state_dtype 'int8' is not available. Choose one of float32, bfloat16, float16"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
       "--zo_phi_beta2", "10"], "ZO-AdaMU schedule: phi_beta2=10.0"),
-    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--non_diff"], "needs --trainer zo"),
+    (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--non_diff"],
+     "--non_diff only applies with --trainer zo"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--lora", "--head_tuning"], "choose one"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_int8"], "inference only"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_float16", "--fp16"],
      "AMP cannot unscale fp16 gradients"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--linear_probing",
-      "--train_as_classification"], "--linear_probing fits a head"),
+      "--train_as_classification"], "--linear_probing fits a head on the option tokens; drop"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard auto_wrap"],
      "shards the model over CUDA GPUs, and this machine has none"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_best_model_at_end",
       "--eval_strategy", "steps", "--save_strategy", "steps"], "pass --num_dev N"),
 ])
-def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch, caplog, args, message):
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, monkeypatch, caplog, argv, message):
     monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))
-    assert call_main(tmp_path, monkeypatch, *args, "--num_eval", "4") != 0
+    assert call_main(tmp_path, monkeypatch, *argv, "--num_eval", "4") == 2
     assert message in caplog.text
     assert not (tmp_path / "result").exists()
 
@@ -138,11 +150,11 @@ def test_bad_data_dir_fails_clearly(tmp_path, monkeypatch, caplog):
 
 
 def test_result_file_name_follows_the_reference():
-    args = run.parse_args(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
-                           "--num_train", "1000", "--num_dev", "500", "--tag", "mezo-ft-20000-16-1e-7-1e-3-0"])
-    assert run.result_file_name(args, "trainset0") == os.path.join(
-        "result", "SST2-opt-13b-sampleeval1000-ntrain1000-ndev500-mezo-ft-20000-16-1e-7-1e-3-0-trainset0.json")
-    args = run.parse_args(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
-                           "--num_train", "32", "--tag", "icl", "--sfc"])
-    assert run.result_file_name(args, "onetrainpereval") == os.path.join(
-        "result", "SST2-opt-13b-sfc-sampleeval1000-ntrain32-icl-onetrainpereval.json")
+    config = args.parse(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
+                         "--num_train", "1000", "--num_dev", "500", "--tag", "mezo-ft-20000-16-1e-7-1e-3-0",
+                         "--trainer", "zo", "--train_set_seed", "0"])
+    assert runs.result_name(config, "trainset0") == \
+        "SST2-opt-13b-sampleeval1000-ntrain1000-ndev500-mezo-ft-20000-16-1e-7-1e-3-0-trainset0.json"
+    config = args.parse(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
+                         "--num_train", "32", "--tag", "icl", "--sfc"])
+    assert runs.result_name(config, "onetrainpereval") == "SST2-opt-13b-sfc-sampleeval1000-ntrain32-icl-onetrainpereval.json"

@@ -23,15 +23,17 @@ def train(tmp_path, monkeypatch, model_dir, *args):
     return json.loads(files[0].read_text()), files[0].name
 
 
-@pytest.mark.parametrize("trainer_args", [
-    ["--trainer", "regular", "--learning_rate", "1e-3"],
-    ["--trainer", "zo", "--zo_optim", "mezo", "--learning_rate", "1e-3"],
-    ["--trainer", "zo", "--zo_optim", "zo_adamu", "--learning_rate", "1e-4"],
+@pytest.mark.parametrize("trainer_args,description", [
+    (["--trainer", "regular", "--learning_rate", "1e-3"], "regular-ft-lr0.001-steps3-bs4-seed42"),
+    (["--trainer", "zo", "--zo_optim", "mezo", "--learning_rate", "1e-3"], "mezo-ft-lr0.001-eps0.001-steps3-bs4-seed42"),
+    (["--trainer", "zo", "--zo_optim", "zo_adamu", "--learning_rate", "1e-4"],
+     "zo_adamu-ft-lr0.0001-eps0.001-steps3-bs4-seed42"),
 ])
-def test_training_writes_test_and_dev_metrics(tmp_path, monkeypatch, tiny_llama_dir, trainer_args):
+def test_training_writes_test_and_dev_metrics(tmp_path, monkeypatch, tiny_llama_dir, trainer_args, description):
     result, name = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "SST2", "--train_as_classification",
                          "--eval_strategy", "steps", "--eval_steps", "2", *trainer_args)
-    assert name.endswith("-ntrain24-ndev8-trainset0.json")
+    # without --tag the name says what distinguishes the run, so another learning rate never overwrites it
+    assert name.endswith(f"-ntrain24-ndev8-{description}-trainset0.json")
     assert {"accuracy", "dev_accuracy"} <= set(result)
     assert result["sizes"] == {"train": 24, "dev": 8, "eval": 8}
     assert not list((tmp_path / "out").glob("checkpoint-*"))  # --save_strategy no

@@ -1,7 +1,9 @@
-"""The bash wrappers build the reference's command lines (a stand-in `python`/`torchrun` records them)."""
+"""The bash wrappers build the reference's command lines (a stand-in `python`/`torchrun` records them; the scripts'
+reads of the task table, `python tasks.py defaults TASK`, go to the real interpreter)."""
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -13,12 +15,14 @@ def recorder(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ("python", "torchrun"):
-        (bin_dir / name).write_text(f'#!/bin/sh\nprintf "%s\\n" "{name}" "$@" > "{tmp_path}/argv"\n')
+        (bin_dir / name).write_text(f'#!/bin/sh\ncase "$1" in *tasks.py) exec "{sys.executable}" "$@";; esac\n'
+                                    f'printf "%s\\n" "{name}" "$@" > "{tmp_path}/argv"\n')
         (bin_dir / name).chmod(0o755)
 
     def run_script(script, env=None, args=()):
         environment = {k: v for k, v in os.environ.items() if k not in ("MODEL", "TASK", "MODE", "OPTIM", "LR", "EPS")}
         environment.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PRECISION="", **(env or {}))
+        (tmp_path / "argv").unlink(missing_ok=True)
         done = subprocess.run(["bash", str(ROOT / script), *args], env=environment, capture_output=True, text=True,
                               cwd=tmp_path)
         argv = (tmp_path / "argv").read_text().splitlines() if (tmp_path / "argv").exists() else None
@@ -42,13 +46,16 @@ def test_mezo_defaults_are_the_reference(recorder):
     done, argv = recorder("mezo.sh", env={"TASK": "SST2"})
     assert done.returncode == 0
     tag = "mezo-ft-20000-16-1e-5-1e-3-0"
-    assert flag(argv, "--tag") == tag and flag(argv, "--output_dir") == f"result/SST2-smollm2-135m-{tag}"
+    # no --output_dir: run.py gives every configuration its own folder (data sizes included), so a rerun resumes
+    # only its own checkpoints
+    assert flag(argv, "--tag") == tag and "--output_dir" not in argv
     for name, value in [("--trainer", "zo"), ("--zo_optim", "mezo"), ("--learning_rate", "1e-5"), ("--zo_eps", "1e-3"),
                         ("--per_device_train_batch_size", "16"), ("--lr_scheduler_type", "constant"),
                         ("--num_train", "1000"), ("--num_dev", "500"), ("--num_eval", "1000"), ("--max_steps", "20000"),
                         ("--eval_steps", "4000"), ("--save_steps", "4000"), ("--train_set_seed", "0")]:
         assert flag(argv, name) == value, name
-    assert "--load_best_model_at_end" in argv and "--train_as_classification" in argv
+    # the objective is the task table's default, applied by run.py
+    assert "--load_best_model_at_end" in argv and "--train_as_classification" not in argv
 
 
 @pytest.mark.parametrize("mode,lr,eps,extra", [("ft", "1e-4", "1e-3", []), ("prefix", "1e-4", "1e-2", ["--prefix_tuning"]),
@@ -63,8 +70,12 @@ def test_zo_adamu_uses_the_paper_defaults_per_mode(recorder, mode, lr, eps, extr
 
 def test_mezo_task_overrides_and_user_flags_last(recorder):
     done, argv = recorder("mezo.sh", env={"TASK": "Copa", "LR": "1e-6"}, args=["--max_steps", "10"])
-    assert flag(argv, "--num_dev") == "100" and flag(argv, "--learning_rate") == "1e-6"
-    assert argv[-4:] == ["--train_as_classification", "False", "--max_steps", "10"]
+    assert flag(argv, "--num_dev") == "100" and flag(argv, "--learning_rate") == "1e-6"  # Copa's dev size (tasks.py)
+    assert argv[-2:] == ["--max_steps", "10"]
+    done, argv = recorder("mezo.sh", env={"TASK": "Copa", "DEV": "50"})
+    assert flag(argv, "--num_dev") == "50"
+    done, argv = recorder("mezo.sh", env={"TASK": "copa"})
+    assert done.returncode == 2 and "Did you mean 'Copa'" in done.stderr and argv is None
     done, argv = recorder("mezo.sh", env={"OPTIM": "adam"})
     assert done.returncode == 2 and "unknown OPTIM=adam" in done.stderr
 

@@ -58,12 +58,18 @@ def test_one_demo_set_per_eval_example_seeds(sst2):
         sst2.sample_train_sets(2, 3, 5, None, None)
 
 
-def test_too_small_split_shrinks_train_loudly(caplog):
+def test_too_small_split_shrinks_train_and_says_so():
     wsc = tasks.load_task("WSC", str(shared_data_or_skip()))
-    with caplog.at_level(logging.WARNING):
-        _, sets = wsc.sample_train_sets(1000, 500, None, None, seed=0)
+    _, sets = wsc.sample_train_sets(1000, 500, None, None, seed=0)
     assert len(sets[0]) == 554  # the reference's behaviour: dev keeps 500, train shrinks to 54
-    assert "SHRINKS to 54" in caplog.text
+    clipped = wsc.clipped(1000, 500, 100_000)
+    assert clipped["num_train"]["used"] == 54 and "dev keeps its 500" in clipped["num_train"]["why"]
+    assert clipped["num_eval"] == {"requested": 100_000, "used": 104,
+                                   "why": "WSC has 104 validation rows; all are evaluated"}
+    assert wsc.clipped(16, 8, 50) == {}
+    # one demo set per eval example: one seed per example actually evaluated, as the reference
+    seeds, sets = wsc.sample_train_sets(2, None, 100_000, None, None)
+    assert len(seeds) == len(sets) == 104
 
 
 def test_every_task_loads_and_renders_from_the_bundled_sample():
@@ -121,6 +127,50 @@ def test_malformed_rows_name_file_line_and_field(tmp_path):
         f.write(json.dumps(good) + "\n{not json\n")
     with pytest.raises(tasks.DataError, match=r"train\.jsonl\.gz:2: not valid JSON"):
         tasks.load_task("RTE", str(tmp_path))
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"premise": 5, "hypothesis": "h", "label": 0}, r"train\.jsonl:2: premise should be str, got int"),
+    ({"premise": "p", "hypothesis": "h", "label": "0"}, r"train\.jsonl:2: label should be int, got str"),
+    ({"premise": "p", "hypothesis": "h", "label": True}, r"label should be int, got bool"),
+    ({"premise": "p", "hypothesis": "h", "label": -1}, r"row 1: label -1 is not one of 0\.\.1 \(a -1 marks an unlabelled"),
+    ({"premise": "p", "hypothesis": "h", "label": 2}, r"label 2 is not one of 0\.\.1"),
+])
+def test_rows_of_the_wrong_type_name_file_line_and_field(tmp_path, row, message):
+    (tmp_path / "rte").mkdir()
+    good = {"premise": "p", "hypothesis": "h", "label": 0}
+    (tmp_path / "rte" / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    (tmp_path / "rte" / "validation.jsonl").write_text(json.dumps(good) + "\n")
+    with pytest.raises(tasks.DataError, match=message):
+        tasks.load_task("RTE", str(tmp_path))
+
+
+def test_nested_fields_invalid_utf8_and_empty_splits_are_refused(tmp_path):
+    (tmp_path / "squad").mkdir()
+    good = {"title": "t", "context": "c", "question": "q", "answers": {"text": ["a"], "answer_start": [0]}}
+    bad = dict(good, answers={"text": "a"})
+    (tmp_path / "squad" / "train.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n")
+    (tmp_path / "squad" / "validation.jsonl").write_text(json.dumps(good) + "\n")
+    with pytest.raises(tasks.DataError, match=r"train\.jsonl:2: answers\.text should be a list, got str"):
+        tasks.load_task("SQuAD", str(tmp_path))
+    (tmp_path / "squad" / "train.jsonl").write_bytes(json.dumps(good).encode() + b"\n\xff\xfe{}\n")
+    with pytest.raises(tasks.DataError, match=r"train\.jsonl:2: not valid UTF-8"):
+        tasks.load_task("SQuAD", str(tmp_path))
+    (tmp_path / "squad" / "train.jsonl").write_text(json.dumps(good) + "\n")
+    (tmp_path / "squad" / "validation.jsonl").write_text("\n")
+    with pytest.raises(tasks.DataError, match=r"validation\.jsonl holds no rows"):
+        tasks.load_task("SQuAD", str(tmp_path))
+
+
+def test_the_scripts_read_per_task_defaults_from_the_table():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(tasks.Path(tasks.__file__)), "defaults", "Copa"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "TASK_DEV=100; TASK_FO_BATCH_LIMIT="
+    out = subprocess.run([sys.executable, str(tasks.Path(tasks.__file__)), "defaults", "copa"], capture_output=True,
+                         text=True)
+    assert out.returncode != 0 and "Did you mean 'Copa'" in out.stderr
 
 
 def test_hub_failure_falls_back_to_bundled_sample_loudly(monkeypatch, caplog):

@@ -9,7 +9,8 @@ from transformers import TrainerCallback, TrainingArguments
 
 import zo
 from conftest import tiny_model
-from trainer_zo import TaskEval, ZOConfig, ZOTrainer, adapter_files
+from args import ZOArguments
+from trainer_zo import TaskEval, ZOTrainer, adapter_files
 from utils import ListDataset, Objective, TrainCollator
 
 
@@ -20,6 +21,7 @@ def records(n=16, seed=0, option_len=3):
 
 
 def make_trainer(model, tmp_path, optimizer="mezo", batch=8, accumulation=1, steps=3, lr=1e-3, **extra):
+    """A ZO trainer; `extra` takes the ZO flags without their zo_ prefix (exact_restore=True means "always")."""
     eval_steps = extra.pop("eval_steps", None)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=batch,
                              gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=lr,
@@ -30,7 +32,13 @@ def make_trainer(model, tmp_path, optimizer="mezo", batch=8, accumulation=1, ste
     return ZOTrainer(model=model, args=args, train_dataset=ListDataset(extra.pop("data", records())),
                      eval_dataset=ListDataset(records(8, seed=5)) if eval_steps else None,
                      data_collator=TrainCollator(258), objective=Objective(), task_eval=TaskEval(None, [], None, None, None),
-                     zo_config=ZOConfig(optimizer=optimizer, eps=1e-3, **extra))
+                     zo_args=zo_arguments(optimizer, **extra))
+
+
+def zo_arguments(optimizer, exact_restore=None, **extra):
+    restore = {None: "auto", True: "always", False: "never"}[exact_restore]
+    return ZOArguments(zo_optim=optimizer, zo_eps=1e-3, zo_exact_restore=restore,
+                       **{f"zo_{k}": v for k, v in extra.items()})
 
 
 class StopAfter(TrainerCallback):
@@ -206,7 +214,8 @@ def test_repeated_non_finite_steps_stop_the_run(tmp_path):
     model = tiny_model("llama")
     with torch.no_grad():
         model.lm_head.weight.fill_(float("nan"))  # every loss is NaN
-    trainer = make_trainer(model, tmp_path, steps=30, max_consecutive_skips=5)
+    trainer = make_trainer(model, tmp_path, steps=30)
+    trainer.max_consecutive_skips = 5
     with pytest.raises(RuntimeError, match="5 ZO steps in a row had a non-finite"):
         trainer.train()
 

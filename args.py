@@ -1,0 +1,687 @@
+"""Every flag of run.py, declared once, and the one validation step that checks them all.
+
+    config = args.parse(sys.argv[1:])   # UsageError with every problem at once; nothing has run or been written
+
+Flags come in groups (task and data, model, evaluation, training, parameter-efficient modes, zeroth-order), one
+dataclass each, whose fields carry the help text, the accepted values (`choices`), the range of numbers (`low`, `high`,
+`above`) and, where a flag only means something with another setting, that setting (`only_with`) next to the default.
+Hugging Face's `TrainingArguments` come last (their ranges are in `HF_RANGES`). `parse`
+* rewrites legacy spellings (`--evaluation_strategy`, `--no_reparam`, `--zo_unsigned_momentum`, `--no_eval`) and
+  negative numbers (`--learning_rate -1e-3`, which argparse would read as a flag),
+* refuses unknown flags with a "did you mean", values of the wrong type or outside their range, flags given without
+  the setting they belong to, and every cross-flag rule of `check`,
+and reports all problems together. `RunConfig.identity()` is what defines a run: the run's output folder and result
+name derive from it, and a checkpoint is resumed only by a run of the same identity (runs.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import hashlib
+import inspect
+import json
+import math
+import re
+from argparse import ArgumentTypeError
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import HfArgumentParser, TrainingArguments
+
+import tasks
+import zo
+
+USAGE = "python run.py [--task_name TASK] [--model_name MODEL] [--trainer none|regular|zo] [flags ...]"
+DESCRIPTION = ("Zero-shot / in-context-learning evaluation and first- or zeroth-order fine-tuning of causal LMs. The "
+               "suite's own flag groups come first, Hugging Face's TrainingArguments last.")
+
+
+class UsageError(ValueError):
+    """Invalid flags; `problems` lists each one with the value and the fix."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def flag(default, help: str, *, choices=None, low=None, high=None, above=None, only_with=None, identity=True):
+    """A dataclass field for one flag. low/high: inclusive bounds, above: exclusive lower bound (None: unset is
+    allowed). only_with = ("group.field", allowed values): the flag means something only with that setting.
+    identity=False: the flag does not change what a run computes (logging, where results go), so a checkpoint may be
+    resumed with another value."""
+    extra = {"choices": choices, "low": low, "high": high, "above": above, "only_with": only_with,
+             "identity": identity}
+    return field(default=default, metadata={"help": help, "suite": extra})
+
+
+# --- the flag groups --------------------------------------------------------------------------------------------
+
+@dataclass
+class TaskArguments:
+    _argument_group_name = "Task and data"
+    task_name: str = flag("SST2", "Task (case-sensitive).", choices=tuple(tasks.TASKS))
+    data_dir: str | None = flag(None, "Folder with <task>/<split>.jsonl[.gz] in Hugging Face field layout (default: "
+                                      "$ZO_DATA_DIR; unset: the hub, then the small bundled sample).")
+    hub_dataset: str | None = flag(None, "Override the task's hub repository: 'path' or 'path:config'.")
+    num_train: int = flag(0, "ICL: demonstrations per prompt. Training: training examples.", low=0)
+    num_dev: int | None = flag(None, "Dev examples, carved from the tail of the train draw (training only).", low=1)
+    num_eval: int | None = flag(None, "Test examples sampled from the validation split (default: all).", low=1)
+    num_train_sets: int | None = flag(None, "Number of train/demo sets, seeds 0..N-1.", low=1)
+    train_set_seed: int | None = flag(None, "One train/demo set drawn with this seed (takes precedence over "
+                                            "--num_train_sets).", low=0)
+    result_file: str | None = flag(None, "Result JSON path (default: an automatic name under result/).",
+                                   identity=False)
+    tag: str = flag("", "Appended to the result file and run folder names.")
+
+
+@dataclass
+class ModelArguments:
+    _argument_group_name = "Model"
+    model_name: str = flag("smollm2-135m", "Hugging Face hub id or local folder; 'smollm2-135m' is the embedded "
+                                           "offline default.")
+    load_float16: bool = flag(False, "Load the weights in float16.")
+    load_bfloat16: bool = flag(False, "Load the weights in bfloat16.")
+    load_int8: bool = flag(False, "Load 8-bit weights (bitsandbytes; inference only).")
+    max_length: int = flag(2048, "Maximum tokens per sequence; prompts are truncated from the left.", low=2)
+    auto_device: bool = flag(True, "On CUDA, spread the model over the visible GPUs with device_map='auto' "
+                                   "(--no_auto_device: one device, as FSDP needs).")
+    untie_emb: bool = flag(False, "Untie the input and output embeddings.")
+    opt_bos_fix: bool = flag(True, "For OPT models (config.model_type == 'opt') start prompts with id 0 as the MeZO "
+                                   "papers did; --no_opt_bos_fix keeps OPT's own BOS.")
+
+
+@dataclass
+class EvalArguments:
+    _argument_group_name = "Evaluation"
+    sfc: bool = flag(False, "Surface-form-competition calibration (prompt without demos).")
+    icl_sfc: bool = flag(False, "SFC calibration whose prompt keeps the demonstrations.")
+    sampling: bool = flag(False, "Generation: sample instead of greedy decoding.")
+    temperature: float = flag(1.0, "Generation temperature (with --sampling).", above=0.0,
+                              only_with=("evaluation.sampling", (True,)))
+    num_beams: int = flag(1, "Generation beams.", low=1)
+    top_k: int | None = flag(None, "Generation top-k (with --sampling).", low=1, only_with=("evaluation.sampling", (True,)))
+    top_p: float = flag(0.95, "Generation top-p (with --sampling).", above=0.0, high=1.0,
+                        only_with=("evaluation.sampling", (True,)))
+    max_new_tokens: int = flag(50, "Generation budget, also reserved out of --max_length.", low=1)
+    eos_token: str = flag("\n", "Extra stop text for generation (its last token).")
+    verbose: bool = flag(False, "Log prompt, candidates and scores of every example.", identity=False)
+    final_eval: bool = flag(True, "Evaluate on the test subset after training and write the result file "
+                                  "(--no_final_eval skips both).", identity=False,
+                            only_with=("train.trainer", ("regular", "zo")))
+
+
+@dataclass
+class TrainArguments:
+    _argument_group_name = "Training (shared by the regular and the ZO trainer)"
+    trainer: str = flag("none", "none: zero-shot/ICL evaluation; regular: first-order HF Trainer; zo: zeroth-order.",
+                        choices=("none", "regular", "zo"))
+    only_train_option: bool = flag(True, "LM loss on the option tokens only (--no_only_train_option: every token).")
+    train_as_classification: bool | None = flag(
+        None, "Cross-entropy over the candidates' length-normalised option log-likelihoods (default: the task's "
+              "entry in tasks.py, as MeZO's scripts: on for classification tasks except Copa and ReCoRD).")
+    non_diff: bool = flag(False, "Non-differentiable objective: minus the task metric of the model's own predictions "
+                                 "(ZO only).", only_with=("train.trainer", ("zo",)))
+    linear_probing: bool = flag(False, "Fit a logistic-regression head on frozen features.",
+                                only_with=("train.trainer", ("regular",)))
+    lp_early_stopping: bool = flag(False, "Linear probing: tol 0.01, max_iter 1000.",
+                                   only_with=("train.linear_probing", (True,)))
+    head_tuning: bool = flag(False, "Train only the output head.", only_with=("train.trainer", ("regular", "zo")))
+    save_model: bool = flag(False, "Save the trained model (or adapter) to the run folder.",
+                            only_with=("train.trainer", ("regular", "zo")), identity=False)
+    overwrite_output_dir: bool = flag(False, "Start afresh: delete the run folder's checkpoints instead of resuming "
+                                             "from the newest complete one.", identity=False)
+
+
+@dataclass
+class PeftArguments:
+    _argument_group_name = "Parameter-efficient modes"
+    prefix_tuning: bool = flag(False, "Prefix tuning.", only_with=("train.trainer", ("regular", "zo")))
+    num_prefix: int = flag(5, "Prefix key/value positions per layer.", low=1, only_with=("peft.prefix_tuning", (True,)))
+    prefix_reparam: bool = flag(False, "MLP reparameterisation of the prefix (needs --no_prefix_init_by_real_act).",
+                                only_with=("peft.prefix_tuning", (True,)))
+    prefix_init_by_real_act: bool = flag(True, "Initialise prefixes from real key/values of random tokens.",
+                                         only_with=("peft.prefix_tuning", (True,)))
+    lora: bool = flag(False, "LoRA.", only_with=("train.trainer", ("regular", "zo")))
+    lora_alpha: int = flag(16, "LoRA alpha.", above=0, only_with=("peft.lora", (True,)))
+    lora_r: int = flag(8, "LoRA rank.", low=1, only_with=("peft.lora", (True,)))
+    lora_target_modules: str | None = flag(None, "Comma-separated module names for LoRA (default: chosen from the "
+                                                 "model type).", only_with=("peft.lora", (True,)))
+    save_merged: bool = flag(False, "With --lora --save_model: save merged full weights instead of the adapter.",
+                             only_with=("peft.lora", (True,)), identity=False)
+
+
+class HFArguments(TrainingArguments):
+    """Hugging Face's TrainingArguments, unchanged; a group of their own so that --help lists them last."""
+    _argument_group_name = "Hugging Face TrainingArguments (learning rate, steps, batch size, saving, logging ...)"
+
+
+ZO = ("train.trainer", ("zo",))
+ADAMU = ("zo.zo_optim", ("zo_adamu",))
+
+
+@dataclass
+class ZOArguments:
+    _argument_group_name = "Zeroth-order optimizers (--trainer zo)"
+    zo_optim: str = flag("mezo", "ZO optimizer.", choices=tuple(zo.OPTIMIZERS), only_with=ZO)
+    zo_eps: float = flag(1e-3, "Perturbation scale epsilon.", above=0.0, only_with=ZO)
+    zo_direction: str = flag("gaussian", "Perturbation distribution.", choices=zo.DIRECTIONS, only_with=ZO)
+    zo_t1: int | None = flag(None, "ZO-AdaMU: end of the warm-up (default 0.0512 x max_steps).", low=0,
+                             only_with=ADAMU)
+    zo_t2: int | None = flag(None, "ZO-AdaMU: end of the annealing (default 0.8 x max_steps).", low=1,
+                             only_with=ADAMU)
+    zo_t3: int | None = flag(None, "ZO-AdaMU: schedule horizon (default max_steps).", low=1, only_with=ADAMU)
+    zo_phi_alpha: float = flag(1.0, "ZO-AdaMU: annealing rate of alpha.", above=0.0, only_with=ADAMU)
+    zo_phi_beta1: float = flag(0.1, "ZO-AdaMU: annealing rate of beta1.", above=0.0, only_with=ADAMU)
+    zo_phi_beta2: float = flag(1.5, "ZO-AdaMU: annealing rate of beta2.", above=0.0, only_with=ADAMU)
+    zo_alpha_floor: float | None = flag(None, "ZO-AdaMU: keep alpha >= this after T2 (the paper text's 0.5).",
+                                        low=0.0, high=1.0, only_with=ADAMU)
+    zo_signed_momentum: bool = flag(True, "ZO-AdaMU: store m = sign(g) u as the released code does "
+                                          "(--no_zo_signed_momentum: m = u, the paper's Algorithm 1).",
+                                    only_with=ADAMU)
+    zo_state_dtype: str | None = flag(None, "ZO-AdaMU momentum dtype (default: the parameter dtype).",
+                                      choices=("float32", "bfloat16", "float16"), only_with=ADAMU)
+    zo_exact_restore: str = flag(
+        "auto", "Keep a copy of the weights during a step so probes restore them exactly: auto (16-bit weights "
+                "only, where rounding drift is large), always (fp32 too; one parameter-sized buffer) or never "
+                "(MeZO's memory; fp32 drift stays ~1e-7).", choices=("auto", "always", "never"), only_with=ZO)
+    zo_keep_direction: bool = flag(False, "Keep each step's direction in memory: one noise sweep per step instead "
+                                          "of three, for one parameter-sized buffer (small models).", only_with=ZO)
+    zo_carry_perturbation: bool = flag(
+        False, "Fuse each update with the next step's first perturbation: two weight sweeps per step instead of "
+               "three where one kernel does both. The weights rest perturbed between steps and are restored before "
+               "evaluation, saving and the end of training.", only_with=ZO)
+    zo_cuda_graphs: bool = flag(True, "On CUDA with Triton, replay each kind of weight sweep as a captured CUDA "
+                                      "graph (identical results; --no_zo_cuda_graphs launches per tensor).",
+                                only_with=ZO, identity=False)
+
+    def schedule_overrides(self) -> dict:
+        """ZO-AdaMU schedule fields given on the command line (the rest scale with max_steps)."""
+        given = dict(T1=self.zo_t1, T2=self.zo_t2, T3=self.zo_t3, phi_alpha=self.zo_phi_alpha,
+                     phi_beta1=self.zo_phi_beta1, phi_beta2=self.zo_phi_beta2, alpha_floor=self.zo_alpha_floor)
+        return {k: v for k, v in given.items() if v is not None}
+
+    def optimizer_class(self):
+        return zo.OPTIMIZERS[self.zo_optim]
+
+    def optimizer_kwargs(self, max_steps: int) -> dict:
+        """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed), built
+        from these flags; only those the optimizer takes are passed."""
+        import torch
+        offered = dict(
+            eps=lambda: self.zo_eps, direction=lambda: self.zo_direction,
+            exact_restore=lambda: {"auto": None, "always": True, "never": False}[self.zo_exact_restore],
+            keep_direction=lambda: self.zo_keep_direction, carry_perturbation=lambda: self.zo_carry_perturbation,
+            cuda_graphs=lambda: self.zo_cuda_graphs, signed_momentum=lambda: self.zo_signed_momentum,
+            state_dtype=lambda: getattr(torch, self.zo_state_dtype) if self.zo_state_dtype else None,
+            schedule=lambda: zo.AdaMUSchedule.for_max_steps(max_steps, **self.schedule_overrides()))
+        accepted = accepted_keywords(self.optimizer_class())
+        return {name: make() for name, make in offered.items() if name in accepted}
+
+
+def accepted_keywords(cls) -> set[str]:
+    """Keyword arguments a class's constructor takes, through the **kwargs it hands to its bases' constructors."""
+    names = set()
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
+
+
+GROUPS = (("task", TaskArguments), ("model", ModelArguments), ("evaluation", EvalArguments),
+          ("train", TrainArguments), ("peft", PeftArguments), ("zo", ZOArguments), ("hf", HFArguments))
+
+# Ranges of the Hugging Face flags this suite relies on: (low, high, exclusive low); None leaves a side open.
+HF_RANGES = {
+    "learning_rate": (0.0, None, False), "weight_decay": (0.0, None, False), "num_train_epochs": (0.0, None, True),
+    "per_device_train_batch_size": (1, None, False), "per_device_eval_batch_size": (1, None, False),
+    "gradient_accumulation_steps": (1, None, False), "warmup_steps": (0, None, False), "seed": (0, None, False),
+    "logging_steps": (0, None, True), "eval_steps": (0, None, True), "save_steps": (0, None, True),
+    "save_total_limit": (1, None, False), "max_grad_norm": (0.0, None, False), "adam_beta1": (0.0, 1.0, False),
+    "adam_beta2": (0.0, 1.0, False), "adam_epsilon": (0.0, None, True),
+}
+# Hugging Face flags that do not change what a run computes: logging, reporting, where and how often it saves or
+# evaluates, data-loader plumbing. Every other flag is part of a run's identity (a new flag is, until listed here).
+HF_NOT_IDENTITY = frozenset({
+    "output_dir", "logging_dir", "logging_strategy", "logging_first_step", "logging_steps", "logging_nan_inf_filter",
+    "log_on_each_node", "log_level", "log_level_replica", "disable_tqdm", "report_to", "run_name", "project",
+    "trackio_space_id", "trackio_bucket_id", "trackio_static_space_id", "eval_strategy", "eval_steps", "eval_delay",
+    "eval_on_start", "per_device_eval_batch_size", "eval_do_concat_batches", "eval_use_gather_object",
+    "eval_accumulation_steps", "batch_eval_metrics", "prediction_loss_only", "include_num_input_tokens_seen",
+    "save_strategy", "save_steps", "save_total_limit", "save_only_model", "save_on_each_node", "enable_jit_checkpoint",
+    "push_to_hub", "hub_token", "hub_private_repo", "hub_model_id", "hub_strategy", "hub_always_push",
+    "hub_revision", "resume_from_checkpoint", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "dataloader_prefetch_factor", "dataloader_multiprocessing_context",
+    "skip_memory_metrics", "local_rank", "ddp_timeout", "debug", "do_train", "do_eval", "do_predict",
+    "torch_empty_cache_steps", "restore_callback_states_from_checkpoint", "remove_unused_columns",
+})
+
+# Old spellings: a plain rename, or an inverted boolean (--no_reparam was "no MLP reparameterisation").
+RENAMED = {"--evaluation_strategy": "--eval_strategy"}
+INVERTED = {"--no_reparam": "--prefix_reparam", "--zo_unsigned_momentum": "--zo_signed_momentum",
+            "--no_eval": "--final_eval"}
+DOUBLE_NEGATIVE = {"--no_no_reparam": "--prefix_reparam"}
+RETIRED = {"--save_on_interrupt": "SIGTERM, SIGINT and SIGUSR1 always save a checkpoint and stop"}
+# Unknown flags that people type for a known one (difflib finds typos, not synonyms).
+SYNONYMS = {"lr": "learning_rate", "eps": "zo_eps", "epsilon": "zo_eps", "bs": "per_device_train_batch_size",
+            "batch_size": "per_device_train_batch_size", "steps": "max_steps", "epochs": "num_train_epochs",
+            "model": "model_name", "task": "task_name", "optimizer": "zo_optim", "zo_optimizer": "zo_optim",
+            "num_demos": "num_train", "output": "output_dir", "out": "output_dir"}
+_BOOL_WORDS = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+_NUMBER = re.compile(r"^-(\d+\.?\d*([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?|inf|nan)$", re.IGNORECASE)
+
+
+class Parser(HfArgumentParser):
+    """HfArgumentParser that shows each flag's accepted values and range in its help, keeps argparse from guessing
+    abbreviations (`--lr` silently matching `--lr_scheduler_type`), and raises instead of exiting on a bad value."""
+
+    def __init__(self):
+        super().__init__([cls for _, cls in GROUPS], usage=USAGE, description=DESCRIPTION, allow_abbrev=False)
+
+    @staticmethod
+    def _parse_dataclass_field(parser, dataclass_field):
+        suite = dataclass_field.metadata.get("suite")
+        if suite is not None:  # our metadata is not argparse's: fold it into the help text
+            helptext = dataclass_field.metadata["help"] + _describe_limits(suite)
+            dataclass_field = _with_metadata(dataclass_field, {"help": helptext})
+        HfArgumentParser._parse_dataclass_field(parser, dataclass_field)
+        if dataclass_field.type == bool | None:
+            # "unset: decided elsewhere" booleans still take the bare `--flag` form for true, as every boolean does
+            action = parser._option_string_actions[f"--{dataclass_field.name}"]
+            action.nargs, action.const = "?", True
+
+    def error(self, message):
+        raise UsageError([message])
+
+
+def _with_metadata(original: dataclasses.Field, metadata: dict) -> dataclasses.Field:
+    copy = dataclasses.field(default=original.default, default_factory=original.default_factory, metadata=metadata)
+    copy.name, copy.type = original.name, original.type
+    return copy
+
+
+def _describe_limits(suite: dict) -> str:
+    parts = []
+    if suite["choices"]:
+        parts.append("choices: " + ", ".join(map(str, suite["choices"])))
+    if suite["low"] is not None or suite["above"] is not None or suite["high"] is not None:
+        parts.append(_range_text(suite["low"], suite["high"], suite["above"]))
+    if suite["only_with"]:
+        parts.append("with " + _condition_text(*suite["only_with"]))
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
+def _range_text(low, high, above) -> str:
+    if above is not None:
+        lower = f"> {above}"
+    elif low is not None:
+        lower = f">= {low}"
+    else:
+        lower = ""
+    upper = f"<= {high}" if high is not None else ""
+    return " and ".join(p for p in (lower, upper) if p)
+
+
+def _condition_text(path: str, allowed: tuple) -> str:
+    name = path.split(".")[1]
+    if allowed == (True,):
+        return f"--{name}"
+    return f"--{name} " + "|".join(map(str, allowed))
+
+
+# --- the parsed configuration ------------------------------------------------------------------------------------
+
+@dataclass
+class RunConfig:
+    task: TaskArguments
+    model: ModelArguments
+    evaluation: EvalArguments
+    train: TrainArguments
+    peft: PeftArguments
+    zo: ZOArguments
+    hf: HFArguments
+    given: frozenset = frozenset()     # flag names on the command line (after legacy spellings were rewritten)
+    argv: tuple = ()                   # the command line as given, for the resume command
+
+    @property
+    def training(self) -> bool:
+        return self.train.trainer != "none"
+
+    @property
+    def mode(self) -> str:
+        """What trains: ft (everything), lora, prefix, head, probe (linear probing), or icl (nothing)."""
+        if not self.training:
+            return "icl"
+        return ("lora" if self.peft.lora else "prefix" if self.peft.prefix_tuning else "head" if self.train.head_tuning
+                else "probe" if self.train.linear_probing else "ft")
+
+    def fields(self, include_hf: bool = True):
+        """(group name, field name, value, counts for identity) of every flag."""
+        for name, cls in GROUPS:
+            if name == "hf" and not include_hf:
+                continue
+            group = getattr(self, name)
+            for f in dataclasses.fields(cls):
+                if not f.init:
+                    continue
+                suite = f.metadata.get("suite")
+                counts = suite["identity"] if suite is not None else f.name not in HF_NOT_IDENTITY
+                yield name, f.name, getattr(group, f.name), counts
+
+    def as_dict(self) -> dict:
+        """Every flag's value, JSON-safe (recorded in result files)."""
+        return {f: _jsonable(v) for _, f, v, _ in self.fields()}
+
+    def identity(self) -> dict:
+        """The flags that define what the run computes."""
+        return {f: _jsonable(v) for _, f, v, counts in self.fields() if counts}
+
+    def run_id(self) -> str:
+        return identity_hash(self.identity())
+
+
+def identity_hash(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return str(value)
+
+
+# --- parsing -----------------------------------------------------------------------------------------------------
+
+def parse(argv: list[str]) -> RunConfig:
+    """The run's configuration; UsageError lists every problem with the command line."""
+    problems: list[str] = []
+    parser = Parser()
+    options = parser._option_string_actions  # argparse's table of option strings -> actions
+    argv = list(argv)
+    normalised = normalise(argv, options, problems)
+    screened, given = screen(normalised, options, problems)
+    namespace, remaining = parser.parse_known_args(screened)
+    if remaining:  # screen() should have caught these; never drop an argument silently
+        problems.append(f"Unexpected arguments {remaining}.")
+    values = vars(namespace)
+    problems += check_fields(values, given)
+    instances = {}
+    for name, cls in GROUPS:
+        inputs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
+        try:
+            instances[name] = cls(**inputs)
+        except ValueError as error:  # TrainingArguments' own cross-flag rules
+            problems.append(str(error).strip())
+    if problems or len(instances) < len(GROUPS):
+        raise UsageError(problems)
+    config = RunConfig(**instances, given=frozenset(given), argv=tuple(argv))
+    resolve_task_defaults(config)
+    problems += check(config)
+    if problems:
+        raise UsageError(problems)
+    return config
+
+
+def normalise(argv: list[str], options: dict, problems: list[str]) -> list[str]:
+    """Legacy spellings rewritten; a negative number after a flag glued to it with '=' (argparse takes '-1e-3' for a
+    flag)."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        name, eq, inline = token.partition("=")
+        if name in RENAMED:
+            out.append(RENAMED[name] + eq + inline)
+        elif name in INVERTED or name in DOUBLE_NEGATIVE:
+            value = True
+            if eq:
+                value = _bool_or_none(inline)
+            elif i + 1 < len(argv) and _bool_or_none(argv[i + 1]) is not None:
+                value = _bool_or_none(argv[i + 1])
+                i += 1
+            if value is None:
+                problems.append(f"{name} {inline!r}: expected true or false.")
+            else:
+                target = INVERTED.get(name) or DOUBLE_NEGATIVE[name]
+                out.append(f"{target}={str(value if name in DOUBLE_NEGATIVE else not value).lower()}")
+        elif name in RETIRED:
+            if not eq and i + 1 < len(argv) and _bool_or_none(argv[i + 1]) is not None:
+                i += 1
+            # accepted so that old grid scripts keep running; it changes nothing
+        elif (_NUMBER.match(token) and out and out[-1].startswith("--") and "=" not in out[-1]
+              and _takes_value(options.get(out[-1]))):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+        i += 1
+    return out
+
+
+def _takes_value(action) -> bool:
+    return action is not None and action.nargs != 0
+
+
+def _bool_or_none(text: str):
+    lowered = text.lower()
+    if lowered not in _BOOL_WORDS:
+        return None
+    return _BOOL_WORDS.index(lowered) < 5
+
+
+def screen(argv: list[str], options: dict, problems: list[str]) -> tuple[list[str], set[str]]:
+    """argv without the flags that cannot be parsed (each reported), and the destinations given on it."""
+    kept: list[str] = []
+    given: set[str] = set()
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("-") or token in ("-", "--"):
+            problems.append(f"Unexpected argument {token!r}: every value follows its flag (--flag VALUE).")
+            i += 1
+            continue
+        name, eq, inline = token.partition("=")
+        action = options.get(name)
+        if action is None:
+            problems.append(unknown_flag(name, options))
+            i += 1
+            while i < len(argv) and not argv[i].startswith("-"):  # its value(s)
+                i += 1
+            continue
+        values, consumed = _values_of(action, argv, i, inline if eq else None)
+        bad = _check_values(name, action, values, eq)
+        if bad:
+            problems.append(bad)
+        else:
+            kept.extend(argv[i:i + consumed])
+            given.add(action.dest)
+        i += consumed
+    return kept, given
+
+
+def _values_of(action, argv, i, inline) -> tuple[list[str], int]:
+    """The values of the flag at argv[i] and how many tokens it spans, as argparse will read them."""
+    if inline is not None:
+        return [inline], 1
+    following = []
+    j = i + 1
+    while j < len(argv) and not argv[j].startswith("-"):
+        following.append(argv[j])
+        j += 1
+    if action.nargs == 0:
+        return [], 1
+    if action.nargs is None:
+        return following[:1] or [None], 1 + min(1, len(following))
+    if action.nargs == "?":
+        return following[:1], 1 + min(1, len(following))
+    return following, 1 + len(following)  # "+" / "*"
+
+
+def _check_values(name: str, action, values: list, inline: bool) -> str | None:
+    if action.nargs == 0:
+        if inline:
+            return f"{name} takes no value (remove '={values[0]}')."
+        return None
+    if action.nargs == "+" and not values:
+        return f"{name} expects at least one value."
+    for value in values:
+        if value is None:
+            return f"{name} expects a value."
+        try:
+            converted = action.type(value) if action.type is not None else value
+        except (ValueError, TypeError, ArgumentTypeError, KeyError):
+            return f"{name} {value!r}: {_expected(action)}."
+        if action.choices is not None and converted not in action.choices:
+            return f"{name} {value!r}: {_expected(action)}."
+    return None
+
+
+def _expected(action) -> str:
+    if action.choices is not None:
+        return "choose one of " + ", ".join(map(str, action.choices))
+    kind = getattr(action.type, "__name__", "")
+    return {"int": "expected an integer", "float": "expected a number (e.g. 1e-3 or -0.5)",
+            "string_to_bool": "expected true or false"}.get(kind, f"not a valid value ({kind or 'text'})")
+
+
+def unknown_flag(name: str, options: dict) -> str:
+    bare = name.lstrip("-")
+    known = sorted({o for o in options if o.startswith("--") and "-" not in o[2:]})
+    if bare in SYNONYMS:
+        return f"Unknown flag {name}. Did you mean --{SYNONYMS[bare]}? (`python run.py --help` lists every flag.)"
+    hints = [o for o in difflib.get_close_matches(name.replace("-", "_").replace("__", "--", 1), known, n=3,
+                                                   cutoff=0.75) if o not in hints]
+    hints += [o for o in known if o.endswith("_" + bare) and o not in hints][:3]
+    hint = f" Did you mean {' or '.join(hints[:3])}?" if hints else ""
+    return f"Unknown flag {name}.{hint} (`python run.py --help` lists every flag.)"
+
+
+def check_fields(values: dict, given: set[str]) -> list[str]:
+    """Ranges and choices of every flag that declares them."""
+    problems = []
+    for name, cls in GROUPS:
+        for f in dataclasses.fields(cls):
+            if not f.init or f.name not in values:
+                continue
+            value = values[f.name]
+            suite = f.metadata.get("suite")
+            if suite is not None:
+                low, high, above, choices = suite["low"], suite["high"], suite["above"], suite["choices"]
+            elif f.name in HF_RANGES:
+                bound, high, exclusive = HF_RANGES[f.name]
+                low, above, choices = (None, bound, None) if exclusive else (bound, None, None)
+            else:
+                continue
+            if value is None:
+                continue
+            if choices is not None and value not in choices:
+                same = [c for c in choices if str(c).lower() == str(value).lower()]
+                hint = f" Did you mean {same[0]!r}? (names are case-sensitive)" if same else ""
+                problems.append(f"--{f.name} {value!r} is not available.{hint} Choose one of "
+                                f"{', '.join(map(str, choices))}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool) and (
+                    not math.isfinite(value) or (low is not None and value < low) or
+                    (above is not None and value <= above) or (high is not None and value > high)):
+                problems.append(f"--{f.name} {value}: must be {_range_text(low, high, above)}.")
+    max_steps = values.get("max_steps")
+    if max_steps is not None and max_steps != -1 and max_steps < 1:
+        problems.append(f"--max_steps {max_steps}: must be >= 1 (or -1, the default, to train --num_train_epochs).")
+    return problems
+
+
+def resolve_task_defaults(config: RunConfig) -> None:
+    """Per-task defaults from the task table: the training objective, where the flag was not given."""
+    if config.train.train_as_classification is None:
+        spec = tasks.TASKS.get(config.task.task_name)
+        wanted = bool(spec and spec.train_as_classification and config.training)
+        # the task's default yields to modes that cannot use it; an explicit --train_as_classification does not
+        config.train.train_as_classification = (wanted and config.train.only_train_option
+                                                and not config.train.linear_probing)
+
+
+def _lookup(config: RunConfig, path: str):
+    group, name = path.split(".")
+    return getattr(getattr(config, group), name)
+
+
+def check(config: RunConfig) -> list[str]:
+    """Every cross-flag rule, with the value and the fix."""
+    problems = []
+    task, model, train, peft, zo_args, hf = (config.task, config.model, config.train, config.peft, config.zo,
+                                             config.hf)
+    spec = tasks.TASKS.get(task.task_name)  # None: already reported as an unavailable choice
+    for group, name, _, _ in config.fields(include_hf=False):
+        condition = getattr(config, group).__dataclass_fields__[name].metadata["suite"]["only_with"]
+        if name in config.given and condition and _lookup(config, condition[0]) not in condition[1]:
+            problems.append(f"--{name} only applies with {_condition_text(*condition)}; drop it or add that "
+                            f"setting.")
+    if not config.training and task.num_dev is not None:
+        problems.append(f"--num_dev {task.num_dev} only applies to training; with --trainer none drop --num_dev (the "
+                        f"dev set is carved from the training draw).")
+    if spec is not None and spec.generation and (config.evaluation.sfc or config.evaluation.icl_sfc):
+        problems.append(f"--sfc/--icl_sfc calibrate classification scores; task {spec.name} is a generation task. "
+                        f"Drop the flag.")
+    if model.load_float16 and model.load_bfloat16:
+        problems.append("--load_float16 and --load_bfloat16 both given; choose one.")
+    if not config.training:
+        return problems
+    if task.train_set_seed is None and task.num_train_sets is None:
+        problems.append(f"--trainer {train.trainer} needs --train_set_seed S (or --num_train_sets N) to draw the "
+                        f"training set.")
+    if task.num_train <= 0:
+        problems.append(f"--trainer {train.trainer} needs --num_train > 0 (got {task.num_train}).")
+    if model.load_int8:
+        problems.append("--load_int8 is for inference only; drop it to train (or use --trainer none).")
+    modes = [m for m, on in (("--lora", peft.lora), ("--prefix_tuning", peft.prefix_tuning),
+                             ("--head_tuning", train.head_tuning), ("--linear_probing", train.linear_probing)) if on]
+    if len(modes) > 1:
+        problems.append(f"{' and '.join(modes)} given; choose one parameter-efficient mode.")
+    if train.linear_probing and (train.non_diff or not train.only_train_option):
+        problems.append("--linear_probing fits a head on frozen features of the option tokens; it cannot be combined "
+                        "with --non_diff/--no_only_train_option.")
+    if train.linear_probing and train.train_as_classification:
+        problems.append("--linear_probing fits a head on the option tokens; drop --train_as_classification.")
+    if train.train_as_classification and not train.only_train_option:
+        problems.append("--train_as_classification scores the option tokens; it cannot be combined with "
+                        "--no_only_train_option.")
+    if peft.prefix_tuning and peft.prefix_reparam and peft.prefix_init_by_real_act:
+        problems.append("--prefix_reparam (MLP reparameterisation) cannot start from real activations; also pass "
+                        "--no_prefix_init_by_real_act.")
+    if model.load_float16 and hf.fp16 and train.trainer == "regular":
+        problems.append("--load_float16 with --fp16 AMP cannot train (AMP cannot unscale fp16 gradients): load fp32 "
+                        "weights with --fp16, or use --bf16 / --load_bfloat16.")
+    if hf.load_best_model_at_end and task.num_dev is None:
+        problems.append("--load_best_model_at_end selects checkpoints on the dev set; pass --num_dev N (the test "
+                        "subset must never drive checkpoint selection).")
+    if spec is not None and train.non_diff and train.train_as_classification and spec.generation:
+        problems.append("--non_diff on a generation task scores generations; drop --train_as_classification.")
+    if train.trainer == "zo":
+        if zo_args.zo_optim == "zo_adamu" and hf.max_steps > 0:
+            try:
+                zo.AdaMUSchedule.for_max_steps(hf.max_steps, **zo_args.schedule_overrides())
+            except ValueError as error:
+                problems.append(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.")
+        if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
+            problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
+                            "already costs one noise sweep per step); drop one of them.")
+        if hf.fsdp or hf.deepspeed:
+            problems.append("ZO training perturbs whole parameters in place; FSDP/DeepSpeed sharding is not "
+                            "meaningful for it. Drop --fsdp/--deepspeed (ZO needs only inference memory).")
+    if hf.fsdp:
+        import torch
+        if not torch.cuda.is_available():
+            problems.append(f"--fsdp {hf.fsdp!r} shards the model over CUDA GPUs, and this machine has none "
+                            f"(torch.cuda.is_available() is False). Drop --fsdp (finetune.sh trains on one device).")
+    return problems

@@ -1,0 +1,330 @@
+"""What a run writes and what it may reuse: its folder, its checkpoints and its result file.
+
+A run is defined by its identity (`args.RunConfig.identity()`: every flag that changes what it computes) and named by
+a hash of it (`run_id`).
+* **Its folder.** Unless `--output_dir` is given, checkpoints go to `result/output/<readable name>-<run_id>/`, so two
+  runs that differ in anything that matters never share a folder. The folder's `run_config.json` names the run that
+  owns it; every checkpoint records the same identity.
+* **Resuming.** A rerun of the same command resumes from the newest checkpoint that is complete (its marker
+  `checkpoint_complete.json`, written last, lists every file with its size, and the files are all there at those
+  sizes) and loadable (its trainer state parses). Broken checkpoints are skipped with a warning naming the file. A
+  folder or checkpoint of another run, or a folder with only broken checkpoints, stops the run before anything loads,
+  with the differences and the two ways out (`--overwrite_output_dir`, or another `--output_dir`).
+* **Rotation.** `--save_total_limit` is applied here after the marker is written (the newest complete checkpoints and
+  the best one stay), never before: Hugging Face's own rotation runs before a save is finished, so a kill at that
+  moment could leave no complete checkpoint at all.
+* **Results.** `result/<name>.json` names what distinguishes the run; a file there from another run (another
+  `run_id`) is never replaced: the new result is written beside it with the run id in its name, and a warning says so.
+  Files are written atomically and with the permissions the umask allows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG = "run_config.json"
+MARKER = "checkpoint_complete.json"
+TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class RunError(ValueError):
+    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+# --- names --------------------------------------------------------------------------------------------------------
+
+def _number(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe(config) -> str:
+    """The readable part of a training run's name: mode, optimizer, learning rate, ε, length, batch and seed."""
+    hf = config.hf
+    trainer = config.zo.zo_optim if config.train.trainer == "zo" else config.train.trainer
+    parts = [trainer, config.mode, f"lr{_number(hf.learning_rate)}"]
+    if config.train.trainer == "zo":
+        parts.append(f"eps{_number(config.zo.zo_eps)}")
+    parts.append(f"steps{hf.max_steps}" if hf.max_steps > 0 else f"ep{_number(hf.num_train_epochs)}")
+    batch = hf.per_device_train_batch_size * hf.gradient_accumulation_steps
+    parts += [f"bs{batch}", f"seed{hf.seed}"]
+    return "-".join(parts)
+
+
+def model_label(model_name: str) -> str:
+    return os.path.basename(model_name.rstrip("/")) or model_name
+
+
+def result_name(config, suffix: str, sizes: dict | None = None) -> str:
+    """MeZO's result name, {task}-{model}[-sfc][-icl_sfc][-sampleeval{n}][-ntrain{n}][-ndev{n}][-{tag}]-{suffix}.json,
+    where a training run without --tag gets the readable description of `describe` as its tag (two runs differing in
+    optimizer, learning rate, ε, steps, batch or seed must not share a name). `sizes` (the sizes actually used) name
+    the evaluation set when the data had fewer rows than asked for."""
+    task, evaluation = config.task, config.evaluation
+    parts = [task.task_name, model_label(config.model.model_name)]
+    if evaluation.sfc:
+        parts.append("sfc")
+    if evaluation.icl_sfc:
+        parts.append("icl_sfc")
+    if task.num_eval is not None:
+        parts.append(f"sampleeval{sizes['eval'] if sizes else task.num_eval}")
+    if task.num_train > 0:
+        parts.append(f"ntrain{task.num_train}")
+    if task.num_dev is not None:
+        parts.append(f"ndev{task.num_dev}")
+    tag = task.tag or (describe(config) if config.training else "")
+    if tag:
+        parts.append(tag)
+    return "-".join(parts) + f"-{suffix}.json"
+
+
+def result_path(config, suffix: str, sizes: dict | None = None, num_sets: int = 1) -> Path:
+    if config.task.result_file:
+        path = Path(config.task.result_file)
+        # several train sets and one --result_file: one file per set, never one overwriting the next
+        return path.with_name(f"{path.stem}-{suffix}{path.suffix}") if num_sets > 1 else path
+    return Path("result") / result_name(config, suffix, sizes)
+
+
+def output_dir(config, set_index: int, num_sets: int) -> Path:
+    """Where this train set's checkpoints go."""
+    if "output_dir" in config.given:
+        base = Path(config.hf.output_dir)
+    else:
+        label = "-".join(p for p in (config.task.task_name, model_label(config.model.model_name), describe(config),
+                                     config.task.tag) if p)
+        base = Path("result") / "output" / f"{label}-{config.run_id()}"
+    return base / f"trainset{set_index}" if num_sets > 1 else base
+
+
+# --- checkpoints --------------------------------------------------------------------------------------------------
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """checkpoint-N folders, newest (highest N) first."""
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (naming the file), or None if it is complete and loadable."""
+    marker = checkpoint / MARKER
+    if not marker.is_file():
+        return f"{checkpoint} has no {MARKER} (it was interrupted while being saved, or predates this check)"
+    try:
+        record = json.loads(marker.read_text())
+        files = record["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"{marker} is not a valid completion record"
+    for name, size in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != size:
+            return f"{path} has {path.stat().st_size} bytes, {size} were written (truncated or replaced)"
+    try:
+        json.loads((checkpoint / TRAINER_STATE).read_text())["global_step"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{checkpoint / TRAINER_STATE} does not parse"
+    return None
+
+
+def recorded_identity(checkpoint: Path) -> dict:
+    return json.loads((checkpoint / MARKER).read_text())["identity"]
+
+
+def differences(theirs: dict, ours: dict) -> list[str]:
+    keys = sorted(set(theirs) | set(ours))
+    return [f"--{k}: {theirs.get(k, '(not recorded)')!r} there, {ours.get(k, '(not a flag now)')!r} now"
+            for k in keys if theirs.get(k) != ours.get(k)]
+
+
+@dataclass
+class ResumePlan:
+    folder: Path
+    checkpoint: Path | None = None                        # resume from here; None: start from the pretrained model
+    skipped: list[str] = field(default_factory=list)      # broken checkpoints passed over (warned at start)
+    wipe: list[Path] = field(default_factory=list)        # --overwrite_output_dir: removed before training
+
+
+def _ways_out(folder: Path) -> str:
+    return (f"Pass --overwrite_output_dir to delete its checkpoints and start over, or --output_dir with another "
+            f"folder (without --output_dir every configuration gets its own folder under result/output/).")
+
+
+def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str | None) -> ResumePlan:
+    """Which checkpoint this run resumes from, decided before anything loads. RunError: the folder belongs to
+    another run, or holds only checkpoints that cannot be used."""
+    plan = ResumePlan(folder)
+    found = checkpoints(folder)
+    if explicit is not None:
+        checkpoint = Path(explicit)
+        problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else f"{checkpoint} is not a folder"
+        if problem:
+            raise RunError([f"--resume_from_checkpoint {explicit}: {problem}. Point it at a complete checkpoint-N "
+                            f"folder."])
+        diff = differences(recorded_identity(checkpoint), identity)
+        if diff:
+            raise RunError([f"--resume_from_checkpoint {explicit} was written by another configuration:"] +
+                           [f"  {d}" for d in diff] + ["Resume it with the flags it was made with."])
+        plan.checkpoint = checkpoint
+        return plan
+    if overwrite:
+        plan.wipe = [p for _, p in found] + ([folder / RUN_CONFIG] if (folder / RUN_CONFIG).is_file() else [])
+        return plan
+    owner = folder / RUN_CONFIG
+    if owner.is_file():
+        try:
+            theirs = json.loads(owner.read_text())["identity"]
+        except (ValueError, KeyError, TypeError):
+            raise RunError([f"{owner} does not parse, so it is unknown which run owns {folder}. "
+                            + _ways_out(folder)]) from None
+        diff = differences(theirs, identity)
+        if diff:
+            raise RunError([f"{folder} belongs to another run; its configuration differs in:"] +
+                           [f"  {d}" for d in diff] + [_ways_out(folder)])
+    for step, checkpoint in found:
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            plan.skipped.append(problem)
+            continue
+        diff = differences(recorded_identity(checkpoint), identity)
+        if diff:
+            raise RunError([f"{checkpoint} was written by another configuration; it differs in:"] +
+                           [f"  {d}" for d in diff] + [_ways_out(folder)])
+        plan.checkpoint = checkpoint
+        return plan
+    if found:
+        raise RunError([f"{folder} holds checkpoints, and none can be resumed from:"] +
+                       [f"  {p}" for p in plan.skipped] + [_ways_out(folder)])
+    return plan
+
+
+def apply_wipe(plan: ResumePlan) -> None:
+    for path in plan.wipe:
+        logger.warning("--overwrite_output_dir: removing %s", path)
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Atomically (temporary file, then rename), readable as the umask allows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=4, default=str)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+class CheckpointCallback(TrainerCallback):
+    """Records which run owns the folder when training begins, marks each checkpoint complete once Hugging Face has
+    written all of its files, then applies the rotation limit (see the module docstring)."""
+
+    def __init__(self, identity: dict, run_id: str, save_total_limit: int | None):
+        self.identity, self.run_id, self.save_total_limit = identity, run_id, save_total_limit
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if args.should_save:
+            _write_json(Path(args.output_dir) / RUN_CONFIG, {"run_id": self.run_id, "identity": self.identity})
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir)
+        checkpoint = folder / f"checkpoint-{state.global_step}"
+        files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
+                 if p.is_file() and p.name != MARKER}
+        _write_json(checkpoint / MARKER, {"step": state.global_step, "run_id": self.run_id,
+                                          "identity": self.identity, "files": files})
+        self.rotate(folder, state.best_model_checkpoint)
+
+    def rotate(self, folder: Path, best: str | None) -> None:
+        found = checkpoints(folder)
+        complete = [p for _, p in found if checkpoint_problem(p) is None]
+        newest = complete[0] if complete else None
+        keep = set(complete[:self.save_total_limit] if self.save_total_limit else complete)
+        if best:
+            keep.add(Path(best))
+        for step, path in found:
+            broken = path not in complete
+            # broken ones older than a complete checkpoint are the leftovers of interrupted saves
+            if (broken and newest is not None and step < int(newest.name.split("-")[1])) or \
+                    (not broken and path not in keep):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+
+def write_result(path: Path, payload: dict, run_id: str) -> Path:
+    """Write a result file; one of another run (another run_id) at `path` is kept and the result goes beside it."""
+    if path.is_file():
+        try:
+            theirs = json.loads(path.read_text()).get("run_id")
+        except (OSError, ValueError, AttributeError):
+            theirs = None
+        if theirs != run_id:
+            beside = path.with_name(f"{path.stem}-{run_id}{path.suffix}")
+            logger.warning("%s holds the result of another run (run id %s); writing this run's (%s) to %s instead",
+                           path, theirs or "unknown", run_id, beside)
+            path = beside
+    _write_json(path, payload)
+    return path
+
+
+def nearest_existing(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def writable_problem(path: Path, what: str, flag: str) -> str | None:
+    """Why `path` (a file, or a folder, to be written later) cannot be written. Probed by creating and removing a
+    temporary file in the nearest folder that exists (permission bits do not tell: root may write anywhere but in
+    /proc); nothing is left behind."""
+    path = Path(path)
+    if what == "file" and path.is_dir():
+        return f"{flag} {path} is a folder; give a file name such as {path / 'result.json'}."
+    if what == "folder" and path.exists() and not path.is_dir():
+        return f"{flag} {path} is a file; give a folder."
+    existing = nearest_existing(path if what == "folder" else path.parent)
+    if not existing.is_dir():
+        return f"{flag} {path}: {existing} is a file, not a folder; choose another {what}."
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        return f"{flag} {path}: cannot write in {existing} ({error.strerror}); choose a {what} you can write to."
+    return None

@@ -1,0 +1,125 @@
+"""args.py: every flag declared once, and one validation step that reports every problem before anything runs."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+import args
+import zo
+from conftest import ROOT
+
+TRAIN = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0"]
+
+
+def problems(argv):
+    with pytest.raises(args.UsageError) as caught:
+        args.parse(argv)
+    return caught.value.problems
+
+
+def test_every_problem_is_reported_at_once_with_the_value_and_the_fix():
+    found = problems([*TRAIN, "--max_steps", "-5", "--learning_rate", "-1e-3", "--per_device_train_batch_size", "0",
+                      "--foo", "1", "--lr", "1e-3", "--num_eval", "abc", "--zo_optim", "ZO_AdaMU"])
+    assert found == [
+        "Unknown flag --foo. (`python run.py --help` lists every flag.)",
+        "Unknown flag --lr. Did you mean --learning_rate? (`python run.py --help` lists every flag.)",
+        "--num_eval 'abc': expected an integer.",
+        "--zo_optim 'ZO_AdaMU' is not available. Did you mean 'zo_adamu'? (names are case-sensitive) Choose one of "
+        + ", ".join(zo.OPTIMIZERS) + ".",
+        "--per_device_train_batch_size 0: must be >= 1.",
+        "--learning_rate -0.001: must be >= 0.0.",  # a negative number after a flag is read as its value
+        "--max_steps -5: must be >= 1 (or -1, the default, to train --num_train_epochs).",
+    ]
+
+
+@pytest.mark.parametrize("value", ["-1e-3", "-0.5", "-3", "-.25", "-1E+2"])
+def test_negative_numbers_can_be_typed_after_their_flag(value):
+    config = args.parse([*TRAIN, "--weight_decay", "0.1", "--zo_alpha_floor", "0.5", "--zo_optim", "zo_adamu",
+                         "--max_steps", "100"])
+    assert config.zo.zo_alpha_floor == 0.5
+    found = problems([*TRAIN, "--learning_rate", value])
+    assert found == [f"--learning_rate {float(value)}: must be >= 0.0."]
+
+
+def test_flags_that_mean_nothing_without_their_setting_are_refused():
+    found = problems(["--lora_r", "16", "--zo_eps", "1e-2", *TRAIN[2:], "--trainer", "regular",
+                      "--zo_t1", "5", "--temperature", "0.7"])
+    assert "--lora_r only applies with --lora; drop it or add that setting." in found
+    assert "--zo_eps only applies with --trainer zo; drop it or add that setting." in found
+    assert "--zo_t1 only applies with --zo_optim zo_adamu; drop it or add that setting." in found
+    assert "--temperature only applies with --sampling; drop it or add that setting." in found
+    # defaults never count as given
+    assert args.parse([*TRAIN, "--lora"]).peft.lora_r == 8
+
+
+def test_legacy_spellings_still_work():
+    config = args.parse([*TRAIN, "--prefix_tuning", "--no_reparam", "--evaluation_strategy", "no"])
+    assert not config.peft.prefix_reparam and config.hf.eval_strategy == "no"
+    config = args.parse([*TRAIN, "--prefix_tuning", "--no_no_reparam", "--no_prefix_init_by_real_act"])
+    assert config.peft.prefix_reparam
+    config = args.parse([*TRAIN, "--zo_optim", "zo_adamu", "--zo_unsigned_momentum", "--no_eval", "--max_steps", "10"])
+    assert not config.zo.zo_signed_momentum and not config.evaluation.final_eval
+    config = args.parse([*TRAIN, "--save_on_interrupt"])  # retired: signals always checkpoint now
+    assert config.training
+
+
+def test_the_training_objective_defaults_to_the_task_table():
+    assert args.parse([*TRAIN, "--task_name", "SST2"]).train.train_as_classification is True
+    assert args.parse([*TRAIN, "--task_name", "Copa"]).train.train_as_classification is False
+    assert args.parse([*TRAIN, "--task_name", "Copa", "--train_as_classification"]).train.train_as_classification
+    assert not args.parse([*TRAIN, "--task_name", "SST2", "--train_as_classification", "false"]
+                          ).train.train_as_classification
+    assert not args.parse([*TRAIN, "--trainer", "regular", "--linear_probing"]).train.train_as_classification
+    assert not args.parse(["--task_name", "SST2"]).train.train_as_classification  # nothing trains
+
+
+def test_every_zo_flag_reaches_the_optimizer():
+    config = args.parse([*TRAIN, "--zo_optim", "zo_adamu", "--max_steps", "100", "--zo_eps", "0.01",
+                         "--zo_direction", "rademacher", "--zo_exact_restore", "always", "--zo_carry_perturbation",
+                         "--no_zo_cuda_graphs", "--no_zo_signed_momentum", "--zo_state_dtype", "bfloat16",
+                         "--zo_t1", "5", "--zo_t2", "50"])
+    kwargs = config.zo.optimizer_kwargs(100)
+    assert kwargs["eps"] == 0.01 and kwargs["direction"] == "rademacher" and kwargs["exact_restore"] is True
+    assert kwargs["carry_perturbation"] and kwargs["cuda_graphs"] is False and kwargs["signed_momentum"] is False
+    assert str(kwargs["state_dtype"]) == "torch.bfloat16" and (kwargs["schedule"].T1, kwargs["schedule"].T2) == (5, 50)
+    # what an optimizer takes comes from its constructor (through **kwargs to its base), so none is dropped
+    for name, cls in zo.OPTIMIZERS.items():
+        config = args.parse([*TRAIN, "--zo_optim", name, "--max_steps", "100"])
+        kwargs = config.zo.optimizer_kwargs(100)
+        assert {"eps", "direction", "exact_restore", "keep_direction", "carry_perturbation", "cuda_graphs"} <= set(kwargs)
+        assert set(kwargs) <= args.accepted_keywords(cls)
+
+
+def test_identity_holds_what_changes_a_run_and_nothing_else():
+    base = args.parse([*TRAIN, "--learning_rate", "1e-3"])
+    same = args.parse([*TRAIN, "--learning_rate", "1e-3", "--logging_steps", "3", "--eval_steps", "7",
+                       "--save_total_limit", "2", "--output_dir", "elsewhere", "--verbose", "--report_to", "none"])
+    assert base.identity() == same.identity() and base.run_id() == same.run_id()
+    for change in (["--learning_rate", "2e-3"], ["--num_train", "9"], ["--seed", "1"], ["--zo_eps", "1e-2"],
+                   ["--max_steps", "7"], ["--task_name", "RTE"], ["--tag", "x"], ["--lora"]):
+        assert args.parse([*TRAIN, "--learning_rate", "1e-3", *change]).run_id() != base.run_id(), change
+    assert len(base.run_id()) == 8 and base.run_id() == args.parse([*TRAIN, "--learning_rate", "1e-3"]).run_id()
+
+
+def test_each_suite_flag_is_declared_once_with_help():
+    seen = {}
+    for group, cls in args.GROUPS[:-1]:
+        for f in dataclasses.fields(cls):
+            assert f.metadata["help"], f.name
+            assert f.name not in seen, (f.name, group, seen.get(f.name))
+            seen[f.name] = group
+    hf = {f.name for f in dataclasses.fields(args.HFArguments)}
+    assert not hf & set(seen)  # no suite flag shadows a Hugging Face one
+
+
+def test_help_lists_the_suite_groups_before_hugging_face_flags():
+    done = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0
+    head = done.stdout.splitlines()[:50]
+    assert any("Task and data:" in line for line in head) and any("--task_name" in line for line in head)
+    lines = done.stdout.splitlines()
+    assert lines.index(next(line for line in lines if line.startswith("Hugging Face"))) > \
+        lines.index(next(line for line in lines if line.startswith("Zeroth-order")))

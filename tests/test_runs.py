@@ -1,0 +1,340 @@
+"""Runs never lie: a run owns its folder, checkpoints are complete or ignored, signals checkpoint and stop, a killed run
+resumes bit-identically, results never replace another run's (runs.py, run.py, trainer_zo.StopOnSignal).
+
+Most tests run `python run.py` in a subprocess on a tiny random LLaMA with the embedded model's tokenizer and a
+200-row copy of real SST2/RTE/CB rows, as a user would."""
+
+import gzip
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import runs
+from conftest import ROOT, shared_data_or_skip
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """The first rows of real task files (fast to load), in the layout --data_dir expects."""
+    source = shared_data_or_skip()
+    target = tmp_path_factory.mktemp("data")
+    for task in ("sst2", "rte", "cb"):
+        (target / task).mkdir()
+        for split in ("train", "validation"):
+            path = next(p for p in (source / task).iterdir() if p.name.startswith(split + "."))
+            opener = gzip.open if path.suffix == ".gz" else open
+            with opener(path, "rt") as f:
+                rows = [line for _, line in zip(range(200), f)]
+            (target / task / f"{split}.jsonl").write_text("".join(rows))
+    return target
+
+
+@pytest.fixture(scope="module")
+def hooks(tmp_path_factory):
+    """A sitecustomize that, when ZO_TEST_STALL_SAVE=N is set, stalls the process right after it wrote optimizer.pt of
+    checkpoint-N (the middle of a save) and touches $ZO_TEST_STALL_FLAG, so a test can SIGKILL it mid-save."""
+    folder = tmp_path_factory.mktemp("hooks")
+    (folder / "sitecustomize.py").write_text('''
+import os
+if os.environ.get("ZO_TEST_STALL_SAVE"):
+    import pathlib, time, torch
+    _save, _target = torch.save, "checkpoint-" + os.environ["ZO_TEST_STALL_SAVE"] + os.sep + "optimizer.pt"
+    def _stalling_save(obj, f, *args, **kwargs):
+        _save(obj, f, *args, **kwargs)
+        if str(f).endswith(_target):
+            pathlib.Path(os.environ["ZO_TEST_STALL_FLAG"]).touch()
+            time.sleep(600)
+    torch.save = _stalling_save
+''')
+    return folder
+
+
+def base_args(model_dir, *extra):
+    return ["--model_name", str(model_dir), "--task_name", "SST2", "--trainer", "zo", "--num_train", "16",
+            "--num_dev", "4", "--num_eval", "4", "--train_set_seed", "0", "--max_steps", "8",
+            "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--save_strategy", "steps",
+            "--save_steps", "1", "--save_total_limit", "2", "--logging_steps", "1", "--report_to", "none",
+            "--disable_tqdm", "true", "--save_model", *extra]
+
+
+def environment(data, extra=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ZO_TEST")}
+    env.update(ZO_DATA_DIR=str(data), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1",
+               **(extra or {}))
+    return env
+
+
+def cli(cwd: Path, data, *argv, env=None, timeout=600):
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *argv], cwd=cwd, env=environment(data, env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def start(cwd: Path, data, *argv, env=None):
+    cwd.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], cwd=cwd, env=environment(data, env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run_folder(cwd: Path) -> Path:
+    folders = list((cwd / "result" / "output").iterdir())
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def wait_for(predicate, what: str, proc=None, timeout=300.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def result_files(cwd: Path) -> list[Path]:
+    return sorted((cwd / "result").glob("*.json")) if (cwd / "result").is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_llama_dir, small_data):
+    """The uninterrupted run every interrupted one must end equal to."""
+    cwd = tmp_path_factory.mktemp("straight")
+    done = cli(cwd, small_data, *base_args(tiny_llama_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(result_files(cwd)[0].read_text())
+    return weights(run_folder(cwd)), result
+
+
+def assert_same_run(cwd: Path, straight):
+    want_weights, want_result = straight
+    got = weights(run_folder(cwd))
+    assert got.keys() == want_weights.keys() and all(torch.equal(got[k], want_weights[k]) for k in got)
+    result = json.loads(result_files(cwd)[0].read_text())
+    assert result["predictions"] == want_result["predictions"] and result["accuracy"] == want_result["accuracy"]
+
+
+# --- a run owns its folder --------------------------------------------------------------------------------------
+
+def test_another_runs_checkpoint_is_never_resumed(tmp_path, tiny_llama_dir, small_data, straight):
+    """Observation 1: an RTE run after an SST2 run (or one with other data sizes) used to resume the SST2 weights from
+    the shared default folder and report them as its own result."""
+    first = cli(tmp_path, small_data, *base_args(tiny_llama_dir))
+    assert first.returncode == 0, first.stderr[-3000:]
+    for change in (["--task_name", "RTE"], ["--num_train", "12"]):
+        other = cli(tmp_path, small_data, *base_args(tiny_llama_dir, *change))
+        assert other.returncode == 0, other.stderr[-3000:]
+        assert "Resuming" not in other.stderr
+    assert len(list((tmp_path / "result" / "output").iterdir())) == 3  # one folder per configuration
+    # the same command again resumes its own finished run: nothing to train, the same result, no tied-head warning
+    again = cli(tmp_path, small_data, *base_args(tiny_llama_dir))
+    assert again.returncode == 0 and "Resuming from" in again.stderr
+    assert "missing keys" not in again.stderr
+
+
+def test_a_folder_of_another_run_stops_before_anything_loads(tmp_path, tiny_llama_dir, small_data):
+    shared = ["--output_dir", str(tmp_path / "shared")]
+    assert cli(tmp_path, small_data, *base_args(tiny_llama_dir, *shared, "--max_steps", "2")).returncode == 0
+    before = sorted(p.name for p in result_files(tmp_path))
+    other = cli(tmp_path, small_data, *base_args(tiny_llama_dir, *shared, "--max_steps", "2", "--task_name", "RTE"))
+    assert other.returncode == 2
+    assert "belongs to another run; its configuration differs in:" in other.stderr
+    assert "--task_name: 'SST2' there, 'RTE' now" in other.stderr
+    assert "--overwrite_output_dir" in other.stderr and "--output_dir" in other.stderr
+    assert "Loading weights" not in other.stderr  # decided before the model loads
+    assert sorted(p.name for p in result_files(tmp_path)) == before
+    fresh = cli(tmp_path, small_data, *base_args(tiny_llama_dir, *shared, "--max_steps", "2", "--task_name", "RTE",
+                                                 "--overwrite_output_dir"))
+    assert fresh.returncode == 0 and "removing" in fresh.stderr and "Resuming" not in fresh.stderr
+
+
+# --- checkpoints are complete or ignored --------------------------------------------------------------------------
+
+def fake_checkpoint(folder: Path, step: int, identity: dict, complete=True, truncate=None):
+    checkpoint = folder / f"checkpoint-{step}"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "optimizer.pt").write_bytes(b"x" * 100)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    if complete:
+        files = {p.name: p.stat().st_size for p in checkpoint.iterdir()}
+        (checkpoint / runs.MARKER).write_text(json.dumps({"step": step, "identity": identity, "files": files}))
+    if truncate:
+        (checkpoint / truncate).write_bytes((checkpoint / truncate).read_bytes()[:7])
+    return checkpoint
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_names_the_broken_ones(tmp_path):
+    """Observations 2 and 3: a checkpoint cut short by a kill, or one whose files were truncated, used to break every
+    later rerun with a traceback naming neither the file nor the way out."""
+    identity = {"learning_rate": 0.001}
+    fake_checkpoint(tmp_path, 5, identity)
+    fake_checkpoint(tmp_path, 10, identity)
+    fake_checkpoint(tmp_path, 15, identity, complete=False)            # killed during its save
+    fake_checkpoint(tmp_path, 20, identity, truncate="optimizer.pt")   # truncated afterwards
+    fake_checkpoint(tmp_path, 25, identity, truncate="trainer_state.json")
+    plan = runs.plan_resume(tmp_path, identity, overwrite=False, explicit=None)
+    assert plan.checkpoint == tmp_path / "checkpoint-10"
+    assert plan.skipped == [
+        f"{tmp_path / 'checkpoint-25' / 'trainer_state.json'} has 7 bytes, {len(json.dumps({'global_step': 25}))} "
+        f"were written (truncated or replaced)",
+        f"{tmp_path / 'checkpoint-20' / 'optimizer.pt'} has 7 bytes, 100 were written (truncated or replaced)",
+        f"{tmp_path / 'checkpoint-15'} has no {runs.MARKER} (it was interrupted while being saved, or predates this "
+        f"check)"]
+    with pytest.raises(runs.RunError, match="differs in:\n  --learning_rate: 0.001 there, 0.002 now"):
+        runs.plan_resume(tmp_path, {"learning_rate": 0.002}, overwrite=False, explicit=None)
+
+
+def test_a_folder_with_only_broken_checkpoints_starts_over_only_when_asked(tmp_path):
+    fake_checkpoint(tmp_path, 15, {}, complete=False)
+    with pytest.raises(runs.RunError) as caught:
+        runs.plan_resume(tmp_path, {}, overwrite=False, explicit=None)
+    text = str(caught.value)
+    assert "holds checkpoints, and none can be resumed from" in text and "checkpoint-15 has no" in text
+    assert "--overwrite_output_dir" in text
+    plan = runs.plan_resume(tmp_path, {}, overwrite=True, explicit=None)
+    assert plan.checkpoint is None and plan.wipe == [tmp_path / "checkpoint-15"]
+    with pytest.raises(runs.RunError, match="--resume_from_checkpoint .*checkpoint-15: .* has no"):
+        runs.plan_resume(tmp_path, {}, overwrite=False, explicit=str(tmp_path / "checkpoint-15"))
+
+
+def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir, small_data, hooks, straight):
+    """SIGKILL in the middle of a checkpoint save, then at random moments; each rerun of the same command resumes from
+    the newest complete checkpoint, and the finished run equals the uninterrupted one bit for bit (CPU, fp32)."""
+    argv = base_args(tiny_llama_dir)
+    flag = tmp_path / "stalled"
+    proc = start(tmp_path, small_data, *argv, env={"PYTHONPATH": str(hooks), "ZO_TEST_STALL_SAVE": "3",
+                                                   "ZO_TEST_STALL_FLAG": str(flag)})
+    wait_for(flag.exists, "the stalled save of checkpoint-3", proc)
+    proc.kill()
+    proc.wait()
+    folder = run_folder(tmp_path)
+    assert (folder / "checkpoint-3" / "optimizer.pt").is_file() and not (folder / "checkpoint-3" / runs.MARKER).exists()
+    rng = random.Random(0)
+    kills = 0
+    for _ in range(3):
+        proc = start(tmp_path, small_data, *argv)
+        wait_for(lambda: any(p.name == runs.MARKER for p in folder.glob("checkpoint-*/*")), "a checkpoint", proc)
+        time.sleep(rng.uniform(0.0, 1.5))
+        if proc.poll() is None:
+            kills += 1
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if proc.returncode == 0:
+            break
+    assert kills >= 1
+    final = cli(tmp_path, small_data, *argv)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert "Resuming from" in final.stderr
+    assert_same_run(tmp_path, straight)
+
+
+# --- signals ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
+def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(tmp_path, tiny_llama_dir, small_data,
+                                                                               straight, signum):
+    argv = base_args(tiny_llama_dir, "--save_steps", "100")  # no scheduled save: the signal's is the only one
+    proc = start(tmp_path, small_data, *argv)
+    wait_for(lambda: list((tmp_path / "result" / "output").glob(f"*/{runs.RUN_CONFIG}")), "training to start", proc)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signum, stderr[-3000:]
+    folder = run_folder(tmp_path)
+    saved = [p for p in folder.glob("checkpoint-*") if runs.checkpoint_problem(p) is None]
+    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 8
+    name = signal.Signals(signum).name
+    assert f"{name}: stopped after step" in stderr and "Resume with:" in stderr and "run.py" in stderr
+    assert not result_files(tmp_path)  # no result for a run that did not finish
+    if signum == signal.SIGTERM:  # the rerun continues to the same end as the uninterrupted run
+        rerun = cli(tmp_path, small_data, *argv)
+        assert rerun.returncode == 0 and f"Resuming from {saved[0].relative_to(tmp_path)}" in rerun.stderr
+        assert_same_run(tmp_path, straight)
+
+
+# --- results ------------------------------------------------------------------------------------------------------
+
+def call_main(cwd: Path, data, monkeypatch, *argv):
+    import run
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("ZO_DATA_DIR", str(data))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return run.main(list(argv))
+
+
+def test_results_of_another_run_are_never_replaced(tmp_path, monkeypatch, caplog, tiny_llama_dir, small_data):
+    """Observation 5: two runs differing only in what their name leaves out used to write the same file."""
+    icl = ["--model_name", str(tiny_llama_dir), "--task_name", "SST2", "--num_eval", "4", "--train_set_seed", "1",
+           "--num_train", "2", "--disable_tqdm", "true"]
+    assert call_main(tmp_path, small_data, monkeypatch, *icl) == 0
+    assert call_main(tmp_path, small_data, monkeypatch, *icl, "--max_length", "1024") == 0   # not in the name
+    files = result_files(tmp_path)
+    assert len(files) == 2 and "holds the result of another run" in caplog.text
+    plain = tmp_path / "result" / "SST2-tiny-llama0-sampleeval4-ntrain2-trainset0.json"
+    [other] = [p for p in files if p != plain]
+    first, beside = json.loads(plain.read_text()), json.loads(other.read_text())
+    assert other.name == f"{plain.stem}-{beside['run_id']}.json"  # the second run's result, named by its run id
+    assert first["run_id"] != beside["run_id"] and beside["config"]["max_length"] == 1024
+    assert call_main(tmp_path, small_data, monkeypatch, *icl) == 0  # the same run again replaces its own file
+    assert len(result_files(tmp_path)) == 2
+
+
+def test_sizes_the_data_cannot_give_are_warned_recorded_and_named(tmp_path, monkeypatch, caplog, tiny_llama_dir,
+                                                                 small_data):
+    """Observation 5: --num_eval 100000 on CB evaluated 56 examples into a file named sampleeval100000."""
+    caplog.set_level(logging.INFO)
+    argv = ["--model_name", str(tiny_llama_dir), "--task_name", "CB", "--num_eval", "100000", "--disable_tqdm", "true"]
+    assert call_main(tmp_path, small_data, monkeypatch, *argv) == 0
+    [path] = result_files(tmp_path)
+    result = json.loads(path.read_text())
+    assert path.name == "CB-tiny-llama0-sampleeval56-onetrainpereval.json"
+    assert result["clipped"]["num_eval"]["requested"] == 100000 and result["clipped"]["num_eval"]["used"] == 56
+    assert result["sizes"]["eval"] == 56 and len(result["predictions"]) == 56
+    assert caplog.text.count("--num_eval 100000: only 56 used") == 1
+    summary = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("===== CB"))
+    assert "NOTE --num_eval 100000 -> 56" in summary and "data local:" in summary
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_result_files_respect_the_umask(tmp_path, monkeypatch, tiny_llama_dir, small_data, umask):
+    old = os.umask(umask)
+    try:
+        assert call_main(tmp_path, small_data, monkeypatch, "--model_name", str(tiny_llama_dir), "--num_eval", "2",
+                         "--disable_tqdm", "true") == 0
+    finally:
+        os.umask(old)
+    [path] = result_files(tmp_path)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+# --- long phases show progress ------------------------------------------------------------------------------------
+
+def test_evaluation_and_generation_show_progress_with_rate_and_eta(tmp_path, tiny_llama_dir, small_data):
+    done = cli(tmp_path, small_data, "--model_name", str(tiny_llama_dir), "--num_eval", "6", "--num_train", "1",
+               "--per_device_eval_batch_size", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Encoding SST2: 100%" in done.stderr and "Scoring: 100%" in done.stderr and "prompt/s]" in done.stderr
+    squad = tmp_path / "squad"
+    (squad / "squad").mkdir(parents=True)
+    row = json.dumps({"title": "t", "context": "Paris is in France.", "question": "Where is Paris?",
+                      "answers": {"text": ["France"], "answer_start": [12]}})
+    for split in ("train", "validation"):
+        (squad / "squad" / f"{split}.jsonl").write_text((row + "\n") * 3)
+    done = cli(tmp_path, squad, "--model_name", str(tiny_llama_dir), "--task_name", "SQuAD", "--num_eval", "3",
+               "--max_new_tokens", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Generating SQuAD: 100%" in done.stderr and "ex/s]" in done.stderr
