@@ -561,8 +561,7 @@ def unknown_flag(name: str, options: dict) -> str:
     known = sorted({o for o in options if o.startswith("--") and "-" not in o[2:]})
     if bare in SYNONYMS:
         return f"Unknown flag {name}. Did you mean --{SYNONYMS[bare]}? (`python run.py --help` lists every flag.)"
-    hints = [o for o in difflib.get_close_matches(name.replace("-", "_").replace("__", "--", 1), known, n=3,
-                                                   cutoff=0.75) if o not in hints]
+    hints = difflib.get_close_matches(name.replace("-", "_").replace("__", "--", 1), known, n=3, cutoff=0.75)
     hints += [o for o in known if o.endswith("_" + bare) and o not in hints][:3]
     hint = f" Did you mean {' or '.join(hints[:3])}?" if hints else ""
     return f"Unknown flag {name}.{hint} (`python run.py --help` lists every flag.)"

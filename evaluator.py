@@ -138,8 +138,10 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
 
 
 def _cache_name(model) -> str:
-    """transformers renamed the `past_key_values` argument/output to `cache`; support both spellings."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers renamed the `past_key_values` argument/output to `cache`; support both spellings. A peft
+    `PeftModel` (LoRA) passes every keyword to the model it wraps, whose signature is the one that counts."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
 
 
 def _positions(mask: torch.Tensor, start: torch.Tensor) -> torch.Tensor:

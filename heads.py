@@ -106,6 +106,10 @@ def enable_head_tuning(model) -> list[str]:
     return names
 
 
+def has_head_tuning(model) -> bool:
+    return bool(getattr(model, _HT_HANDLES, None))
+
+
 def disable_head_tuning(model) -> None:
     """Remove the grad-mode hooks of `enable_head_tuning` (requires_grad flags are left as they are)."""
     for handle in getattr(model, _HT_HANDLES, None) or []:
@@ -374,6 +378,6 @@ def fit_linear_probe(model, batches: Iterable[dict], early_stopping: bool = Fals
     return fit_probe_from_features(X, tokens, early_stopping=early_stopping, **kwargs)
 
 
-__all__ = ["enable_head_tuning", "disable_head_tuning", "LinearProbe", "apply_linear_probe", "remove_linear_probe",
+__all__ = ["enable_head_tuning", "has_head_tuning", "disable_head_tuning", "LinearProbe", "apply_linear_probe", "remove_linear_probe",
            "collect_features", "fit_logistic", "fit_probe_from_features", "fit_linear_probe", "stratified_folds",
            "default_cs"]

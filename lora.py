@@ -1,6 +1,6 @@
 """LoRA through `peft`: which projections get adapters, freezing, and adapter/merged saving.
 
-    model = apply_lora(model, r=8, alpha=16)        # same object type as before, LoRA layers injected in place
+    model = apply_lora(model, r=8, alpha=16)        # a peft `PeftModel` around the model, LoRA layers injected
     save_adapter(model, "out/")                      # adapter_config.json + adapter_model.safetensors (PEFT format)
     model = load_adapter(base_model, "out/")         # or, on a model that already has LoRA, reload its weights
     save_merged(model, "out/")                       # plain full-weight checkpoint: W + (alpha/r)·B·A
@@ -9,15 +9,12 @@ Each adapted linear map computes y = x Wᵀ + b + (alpha/r)·x Aᵀ Bᵀ with A 
 B ∈ R^{out×r} (zeros), so a freshly adapted model computes exactly what the base model computes.
 
 Design decisions:
-* `peft.get_peft_model` builds the adapters, but the returned object is the adapted *inner* model
-  (`peft_model.base_model.model`, the original `...ForCausalLM` instance, changed in place). The `PeftModel` wrapper
-  declares `forward(input_ids, attention_mask, inputs_embeds, labels, ..., **kwargs)`: it has no `cache` parameter, so
-  callers that pick the cache keyword from the signature (evaluator._cache_name) fall back to the deprecated
-  `past_key_values` spelling, which transformers 5.24 warns about on every call and drops in 5.40. The inner model keeps
-  the exact forward signature, parameter names, `generate`, `config` and `isinstance(..., PreTrainedModel)` of the
-  base model, so the evaluator, the trainers and the ZO optimizer need no LoRA branch. The `PeftModel` stays
-  reachable for saving (`peft_model_of`); it is kept outside the module tree (a plain attribute), because as a
-  submodule it would form a cycle (`model -> peft_model -> model`) that `state_dict()` would recurse into forever.
+* The adapted model is peft's `PeftModel` (`peft.get_peft_model`), as peft and the Hugging Face `Trainer` expect: the
+  Trainer saves a `PeftModel`'s checkpoints as the adapter only and loads them back, for resuming and for the best
+  model, through its public code paths, so LoRA needs no special handling in trainer_zo. It forwards every keyword
+  (`position_ids`, the cache, `logits_to_keep`) to the model, and `generate`, `config` and the input embeddings are
+  the model's; the one difference is its `forward` signature, so callers that pick arguments from it look at
+  `model.get_base_model().forward` (evaluator._cache_name).
 * dtype: LoRA weights stay fp32 even for fp16/bf16 models (peft's default `autocast_adapter_dtype=True`; peft casts
   the layer input to the adapter dtype for the LoRA branch and the result back to the model dtype). For ZO this
   matters: stored in bf16 (8 significant bits), θ ± ε·z would be rounded by up to 0.4 % of |θ|, a large fraction of
@@ -26,9 +23,6 @@ Design decisions:
   path, so bf16 models see the perturbation at bf16 resolution (a larger ε may be advisable there).
 * `seed` (default 0) makes peft's Kaiming-uniform draw of A reproducible; the global RNG state is forked and
   restored around it, so other randomness in the run does not depend on whether LoRA was applied.
-* `save_pretrained` of the returned model (also HF `Trainer` checkpoints) stores the *full* adapted state dict,
-  with peft's key names (`q_proj.base_layer.weight`, `q_proj.lora_A.default.weight`): fine for resuming the same
-  run, but not loadable as a plain model. Use `save_adapter` or `save_merged` for artifacts.
 """
 
 from __future__ import annotations
@@ -71,20 +65,17 @@ LORA_TARGET_MODULES: dict[str, list[str]] = {
     "bloom": ["query_key_value"],
 }
 
-_PEFT_ATTR = "_lora_peft_model"   # instance attribute (not a submodule) holding the PeftModel, see module docstring
 ADAPTER_NAME = "default"
 
 
-def peft_model_of(model: nn.Module):
-    """The `PeftModel` that owns `model`'s adapters (raises if `model` was not returned by apply_lora/load_adapter)."""
-    peft_model = model.__dict__.get(_PEFT_ATTR)
-    if peft_model is None:
-        raise ValueError("This model has no LoRA adapters from lora.apply_lora / lora.load_adapter.")
-    return peft_model
-
-
 def is_lora_model(model: nn.Module) -> bool:
-    return model.__dict__.get(_PEFT_ATTR) is not None
+    from peft import PeftModel
+    return isinstance(model, PeftModel) and not model.peft_config[model.active_adapter].is_prompt_learning
+
+
+def _require_lora(model: nn.Module) -> None:
+    if not is_lora_model(model):
+        raise ValueError("This model has no LoRA adapters from lora.apply_lora / lora.load_adapter.")
 
 
 def resolve_target_modules(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[str]:
@@ -121,15 +112,9 @@ def _uses_conv1d(model: nn.Module, targets: list[str]) -> bool:
                for n, m in model.named_modules())
 
 
-def _unwrap(peft_model) -> nn.Module:
-    model = peft_model.base_model.model
-    model.__dict__[_PEFT_ATTR] = peft_model
-    return model
-
-
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: Sequence[str] | None = None,
                dropout: float = 0.0, seed: int | None = 0) -> nn.Module:
-    """Inject LoRA adapters in place, freeze every other parameter, and return the adapted model.
+    """Inject LoRA adapters, freeze every other parameter, and return the adapted model (a `PeftModel`).
 
     `seed` makes the initialisation of A reproducible without touching the global RNG state (peft draws A from the
     global generator; it is forked and restored around the call). `dropout` must stay 0 for ZO training: the two probes
@@ -147,8 +132,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16, target_modules: 
     with _seeded(seed, model), warnings.catch_warnings():
         # peft probes a transformers attribute that 5.x deprecated; nothing the user can act on
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = get_peft_model(model, config)
-    adapted = _unwrap(peft_model)
+        adapted = get_peft_model(model, config)
     _freeze_all_but_lora(adapted)
     trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
     logger.info("LoRA r=%d alpha=%s on %s: %d trainable parameters", r, alpha, targets, trainable)
@@ -195,7 +179,8 @@ def lora_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     """Adapter only, in the standard PEFT layout (loadable by `load_adapter` and by `PeftModel.from_pretrained`)."""
-    peft_model_of(model).save_pretrained(str(path))
+    _require_lora(model)
+    model.save_pretrained(str(path))
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = True) -> nn.Module:
@@ -213,15 +198,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Tr
         raise FileNotFoundError(f"{path} has no adapter_config.json; was it written by lora.save_adapter?")
     if is_lora_model(model):
         saved = LoraConfig.from_pretrained(path)
-        current = peft_model_of(model).peft_config[ADAPTER_NAME]
+        current = model.peft_config[ADAPTER_NAME]
         if (saved.r, saved.lora_alpha) != (current.r, current.lora_alpha):
             raise ValueError(f"Adapter at {path} has r={saved.r}, alpha={saved.lora_alpha}; this model's LoRA has "
                              f"r={current.r}, alpha={current.lora_alpha}.")
         weights = load_peft_weights(path, device=str(next(model.parameters()).device))
         # Checked before anything is copied, so a mismatch leaves the model as it was. File keys are the PeftModel's
         # names without the adapter name.
-        expected = {"base_model.model." + n.replace(f".{ADAPTER_NAME}.", "."): p.shape
-                    for n, p in lora_parameters(model).items()}
+        expected = {n.replace(f".{ADAPTER_NAME}.", "."): p.shape for n, p in lora_parameters(model).items()}
         found = {k: v.shape for k, v in weights.items()}
         if expected != found:
             missing = sorted(set(expected) - set(found))
@@ -229,12 +213,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, trainable: bool = Tr
             resized = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
             raise ValueError(f"Adapter at {path} does not fit this model (different rank or target modules?): "
                              f"missing {missing[:3]}, unexpected {unexpected[:3]}, other shape {resized[:3]}.")
-        set_peft_model_state_dict(peft_model_of(model), weights, adapter_name=ADAPTER_NAME)
+        set_peft_model_state_dict(model, weights, adapter_name=ADAPTER_NAME)
         return model
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        peft_model = PeftModel.from_pretrained(model, path, is_trainable=trainable)
-    adapted = _unwrap(peft_model)
+        adapted = PeftModel.from_pretrained(model, path, is_trainable=trainable)
     if trainable:
         _freeze_all_but_lora(adapted)
     return adapted
@@ -249,12 +232,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     from peft.tuners.lora import LoraLayer
 
+    _require_lora(model)
+    base = model.get_base_model()
     deltas = {}
-    for name, module in model.named_modules():
+    for name, module in base.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER_NAME in module.lora_A:
             deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(ADAPTER_NAME)
     merged = {}
-    for key, value in model.state_dict().items():
+    for key, value in base.state_dict().items():
         if ".lora_" in key:
             continue
         if key in deltas:
@@ -266,10 +251,9 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_merged(model: nn.Module, path: str | os.PathLike) -> None:
     """A plain Hugging Face checkpoint of the merged weights: `AutoModelForCausalLM.from_pretrained(path)` loads it
     without peft, computing what the adapted model computes (up to one rounding of W + ΔW to the model dtype)."""
-    peft_model_of(model)  # fail early on a model without adapters
     state_dict = merged_state_dict(model)
-    model.save_pretrained(str(path), state_dict=state_dict)
+    model.get_base_model().save_pretrained(str(path), state_dict=state_dict)
     with open(os.path.join(path, "lora_merged.json"), "w") as f:
-        config = peft_model_of(model).peft_config[ADAPTER_NAME]
+        config = model.peft_config[ADAPTER_NAME]
         json.dump({"r": config.r, "lora_alpha": config.lora_alpha,
                    "target_modules": sorted(config.target_modules)}, f, indent=2)

@@ -211,6 +211,10 @@ class PrefixTuning(nn.Module):
         return output
 
 
+def has_prefix(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "prefix_tuning", None), PrefixTuning)
+
+
 def prefix_module(model: nn.Module) -> PrefixTuning:
     module = getattr(model, "prefix_tuning", None)
     if not isinstance(module, PrefixTuning):

@@ -27,6 +27,7 @@ from transformers import set_seed
 
 import args as arguments
 import evaluator
+from adapters import ADAPTERS
 import models
 import runs
 import tasks
@@ -164,21 +165,8 @@ def load_model(config: arguments.RunConfig):
     model = models.load_model(model_args.model_name, float16=model_args.load_float16,
                               bfloat16=model_args.load_bfloat16, int8=model_args.load_int8,
                               untie_emb=model_args.untie_emb, auto_device=model_args.auto_device)
-    if not config.training:
-        return model
-    peft = config.peft
-    if peft.lora:
-        import lora
-        targets = peft.lora_target_modules.split(",") if peft.lora_target_modules else None
-        model = lora.apply_lora(model, r=peft.lora_r, alpha=peft.lora_alpha, target_modules=targets)
-    elif peft.prefix_tuning:
-        import prefix
-        model = prefix.apply_prefix_tuning(model, num_prefix=peft.num_prefix, reparam=peft.prefix_reparam,
-                                           init_by_real_act=peft.prefix_init_by_real_act, seed=config.hf.seed)
-    elif config.train.head_tuning:
-        import heads
-        heads.enable_head_tuning(model)
-    return model
+    adapter = ADAPTERS.get(config.mode)
+    return adapter.apply(model, config) if adapter is not None else model
 
 
 def split_dev(config: arguments.RunConfig, train_samples):
@@ -290,15 +278,10 @@ def evaluate_after_training(config: arguments.RunConfig, task, model, tokenizer,
 
 
 def save_trained_model(config: arguments.RunConfig, trainer, output_dir: Path) -> None:
-    """Full weights for full fine-tuning; only the adapter/prefix for parameter-efficient modes."""
-    model = trainer.model
-    if config.peft.lora:
-        import lora
-        (lora.save_merged if config.peft.save_merged else lora.save_adapter)(model, str(output_dir))
-    elif config.peft.prefix_tuning:
-        import prefix
-        prefix.save_prefix(model, str(output_dir))
-    else:
+    """Only the adapter or prefix for parameter-efficient modes (LoRA merged into full weights with
+    --save_merged); full weights otherwise."""
+    adapter = ADAPTERS.get(config.mode)
+    if adapter is None or not adapter.export(trainer.model, str(output_dir), config.peft.save_merged):
         trainer.save_model(str(output_dir))
 
 

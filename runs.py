@@ -163,9 +163,9 @@ class ResumePlan:
     wipe: list[Path] = field(default_factory=list)        # --overwrite_output_dir: removed before training
 
 
-def _ways_out(folder: Path) -> str:
-    return (f"Pass --overwrite_output_dir to delete its checkpoints and start over, or --output_dir with another "
-            f"folder (without --output_dir every configuration gets its own folder under result/output/).")
+def _ways_out() -> str:
+    return ("Pass --overwrite_output_dir to delete its checkpoints and start over, or --output_dir with another "
+            "folder (without --output_dir every configuration gets its own folder under result/output/).")
 
 
 def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str | None) -> ResumePlan:
@@ -194,11 +194,11 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
             theirs = json.loads(owner.read_text())["identity"]
         except (ValueError, KeyError, TypeError):
             raise RunError([f"{owner} does not parse, so it is unknown which run owns {folder}. "
-                            + _ways_out(folder)]) from None
+                            + _ways_out()]) from None
         diff = differences(theirs, identity)
         if diff:
             raise RunError([f"{folder} belongs to another run; its configuration differs in:"] +
-                           [f"  {d}" for d in diff] + [_ways_out(folder)])
+                           [f"  {d}" for d in diff] + [_ways_out()])
     for step, checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if problem:
@@ -207,12 +207,12 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
             raise RunError([f"{checkpoint} was written by another configuration; it differs in:"] +
-                           [f"  {d}" for d in diff] + [_ways_out(folder)])
+                           [f"  {d}" for d in diff] + [_ways_out()])
         plan.checkpoint = checkpoint
         return plan
     if found:
         raise RunError([f"{folder} holds checkpoints, and none can be resumed from:"] +
-                       [f"  {p}" for p in plan.skipped] + [_ways_out(folder)])
+                       [f"  {p}" for p in plan.skipped] + [_ways_out()])
     return plan
 
 

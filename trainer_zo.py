@@ -6,8 +6,9 @@ SIGTERM, SIGINT or SIGUSR1 finishes the step, saves a complete checkpoint and st
 update at the accumulation boundary. The public hooks `compute_loss`, `training_step`, `create_optimizer`, `evaluate`,
 `save_model`, `log` and `train` are overridden, so the HF training loop, schedulers, logging, checkpointing and resume
 are untouched. Three private methods are extended (each calls the original for everything it does not handle):
-* `_load_from_checkpoint` and `_load_best_model`: checkpoints of adapter runs (LoRA, prefix) hold the adapter only,
-  and HF's two loaders know only full weights and `PeftModel`s; there is no public hook for either load.
+* `_load_from_checkpoint` and `_load_best_model`: checkpoints of prefix-tuned runs hold the prefix only, and HF's two
+  loaders know only full weights and peft's `PeftModel` adapters (which is how LoRA checkpoints are saved and loaded,
+  by HF itself); there is no public hook for either load (adapters.py says who loads what).
 * `_issue_warnings_after_load`: HF warns that a tied output head (`lm_head.weight`) is missing from a checkpoint,
   because transformers 5 no longer lists tied weights in `_keys_to_ignore_on_save`; the head is the embedding matrix,
   which was loaded, so the warning is dropped for exactly those keys.
@@ -18,11 +19,9 @@ model, the last step and `train`'s exit put them back first.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -30,32 +29,11 @@ from transformers import Trainer, TrainerCallback
 import evaluator
 import metrics
 import zo
+from adapters import adapter_of
 from args import ZOArguments
 from utils import Objective, candidate_scores, training_loss
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class AdapterFiles:
-    """How a parameter-efficient mode saves and loads its trainable part, and the file that marks a checkpoint of it."""
-    save: Callable
-    load: Callable
-    marker: str
-
-    def saved_in(self, folder: str | None) -> bool:
-        return bool(folder) and os.path.isfile(os.path.join(folder, self.marker))
-
-
-def adapter_files(model) -> AdapterFiles | None:
-    """The adapter format of a LoRA or prefix-tuned model; None for models trained in full (or by head tuning)."""
-    import lora
-    import prefix
-    if lora.is_lora_model(model):
-        return AdapterFiles(lora.save_adapter, lora.load_adapter, "adapter_config.json")
-    if isinstance(getattr(model, "prefix_tuning", None), prefix.PrefixTuning):
-        return AdapterFiles(prefix.save_prefix, prefix.load_prefix, prefix.CONFIG_NAME)
-    return None
 
 
 @dataclass
@@ -136,28 +114,33 @@ class SuiteTrainer(Trainer):
         loss = training_loss(model, inputs, self.objective)
         return (loss, None) if return_outputs else loss
 
+    def _own_checkpoints(self, model=None):
+        """The adapter of the model if its checkpoints are ours to save and load (not HF's), else None."""
+        adapter = adapter_of(self.model if model is None else model)
+        return adapter if adapter is not None and adapter.checkpoint_load is not None else None
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        files = adapter_files(self.model)
-        if files is None:
+        adapter = self._own_checkpoints()
+        if adapter is None:
             return super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            files.save(self.model, output_dir or self.args.output_dir)
+            adapter.export(self.model, output_dir or self.args.output_dir, False)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         model = model if model is not None else self.model
-        files = adapter_files(model)
-        if files is None or not files.saved_in(resume_from_checkpoint):
+        adapter = self._own_checkpoints(model)
+        if adapter is None or not adapter.in_checkpoint(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info("Loading the adapter from %s", resume_from_checkpoint)
-        files.load(model, resume_from_checkpoint)
+        logger.info("Loading the %s from %s", adapter.name, resume_from_checkpoint)
+        adapter.checkpoint_load(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
-        files = adapter_files(self.model)
-        if files is None or not files.saved_in(self.state.best_model_checkpoint):
+        adapter = self._own_checkpoints()
+        if adapter is None or not adapter.in_checkpoint(self.state.best_model_checkpoint):
             return super()._load_best_model()
-        logger.info("Loading the best adapter from %s (score: %s)", self.state.best_model_checkpoint,
+        logger.info("Loading the best %s from %s (score: %s)", adapter.name, self.state.best_model_checkpoint,
                     self.state.best_metric)
-        files.load(self.model, self.state.best_model_checkpoint)
+        adapter.checkpoint_load(self.model, self.state.best_model_checkpoint)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Dev loss and the task metric (accuracy / F1) of the dev samples, scored without demonstrations."""

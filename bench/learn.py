@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import args as arguments  # noqa: E402
 import evaluator  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
@@ -101,7 +102,6 @@ def main():
              "--max_steps", str(steps), "--learning_rate", str(lr), "--per_device_train_batch_size", str(opts.batch),
              "--eval_strategy", "steps", "--eval_steps", str(opts.eval_every or max(steps // 10, 1)),
              "--logging_steps", "10", "--report_to", "none",
-             "--train_as_classification", str(spec.train_as_classification),
              "--output_dir", opts.output_dir or tempfile.mkdtemp(prefix="learn-")]
     flags += ["--save_strategy", "steps", "--save_steps", str(opts.save_every)] if opts.save_every else \
         ["--save_strategy", "no"]
@@ -113,18 +113,20 @@ def main():
         flags += ["--trainer", "zo", "--zo_optim", opts.method, "--zo_eps", str(eps),
                   "--lr_scheduler_type", "constant"]
     flags += {"ft": [], "lora": ["--lora"], "prefix": ["--prefix_tuning"]}[opts.mode] + opts.extra
-    args = run.parse_args(flags)
-    run.validate(args, spec)
-    torch.manual_seed(args.seed)
+    try:
+        config = arguments.parse(flags)
+    except arguments.UsageError as error:
+        parser.error("; ".join(error.problems))
+    torch.manual_seed(config.hf.seed)
 
     task = tasks.load_task(opts.task, data_dir)
-    _, train_sets = task.sample_train_sets(args.num_train, args.num_dev, args.num_eval, None, args.train_set_seed)
-    train_samples, dev_samples = run.split_dev(args, train_sets[0])
-    test_samples = task.sample_subset("validation", args.train_set_seed, args.num_eval)
-    tokenizer = models.load_tokenizer(args.model_name)
-    model = run.load_model(args)
+    _, train_sets = task.sample_train_sets(opts.num_train, opts.num_dev, opts.num_eval, None, opts.seed)
+    train_samples, dev_samples = run.split_dev(config, train_sets[0])
+    test_samples = task.sample_subset("validation", opts.seed, opts.num_eval)
+    tokenizer = models.load_tokenizer(opts.model)
+    model = run.load_model(config)
     tokens = models.tokenizer_settings(tokenizer, model.config)
-    settings = evaluator.EvalSettings(max_length=args.max_length, batch_size=16)
+    settings = evaluator.EvalSettings(max_length=config.model.max_length, batch_size=16)
     metric = spec.metric
 
     grid_run = opts.stop_at is not None and opts.stop_at < steps
@@ -139,8 +141,8 @@ def main():
     zero_shot = test_metric(model)
     if zero_shot is not None:
         print(f"zero-shot test {metric}: {zero_shot:.4f}", flush=True)
-    trainer = run.build_trainer(args, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
-                                args.output_dir)
+    trainer = run.build_trainer(config, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
+                                Path(config.hf.output_dir))
     if grid_run:
         trainer.add_callback(StopAt(opts.stop_at))
     # the curve's step-0 point: the freshly built model (a resumed run starts from that same model and seed)
@@ -151,7 +153,7 @@ def main():
     curve = [[0, dev_at_start]] + [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
                                    if f"eval_{metric}" in entry]
     final = test_metric(trainer.model)
-    per_step = (1 if opts.method == "adam" else 2) * args.gradient_accumulation_steps
+    per_step = (1 if opts.method == "adam" else 2) * config.hf.gradient_accumulation_steps
     print(json.dumps({"task": opts.task, "mode": opts.mode, "method": opts.method, "lr": lr,
                       "eps": None if opts.method == "adam" else eps, "steps": steps, "batch": opts.batch,
                       "zero_shot": zero_shot, "final": final, "curve": curve, "stopped_at": opts.stop_at,

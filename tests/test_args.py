@@ -34,6 +34,13 @@ def test_every_problem_is_reported_at_once_with_the_value_and_the_fix():
     ]
 
 
+def test_unknown_flags_get_the_closest_known_ones():
+    assert problems(["--lerning_rate", "1e-3"]) == [
+        "Unknown flag --lerning_rate. Did you mean --learning_rate? (`python run.py --help` lists every flag.)"]
+    assert "Did you mean --zo_eps" in problems(["--eps", "1e-3"])[0]
+    assert problems(["--task-nam", "SST2"])[0].startswith("Unknown flag --task-nam. Did you mean --task_name")
+
+
 @pytest.mark.parametrize("value", ["-1e-3", "-0.5", "-3", "-.25", "-1E+2"])
 def test_negative_numbers_can_be_typed_after_their_flag(value):
     config = args.parse([*TRAIN, "--weight_decay", "0.1", "--zo_alpha_floor", "0.5", "--zo_optim", "zo_adamu",

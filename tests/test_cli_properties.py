@@ -5,7 +5,6 @@ writes nothing; never a traceback, never a partial file."""
 import gzip
 import json
 import logging
-import os
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ FLAGS = {
     "--task_name": (["SST2", "RTE", "SQuAD"], ["sst2", "Foo"]), "--seed": (["0", "7"], ["-1"]),
     "--result_file": (["out.json"], ["/proc/nope/x.json", "."]), "--output_dir": (["runs/a"], ["/proc/nope"]),
     "--model_name": ([], ["./nope", "not a repo id"]), "--num_beams": (["1", "2"], ["0"]),
-    "--train_as_classification": (["true", "false"], ["maybe"]), "--foo": ([], ["1"]), "--lr": ([], ["1e-3"]),
+    "--train_as_classification": (["true", "false"], ["maybe"]), "--foo": ([], ["1"]), "--lr": ([], ["1e-3"]), "--lerning_rate": ([], ["1e-3"]),
     "--lora": None, "--prefix_tuning": None, "--head_tuning": None, "--linear_probing": None, "--sfc": None,
     "--non_diff": None, "--no_final_eval": None, "--no_only_train_option": None, "--zo_keep_direction": None,
     "--zo_carry_perturbation": None, "--load_bfloat16": None, "--verbose": None,

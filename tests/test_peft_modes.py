@@ -120,9 +120,11 @@ def test_bf16_forward_and_step(mode):
 
 @pytest.mark.parametrize("mode", ["lora", "prefix"])
 def test_adapted_model_keeps_the_evaluator_interface(mode):
+    from peft import PeftModel
     from transformers import PreTrainedModel
     model = adapt("llama", mode)
-    assert isinstance(model, PreTrainedModel) and model.config.model_type == "llama"
+    # LoRA: peft's wrapper, which forwards everything to the model (and the HF Trainer knows how to checkpoint)
+    assert isinstance(model, PeftModel if mode == "lora" else PreTrainedModel) and model.config.model_type == "llama"
     assert evaluator._cache_name(model) == "cache"  # no fallback to the deprecated past_key_values keyword
     assert model.get_input_embeddings().num_embeddings == VOCAB
     ids = torch.tensor([[256, 1, 2, 3], [PAD, 256, 4, 5]])
@@ -165,8 +167,6 @@ def test_lora_adapter_and_merged_round_trips(kind, tmp_path):
     assert not torch.allclose(torch.cat(fresh[0]), torch.cat(trained[0]), atol=1e-4)  # training moved the scores
     assert_scores_close(trained, unbatched_scores(model, groups))
 
-    twin = copy.deepcopy(model)  # a copy saves its own adapters, not the original's
-    assert lora.peft_model_of(twin).base_model.model is twin
     lora.save_adapter(model, tmp_path / "adapter")
     reloaded = lora.load_adapter(tiny_model(kind), tmp_path / "adapter")
     assert trainable_names(reloaded) == trainable_names(model)
@@ -330,3 +330,30 @@ def test_prefix_errors():
     adapted.train()
     with pytest.raises(ValueError, match="checkpointing"):
         adapted(input_ids=torch.tensor([[256, 1, 2, 3]]))
+
+
+# --- the adapter table ----------------------------------------------------------------------------------------------
+
+def test_each_mode_is_one_table_entry_that_recognises_exports_and_loads_its_models(tmp_path):
+    import heads
+    from adapters import ADAPTERS, adapter_of
+    from conftest import ROOT
+    assert adapter_of(tiny_model("llama")) is None
+    models = {"lora": adapt("llama", "lora"), "prefix": adapt("llama", "prefix")}
+    models["head"] = tiny_model("llama")
+    heads.enable_head_tuning(models["head"])
+    for name, model in models.items():
+        assert adapter_of(model) is ADAPTERS[name]
+    assert ADAPTERS["lora"].export(models["lora"], str(tmp_path / "lora"), False)
+    assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert ADAPTERS["prefix"].export(models["prefix"], str(tmp_path / "prefix"), False)
+    assert ADAPTERS["prefix"].in_checkpoint(str(tmp_path / "prefix")) and not ADAPTERS["prefix"].in_checkpoint(
+        str(tmp_path / "lora"))
+    reloaded = ADAPTERS["prefix"].checkpoint_load(adapt("llama", "prefix", seed=3), str(tmp_path / "prefix"))
+    assert all(torch.equal(a, b) for a, b in zip(prefix.prefix_module(reloaded).parameters(),
+                                                 prefix.prefix_module(models["prefix"]).parameters()))
+    assert not ADAPTERS["head"].export(models["head"], str(tmp_path / "head"), False)  # the full model is saved
+    # the flow and the trainer go through the table: neither names a mode's module
+    for source in ("run.py", "trainer_zo.py"):
+        text = (ROOT / source).read_text()
+        assert "import lora" not in text and "import prefix" not in text and "enable_head_tuning" not in text, source
