@@ -79,10 +79,26 @@ def cli(cwd: Path, data, *argv, env=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def start(cwd: Path, data, *argv, env=None):
-    cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], cwd=cwd, env=environment(data, env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+class Started:
+    """A run.py process whose output goes to a file (a pipe nobody reads could fill up and stall it)."""
+
+    def __init__(self, cwd: Path, data, argv, env=None):
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.log = cwd / f"run-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *argv], cwd=cwd,
+                                         env=environment(data, env), stdout=out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def finish(self, timeout=300) -> str:
+        self.proc.wait(timeout=timeout)
+        return self.output()
+
+
+def start(cwd: Path, data, *argv, env=None) -> Started:
+    return Started(cwd, data, argv, env)
 
 
 def run_folder(cwd: Path) -> Path:
@@ -91,11 +107,11 @@ def run_folder(cwd: Path) -> Path:
     return folders[0]
 
 
-def wait_for(predicate, what: str, proc=None, timeout=300.0):
+def wait_for(predicate, what: str, run=None, timeout=300.0):
     deadline = time.monotonic() + timeout
     while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"the run ended (status {proc.returncode}) before {what}:\n{proc.stderr.read()[-3000:]}")
+        if run is not None and run.proc.poll() is not None:
+            raise AssertionError(f"the run ended (status {run.proc.returncode}) before {what}:\n{run.output()[-3000:]}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
@@ -217,24 +233,33 @@ def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir,
     the newest complete checkpoint, and the finished run equals the uninterrupted one bit for bit (CPU, fp32)."""
     argv = base_args(tiny_llama_dir)
     flag = tmp_path / "stalled"
-    proc = start(tmp_path, small_data, *argv, env={"PYTHONPATH": str(hooks), "ZO_TEST_STALL_SAVE": "3",
-                                                   "ZO_TEST_STALL_FLAG": str(flag)})
-    wait_for(flag.exists, "the stalled save of checkpoint-3", proc)
-    proc.kill()
-    proc.wait()
+    run = start(tmp_path, small_data, *argv, env={"PYTHONPATH": str(hooks), "ZO_TEST_STALL_SAVE": "3",
+                                                  "ZO_TEST_STALL_FLAG": str(flag)})
+    wait_for(flag.exists, "the stalled save of checkpoint-3", run)
+    run.proc.kill()
+    run.finish()
     folder = run_folder(tmp_path)
     assert (folder / "checkpoint-3" / "optimizer.pt").is_file() and not (folder / "checkpoint-3" / runs.MARKER).exists()
+
+    def complete():
+        return {p.parent.name for p in folder.glob(f"checkpoint-*/{runs.MARKER}")}
+
     rng = random.Random(0)
     kills = 0
-    for _ in range(3):
-        proc = start(tmp_path, small_data, *argv)
-        wait_for(lambda: any(p.name == runs.MARKER for p in folder.glob("checkpoint-*/*")), "a checkpoint", proc)
-        time.sleep(rng.uniform(0.0, 1.5))
-        if proc.poll() is None:
+    for attempt in range(3):
+        before = complete()
+        run = start(tmp_path, small_data, *argv)
+        # a new checkpoint, or the end (an earlier kill may have come after the last checkpoint)
+        wait_for(lambda: complete() - before or run.proc.poll() is not None, "a new checkpoint")
+        time.sleep(rng.uniform(0.0, 0.4))  # within the remaining steps, at an arbitrary point of one
+        if run.proc.poll() is None:
             kills += 1
-            proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if proc.returncode == 0:
+            run.proc.send_signal(signal.SIGKILL)
+        output = run.finish()
+        if attempt == 0:  # the rerun after the interrupted save named it and resumed from the one before
+            assert f"checkpoint-3 has no {runs.MARKER}" in output, output[-3000:]
+            assert "checkpoint-2" in output.split("Resuming from")[1].splitlines()[0]
+        if run.proc.returncode == 0:
             break
     assert kills >= 1
     final = cli(tmp_path, small_data, *argv)
@@ -249,11 +274,11 @@ def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir,
 def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(tmp_path, tiny_llama_dir, small_data,
                                                                                straight, signum):
     argv = base_args(tiny_llama_dir, "--save_steps", "100")  # no scheduled save: the signal's is the only one
-    proc = start(tmp_path, small_data, *argv)
-    wait_for(lambda: list((tmp_path / "result" / "output").glob(f"*/{runs.RUN_CONFIG}")), "training to start", proc)
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signum, stderr[-3000:]
+    run = start(tmp_path, small_data, *argv)
+    wait_for(lambda: list((tmp_path / "result" / "output").glob(f"*/{runs.RUN_CONFIG}")), "training to start", run)
+    run.proc.send_signal(signum)
+    stderr = run.finish()
+    assert run.proc.returncode == 128 + signum, stderr[-3000:]
     folder = run_folder(tmp_path)
     saved = [p for p in folder.glob("checkpoint-*") if runs.checkpoint_problem(p) is None]
     assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 8
