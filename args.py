@@ -28,8 +28,10 @@ from argparse import ArgumentTypeError
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import HfArgumentParser, TrainingArguments
 
+import parallel
 import tasks
 import zo
 
@@ -208,7 +210,6 @@ class ZOArguments:
     def optimizer_kwargs(self, max_steps: int) -> dict:
         """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed), built
         from these flags; only those the optimizer takes are passed."""
-        import torch
         offered = dict(
             eps=lambda: self.zo_eps, direction=lambda: self.zo_direction,
             exact_restore=lambda: {"auto": None, "always": True, "never": False}[self.zo_exact_restore],
@@ -378,8 +379,10 @@ class RunConfig:
         return {f: _jsonable(v) for _, f, v, _ in self.fields()}
 
     def identity(self) -> dict:
-        """The flags that define what the run computes."""
-        return {f: _jsonable(v) for _, f, v, counts in self.fields() if counts}
+        """The flags that define what the run computes, and the number of processes (each trains on its share of
+        every batch: resumed with another number, a run would continue as another run)."""
+        return {f: _jsonable(v) for _, f, v, counts in self.fields() if counts} | {
+            "world_size": parallel.launched_world_size()}
 
     def run_id(self) -> str:
         return identity_hash(self.identity())
@@ -418,6 +421,8 @@ def parse(argv: list[str]) -> RunConfig:
         problems.append(f"Unexpected arguments {remaining}.")
     values = vars(namespace)
     problems += check_fields(values, given)
+    if parallel.launched_world_size() > 1 and not torch.cuda.is_available():
+        values["use_cpu"] = True  # several CPU processes: gloo and DistributedDataParallel's CPU path
     instances = {}
     for name, cls in GROUPS:
         inputs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
@@ -679,7 +684,6 @@ def check(config: RunConfig) -> list[str]:
             problems.append("ZO training perturbs whole parameters in place; FSDP/DeepSpeed sharding is not "
                             "meaningful for it. Drop --fsdp/--deepspeed (ZO needs only inference memory).")
     if hf.fsdp:
-        import torch
         if not torch.cuda.is_available():
             problems.append(f"--fsdp {hf.fsdp!r} shards the model over CUDA GPUs, and this machine has none "
                             f"(torch.cuda.is_available() is False). Drop --fsdp (finetune.sh trains on one device).")

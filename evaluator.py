@@ -22,6 +22,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+import parallel
 from metrics import Prediction, calculate_metric
 from models import TokenizerSettings, model_device
 
@@ -346,7 +347,11 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
 
 def evaluate(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[list], eval_samples: list,
              settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
-    records = predict(model, tokenizer, tokens, task, demo_sets, eval_samples, settings)
+    """The task metric and one record per example. With several processes each rank predicts its share of the
+    examples and every rank gets all records back, in order."""
+    records = predict(model, tokenizer, tokens, task, parallel.shard(demo_sets), parallel.shard(eval_samples),
+                      settings)
+    records = parallel.gather(records, len(eval_samples))
     metric = task.spec.metric
     value = calculate_metric([Prediction(r["correct_candidate"], r["predicted_candidate"]) for r in records], metric)
     return {metric: value}, records

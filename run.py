@@ -29,6 +29,7 @@ import args as arguments
 import evaluator
 from adapters import ADAPTERS
 import models
+import parallel
 import runs
 import tasks
 import trainer_zo
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = arguments.parse(sys.argv[1:] if argv is None else argv)
+        agree_across_ranks(config)
         plan = preflight(config)
     except (arguments.UsageError, runs.RunError) as error:
         problems = error.problems
@@ -59,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     except (tasks.DataError, models.ModelLoadError, arguments.UsageError, evaluator.PromptTooLong) as error:
         logger.error("%s", error)
         return 2
+
+
+def agree_across_ranks(config: arguments.RunConfig) -> None:
+    """Under torchrun / accelerate launch: set up the process group (the HF Trainer's setup: gloo on CPUs, NCCL on
+    GPUs) and check that every rank runs the same configuration (the seed, the optimizer and its settings ...) before
+    anything loads, rather than discovering it as ranks that drift apart."""
+    if parallel.launched_world_size() <= 1:
+        return
+    config.hf.device  # noqa: B018  (initialises torch.distributed through accelerate's PartialState)
+    problem = parallel.agree(config.identity(), "the run's configuration")
+    if problem:
+        raise arguments.UsageError([problem])
 
 
 def preflight(config: arguments.RunConfig) -> Plan:
@@ -95,8 +109,8 @@ def preflight(config: arguments.RunConfig) -> Plan:
                                                     explicit=config.hf.resume_from_checkpoint))
             except runs.RunError as error:
                 problems += error.problems
-    if problems:
-        raise runs.RunError(problems)
+    if parallel.max_over_ranks(bool(problems)):  # all ranks stop together, whichever found the problem
+        raise runs.RunError(problems or ["Another process found a problem with this command (see its log)."])
     return plan
 
 
@@ -208,6 +222,7 @@ def build_trainer(config: arguments.RunConfig, task, model, tokenizer, tokens, t
     if train.trainer != "zo":
         return trainer_zo.SuiteTrainer(**common)
     training_args.max_grad_norm = 0.0   # there are no gradients to clip
+    training_args.ddp_broadcast_buffers = False  # ranks hold identical buffers; nothing to send per forward
     return trainer_zo.ZOTrainer(zo_args=config.zo, **common)
 
 
@@ -225,7 +240,9 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
                                        eval_samples, settings), None
     for problem in resume.skipped:
         logger.warning("Skipping a checkpoint that cannot be resumed from: %s", problem)
-    runs.apply_wipe(resume)
+    if config.hf.process_index == 0:
+        runs.apply_wipe(resume)
+    parallel.barrier()
     trainer = build_trainer(config, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
                             resume.folder)
     if resume.checkpoint is not None:
@@ -245,7 +262,10 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
 def resume_command(config: arguments.RunConfig) -> str:
     """The command that continues this run: the same command line (the run resumes its newest checkpoint)."""
     script = os.path.relpath(Path(__file__).resolve())
-    return shlex.join(["python", script, *config.argv])
+    size = parallel.launched_world_size()
+    launcher = ["python"] if size == 1 else ["torchrun", f"--nproc_per_node={size}"]
+    return shlex.join([*launcher, script, *config.argv]) + ("" if size == 1 else "   (or your multi-node launch "
+                                                                                "command, with the same flags)")
 
 
 def fit_probe(config: arguments.RunConfig, model, dataset, tokens, output_dir: Path) -> None:

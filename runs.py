@@ -31,6 +31,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+import parallel
+
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
@@ -61,7 +63,8 @@ def describe(config) -> str:
     if config.train.trainer == "zo":
         parts.append(f"eps{_number(config.zo.zo_eps)}")
     parts.append(f"steps{hf.max_steps}" if hf.max_steps > 0 else f"ep{_number(hf.num_train_epochs)}")
-    batch = hf.per_device_train_batch_size * hf.gradient_accumulation_steps
+    # the global batch: what a step averages over, however it is split into processes and micro-batches
+    batch = hf.per_device_train_batch_size * hf.gradient_accumulation_steps * parallel.launched_world_size()
     parts += [f"bs{batch}", f"seed{hf.seed}"]
     return "-".join(parts)
 
@@ -260,6 +263,8 @@ class CheckpointCallback(TrainerCallback):
             _write_json(Path(args.output_dir) / RUN_CONFIG, {"run_id": self.run_id, "identity": self.identity})
 
     def on_save(self, args, state, control, **kwargs):
+        # every rank writes its own RNG state into the checkpoint: the marker waits for all of them
+        parallel.barrier()
         if not args.should_save:
             return
         folder = Path(args.output_dir)

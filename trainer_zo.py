@@ -28,10 +28,11 @@ from transformers import Trainer, TrainerCallback
 
 import evaluator
 import metrics
+import parallel
 import zo
 from adapters import adapter_of
 from args import ZOArguments
-from utils import Objective, candidate_scores, training_loss
+from utils import ListDataset, Objective, candidate_scores, loss_weight, training_loss
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class TaskEval:
 
 class StopOnSignal(TrainerCallback):
     """SIGTERM, SIGINT or SIGUSR1 during training: finish the current step, save a complete checkpoint, stop.
-    `received` is the signal (None if none came). A second signal of the same kind stops at once, as without us."""
+    `received` is the signal (None if none came). A second signal of the same kind stops at once, as without us.
+    With several processes the ranks agree at every step end, so all stop after the same step."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -71,7 +73,9 @@ class StopOnSignal(TrainerCallback):
                        "stop at once, without a checkpoint)", signal.Signals(signum).name)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        agreed = parallel.max_over_ranks(self.received or 0)
+        if agreed:
+            self.received = agreed
             control.should_save = True
             control.should_training_stop = True
 
@@ -150,14 +154,19 @@ class SuiteTrainer(Trainer):
         results = {}
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is not None and not self.objective.non_diff:
-            losses, weights = [], []
+            # each rank scores its share of the dev set (exactly once: no sampler padding), the ranks combine
+            share = ListDataset(parallel.shard([dataset[i] for i in range(len(dataset))]))
+            loader = torch.utils.data.DataLoader(share, batch_size=self.args.per_device_eval_batch_size,
+                                                 collate_fn=self.data_collator)
+            total, weight = torch.zeros((), dtype=torch.float64), 0
             with torch.inference_mode():
-                for batch in self.get_eval_dataloader(dataset):
+                for batch in loader:
                     batch = self._prepare_inputs(batch)
-                    losses.append(training_loss(model, batch, self.objective).double())
-                    weights.append(len(batch["input_ids"]))
-            weights = torch.tensor(weights, dtype=torch.float64, device=losses[0].device)
-            results[f"{metric_key_prefix}_loss"] = (torch.stack(losses) @ weights).item() / weights.sum().item()
+                    w = loss_weight(batch, self.objective)
+                    total = total + training_loss(model, batch, self.objective).double().cpu() * w
+                    weight += w
+            mean = total / weight if weight else total
+            results[f"{metric_key_prefix}_loss"] = parallel.mean_over_ranks(mean, weight).item()
         te = self.task_eval
         if te.samples:
             scores, _ = evaluator.evaluate(model, te.tokenizer, te.tokens, te.task, [[]] * len(te.samples),
@@ -203,10 +212,14 @@ class ZOTrainer(SuiteTrainer):
         return self.optimizer
 
     def _probe_loss(self, model, inputs) -> torch.Tensor:
+        """The probe loss of the global batch: with several processes (data-parallel ZO) each rank's loss of its
+        shard, combined over the ranks by what each averages over, so every rank finds the same projected gradient."""
         if self.objective.non_diff:
-            return non_diff_loss(model, inputs, self.task_eval)
-        with self.compute_loss_context_manager():
-            return training_loss(model, inputs, self.objective)
+            loss = non_diff_loss(model, inputs, self.task_eval)
+        else:
+            with self.compute_loss_context_manager():
+                loss = training_loss(model, inputs, self.objective)
+        return parallel.mean_over_ranks(loss, loss_weight(inputs, self.objective))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Probes run in eval mode (dropout off) so both see the same function of the parameters.

@@ -174,6 +174,16 @@ def candidate_scores(model, batch: dict) -> torch.Tensor:
     return (log_probs * is_option).sum(-1) / is_option.sum(-1)
 
 
+def loss_weight(batch: dict, objective: Objective) -> int:
+    """What `training_loss` averages over in this batch: examples (classification, non-differentiable metrics) or
+    tokens (the LM losses). Losses of several batches weighted by it average like one batch of all of them."""
+    if objective.classification or objective.non_diff:
+        return len(batch["labels"]) if "labels" in batch else len(batch["input_ids"])
+    if not objective.only_option:
+        return int(batch["attention_mask"][:, 1:].sum())
+    return int(batch["option_len"].sum())
+
+
 def training_loss(model, batch: dict, objective: Objective) -> torch.Tensor:
     if not objective.only_option:
         return lm_loss(model, batch)

@@ -1,0 +1,102 @@
+"""What the suite does with several processes (launched by `torchrun` or `accelerate launch`; the process group is the
+one the Hugging Face Trainer's setup initialises: NCCL on GPUs, gloo on CPUs).
+
+* `world()`: this process's rank and the number of processes (1, 0 without torch.distributed).
+* `mean_over_ranks(loss, weight)`: the loss of the global batch from each rank's loss of its shard, weighted by what
+  each loss averages over (examples or option tokens), so data-parallel ZO computes the projected gradient of the
+  whole batch and every rank applies the same update without a parameter ever being sent.
+* `agree(value, what)`: every rank holds the same value (the run's configuration, checked before anything loads), or
+  a clear error naming the ranks that differ.
+* `shard` / `gather`: an evaluation split over the ranks and its records put back in order.
+* `max_over_ranks(value)`: the largest of an int over the ranks (a signal received by one process stops all of them
+  at the same step).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def initialised() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if initialised():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def launched_world_size() -> int:
+    """The number of processes the launcher started (torchrun / accelerate set WORLD_SIZE), before any group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device_for_collectives() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo takes CPU tensors
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def mean_over_ranks(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """sum_r weight_r·loss_r / sum_r weight_r over the ranks, in float64 (one process: the loss itself)."""
+    if not initialised():
+        return loss
+    parts = torch.stack([loss.detach().to(torch.float64) * weight, torch.tensor(float(weight), dtype=torch.float64,
+                                                                                 device=loss.device)])
+    parts = parts.to(_device_for_collectives())
+    dist.all_reduce(parts)
+    return (parts[0] / parts[1]).to(loss.device, torch.promote_types(loss.dtype, torch.float32))
+
+
+def max_over_ranks(value: int) -> int:
+    if not initialised():
+        return value
+    tensor = torch.tensor([int(value)], device=_device_for_collectives())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def agree(value, what: str) -> str | None:
+    """None if every rank holds `value`, else a message naming the ranks that differ (the same on every rank)."""
+    if not initialised():
+        return None
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if all(v == values[0] for v in values):
+        return None
+    groups = {}
+    for rank, v in enumerate(values):
+        groups.setdefault(repr(v)[:200], []).append(rank)
+    listed = "; ".join(f"ranks {ranks}: {v}" for v, ranks in groups.items())
+    return (f"The processes disagree on {what} ({listed}). Launch every rank with the same command line and "
+            f"environment.")
+
+
+def shard(items: list) -> list:
+    """This rank's share of an evaluation: items rank, rank + world, ... (all of them in one process)."""
+    rank, size = world()
+    return items[rank::size]
+
+
+def gather(records: list, total: int) -> list:
+    """The records of every rank's `shard`, back in the original order (every rank gets all of them)."""
+    if not initialised():
+        return records
+    size = dist.get_world_size()
+    parts = [None] * size
+    dist.all_gather_object(parts, records)
+    merged = [None] * total
+    for rank, part in enumerate(parts):
+        merged[rank::size] = part
+    return merged
+
+
+def barrier() -> None:
+    if initialised():
+        dist.barrier()
