@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import time
 from dataclasses import dataclass
 from itertools import chain
 from typing import NamedTuple
@@ -222,6 +223,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._layout = None
         self._seed, self._step_values = 0, {}
         self.sweeps = self.noise_calls = 0  # diagnostics, not saved
+        self.timings: list | None = None    # a list: each sweep appends (kind, seconds of host time) (benchmarks)
         self.last_projected_grad = self.last_loss_plus = self.last_loss_minus = None
         self.last_schedule: dict[str, float] = {}
         self._global_state()
@@ -443,6 +445,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         """One pass over the trainable tensors.  kind: "perturb" θ += k·ε·u; "restore" the same, or the stash;
         "update" the restore fused with the update (and, with carry, the next step's +ε·u': fused tensors only)."""
         self.sweeps += 1
+        if self.timings is None:
+            return self._sweep_now(kind, k, carry)
+        begin = time.perf_counter()
+        self._sweep_now(kind, k, carry)
+        self.timings.append((kind, time.perf_counter() - begin))
+
+    def _sweep_now(self, kind, k, carry):
         layout = self._fused_layout()
         for sweeps in self._fused_devices(layout):
             sweeps.load(*self._fused_inputs(kind == "update"))
