@@ -222,7 +222,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._device_sweeps: dict[torch.device, object] = {}
         self._layout = None
         self._seed, self._step_values = 0, {}
-        self.sweeps = self.noise_calls = 0  # diagnostics, not saved
+        self.sweeps = self.noise_calls = self.replays = 0  # diagnostics, not saved (replays: CUDA graph sweeps)
         self.timings: list | None = None    # a list: each sweep appends (kind, seconds of host time) (benchmarks)
         self.last_projected_grad = self.last_loss_plus = self.last_loss_minus = None
         self.last_schedule: dict[str, float] = {}
@@ -468,6 +468,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             drawn = self._device_sweeps[layout.devices[0]].replay(key, layout.key, capture, layout.every)
             if drawn is not None:
                 self.noise_calls += drawn
+                self.replays += 1
                 return
         self._sweep_tensors(kind, k, carry)
 

@@ -6,7 +6,7 @@ the definition they reproduce bit for bit.
   * step seed  = step_seed(seed, t), t = 0-based count of completed steps.  A pure function, so no RNG state is saved
     and a resumed run replays the same directions.
   * tensor `index` = position of the parameter in the optimizer (groups in order, then params).
-  * stream = which of a method's noise streams (MeZO draws stream 0; ZO-AdaMU streams 0 and 1).
+  * stream = which of a method's noise streams (a method declares how many it draws per tensor).
   * rng="counter" (the default on CPU, and on CUDA where Triton is installed): a counter-based stream, a pure function
     of (step seed, index, stream, element position j of the flattened tensor).  key = counter_key(step seed, index,
     stream) = mix(step seed, index, stream); h(i) = splitmix64 output number i+1 of seed `key`
