@@ -8,19 +8,31 @@ write of x: what a sweep cannot beat), `torch.randn` into a float32 buffer of th
 the fused sweeps of zo_triton (MeZO perturb, MeZO update, ZO-AdaMU perturb with its momentum read and update; both
 updates also fused with the next step's perturbation as carry_perturbation runs them; MeZO's Rademacher perturb and
 carried update) for each launch shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
+
+    python bench/zo_sweep.py --cpu_compile --threads 1   # CPU: the C sweeps against torch.compile of the torch path
+
+--cpu_compile measures option (a) of the core's design on CPU: the torch reference of MeZO's perturb and update
+sweeps (zo_noise's counter noise in torch operations, with a tensor key so one compiled graph serves every tensor)
+compiled by torch.compile (inductor, C++), against the C kernels emitted from the rule (zo_cpu), on every tensor of the
+embedded model: the compile time, the seconds per sweep, and whether the results are bit-identical (elements that
+differ, and by how many ulps at most).
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zo  # noqa: E402
+import zo_noise  # noqa: E402
 import zo_triton  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +52,70 @@ def timed(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _torch_noise(key: torch.Tensor, n: int) -> torch.Tensor:
+    """zo_noise.counter_noise(key, 0, n, "gaussian") with the key as a 0-dim int64 tensor (signed), so torch.compile
+    builds one graph for every tensor instead of specialising on each key."""
+    i = torch.arange((n + 1) // 2, dtype=torch.int64)
+    z = (i + 1) * (zo_noise.GOLDEN - (1 << 64)) + key
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * (zo_noise.FMIX1 - (1 << 64))
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * (zo_noise.FMIX2 - (1 << 64))
+    h = z ^ ((z >> 31) & ((1 << 33) - 1))
+    z0, z1 = zo_noise.box_muller(h)
+    return torch.stack([z0, z1], -1).view(-1)[:n]
+
+
+def _perturb(x, key, a):
+    return x + _torch_noise(key, x.numel()) * a
+
+
+def _update(x, key, c, decay, coef):
+    u = _torch_noise(key, x.numel())
+    y = x + u * c
+    return y * decay + u * coef
+
+
+def cpu_compile(args):
+    """Option (a) on CPU: torch.compile of the torch sweeps vs the C kernels, on the embedded model's tensors."""
+    import models
+    torch.set_num_threads(args.threads)
+    model = models.load_model(models.EMBEDDED_ALIAS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = zo.MeZO(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
+    seed = zo.step_seed(0, 0)
+    keys = [torch.tensor(zo_noise.counter_key(seed, i, 0) - ((1 << 64) if zo_noise.counter_key(seed, i, 0) >= 1 << 63
+                                                            else 0)) for i in range(len(params))]
+    start = [p.detach().clone() for p in params]
+    # the C path: one probe (+εu, then -2εu); the weights at +εu are read inside the closure
+    seen, optimizer.timings = [], []
+    optimizer.probe(lambda: seen.append([p.detach().clone() for p in params]) or torch.tensor(0.0))
+    c_perturb = optimizer.timings[0][1]
+    optimizer.step()   # the update with g = 0: restore and decay 1, so the weights return to θ (up to round-off)
+    c_update = optimizer.timings[2][1]
+    report = {"device": f"cpu ({os.cpu_count()} cores, torch threads {args.threads})", "tensors": len(params),
+              "numel": sum(p.numel() for p in params), "c_kernel_seconds": {"perturb": c_perturb, "update": c_update},
+              "load_average": os.getloadavg()}
+    # torch's CPU sqrt is not correctly rounded, and the numpy one zo_noise uses cannot be traced: the compiled
+    # graph takes torch.sqrt, whose lowering inductor chooses
+    with mock.patch.object(zo_noise, "sqrt_rn", torch.sqrt):
+        for name, fn, extra in (("perturb", _perturb, (1e-3,)), ("update", _update, (-1e-3, 1.0, 0.0))):
+            compiled = torch.compile(fn, dynamic=True)
+            begin = time.perf_counter()
+            outs = [compiled(x.view(-1), k, *extra) for x, k in zip(start, keys)]
+            first = time.perf_counter() - begin
+            begin = time.perf_counter()
+            outs = [compiled(x.view(-1), k, *extra) for x, k in zip(start, keys)]
+            steady = time.perf_counter() - begin
+            want = [s.view(-1) for s in seen[0]] if name == "perturb" else None
+            entry = {"first_pass_seconds": round(first, 3), "sweep_seconds": round(steady, 4),
+                     "compile_seconds": round(first - steady, 3)}
+            if want is not None:
+                differ = sum(int((o != w).sum()) for o, w in zip(outs, want))
+                ulps = max(int((o.view(torch.int32) - w.view(torch.int32)).abs().max()) for o, w in zip(outs, want))
+                entry.update(elements_differing=differ, max_ulps=ulps, bit_identical=differ == 0)
+            report[f"compiled_{name}"] = entry
+    print(json.dumps(report))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=int, default=1 << 30)
@@ -47,7 +123,12 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--shapes", default="512x4,512x8,256x4,1024x8,1024x4",
                         help="pairs-per-program x warps, comma separated")
+    parser.add_argument("--cpu_compile", action="store_true",
+                        help="CPU: torch.compile of the torch sweeps against the C kernels (the design's option a)")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.cpu_compile:
+        return cpu_compile(args)
     try:
         shapes_wanted = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     except ValueError:

@@ -548,7 +548,9 @@ def test_fused_kernels_equal_the_torch_definition(cls, kw, dtype):
     kernels = zo_cpu.kernels_for(cls.rule, cls.streams, cls.buffers, cls.step_values + cls.update_values)
     calls = kernels.calls
     fast_p, fast_m, fast = _train(cls, kw, dtype, True)
-    assert kernels.calls > calls, "the C kernels did not run"
+    # float64 weights with 16-bit state have no kernels (their state would be widened to float64): torch path
+    has_kernels = kernels.supports(dtype, kw.get("state_dtype") or dtype)
+    assert (kernels.calls > calls) == has_kernels, "the C kernels did not run where they exist, or ran elsewhere"
     calls = kernels.calls
     ref_p, ref_m, ref = _train(cls, kw, dtype, False)
     assert kernels.calls == calls, "the torch path called a C kernel"
