@@ -219,7 +219,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._generators: dict[torch.device, torch.Generator] = {}
         self._stash: dict[torch.Tensor, torch.Tensor] = {}
         self._kept: dict[torch.Tensor, list[torch.Tensor]] = {}
-        self._device_sweeps: dict[torch.device, object] = {}
+        self._triton_sweeps: dict[torch.device, object] = {}
         self._layout = None
         self._seed, self._step_values = 0, {}
         self.sweeps = self.noise_calls = self.replays = 0  # diagnostics, not saved (replays: CUDA graph sweeps)
@@ -452,9 +452,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.timings.append((kind, time.perf_counter() - begin))
 
     def _sweep_now(self, kind, k, carry):
-        layout = self._fused_layout()
-        for sweeps in self._fused_devices(layout):
-            sweeps.load(*self._fused_inputs(kind == "update"))
+        layout = self._triton_layout()
+        for sweeps in self._triton_devices(layout):
+            sweeps.load(*self._triton_inputs(kind == "update"))
         if layout.graphable and self.cuda_graphs:
             # a sweep's launches depend only on the tensors and on constants (the kind, k, the probe offset, each
             # group's ε and direction); every per-step value is read from device memory, so one captured graph
@@ -465,7 +465,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 drawn, self.noise_calls = self.noise_calls - before, before
                 return drawn
             key = (kind, k, carry, self._offset, tuple((g["eps"], g["direction"]) for g in self.param_groups))
-            drawn = self._device_sweeps[layout.devices[0]].replay(key, layout.key, capture, layout.every)
+            drawn = self._triton_sweeps[layout.devices[0]].replay(key, layout.key, capture, layout.every)
             if drawn is not None:
                 self.noise_calls += drawn
                 self.replays += 1
@@ -489,12 +489,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                 buf.copy_(flat)
             if stash and kind == "restore":
                 flat.copy_(self._stash[p])
-            elif self._fused(p):
-                self._fused_sweep(kind, k, index, group_index, group, p, flat, stash, carry)
+            elif self._triton_path(p):
+                self._triton_sweep(kind, k, index, group_index, group, p, flat, stash, carry)
                 touched += [p] if contiguous else []
             else:
                 rule_kind = "perturb" if kind != "update" else "update_stash" if stash else "update"
-                fast = kernels is not None and self._cpu_ok(p, kernels)
+                fast = kernels is not None and self._cpu_path(p, kernels)
                 if fast:
                     key = (kind, group_index)
                     if key not in arrays:
@@ -553,19 +553,19 @@ class ZOOptimizer(torch.optim.Optimizer):
             return None
         return _cpu().kernels_for(self.rule, self.streams, self.buffers, self.step_values + self.update_values)
 
-    def _cpu_ok(self, p, kernels) -> bool:
+    def _cpu_path(self, p, kernels) -> bool:
         return (p.device.type == "cpu" and self._rng(p.device) == "counter"
                 and kernels.supports(p.dtype, self.buffer_dtype(p) if self.buffers else None))
 
     # -- the fused CUDA sweeps (zo_triton)
-    def _fused(self, p) -> bool:
+    def _triton_path(self, p) -> bool:
         """Whether this tensor's sweep runs as one fused Triton kernel (CUDA, counter noise, no kept direction)."""
         if not self.fast_paths or self.keep_direction or self._rng(p.device) != "counter":
             return False
         kernels = _triton()
         return kernels is not None and kernels.supports(p, self.buffer_dtype(p) if self.buffers else None)
 
-    def _fused_layout(self):
+    def _triton_layout(self):
         """Which tensors the fused kernels sweep and whether the sweeps can be captured as CUDA graphs (all fused,
         contiguous, on one CUDA device), cached per layout: which tensors are trainable, where and how they and
         their state buffers are stored, whether fast paths are on."""
@@ -574,7 +574,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                                              if b in self.state.get(p, {}))) for p in self._params()))
         if self._layout is None or self._layout.key != key:
             trainable = tuple(p for p in self._params() if p.requires_grad)
-            fused = [p for p in trainable if self._fused(p)]
+            fused = [p for p in trainable if self._triton_path(p)]
             every = trainable if trainable and len(fused) == len(trainable) else None
             devices = tuple(dict.fromkeys(p.device for p in fused))
             graphable = (every is not None and len(devices) == 1 and devices[0].type == "cuda"
@@ -582,27 +582,27 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._layout = _Layout(key, every, devices, graphable)
         return self._layout
 
-    def _fused_devices(self, layout):
+    def _triton_devices(self, layout):
         for device in layout.devices:
-            sweeps = self._device_sweeps.get(device)
+            sweeps = self._triton_sweeps.get(device)
             if sweeps is None:
-                sweeps = self._device_sweeps[device] = _triton().DeviceSweeps(
+                sweeps = self._triton_sweeps[device] = _triton().DeviceSweeps(
                     device, self.rule, self.streams, self.buffers, self.step_values, self.update_values,
                     sum(len(g["params"]) for g in self.param_groups), len(self.param_groups))
             yield sweeps
 
-    def _fused_inputs(self, update: bool) -> tuple:
+    def _triton_inputs(self, update: bool) -> tuple:
         """What the fused kernels read from the device: (seed, step values, next seed, next step values, the update
         values of each group or None)."""
         next_seed, next_values = self._next or (0, None)
         groups = [self._update_values(i, g) for i, g in enumerate(self.param_groups)] if update else None
         return self._seed, self._step_values, next_seed, next_values, groups
 
-    def _fused_sweep(self, kind, k, index, group_index, group, p, flat, stash, carry=False):
+    def _triton_sweep(self, kind, k, index, group_index, group, p, flat, stash, carry=False):
         """The sweep of one whole tensor by one fused kernel (the same arithmetic as the torch path)."""
         self.noise_calls += len(self.streams) * (2 if carry else 1)  # a carried update also draws the next direction
         rule_kind = "perturb" if kind != "update" else "update_stash" if stash else "update"
-        self._device_sweeps[p.device].sweep(
+        self._triton_sweeps[p.device].sweep(
             rule_kind, flat, index=index, group_index=group_index, gaussian=group["direction"] == "gaussian",
             perturb_scale=(k if kind != "update" else 1) * group["eps"], restore_scale=self._offset * -group["eps"],
             stash=self._stash[p] if stash else None, buffers=[self._buffer(p, b) for b in self.buffers],
@@ -677,7 +677,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._g, self._ok = g, torch.isfinite(g)  # ok stays on device: no host sync on the torch path
         glob = self._global_state()
         t = glob["zo_step"]
-        fuse_carry = self.carry_perturbation and self._fused_layout().every is not None
+        fuse_carry = self.carry_perturbation and self._triton_layout().every is not None
         if fuse_carry:
             self._next = (step_seed(self.param_groups[0]["seed"], t + 1), self.values_at(t + 1))
         self._sweep("update", carry=fuse_carry)

@@ -201,3 +201,37 @@ def test_a_shard_draws_its_slice_of_the_full_tensors_noise(fast, offset):
     whole = zo_noise.sample_direction(zo_noise.step_seed(0, 0), 0, 200)
     assert torch.equal(seen[0], whole[offset:offset + 100])
     del opt
+
+
+# ------------------------------------------------------------------------------- CUDA graph bookkeeping (no GPU)
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: counts replays; capture runs the sweep once (as recording would)."""
+    def __init__(self):
+        self.replayed = 0
+
+    def replay(self):
+        self.replayed += 1
+
+
+def test_captured_sweeps_are_run_once_captured_once_and_dropped_with_the_layout(monkeypatch):
+    """Each sweep key runs eagerly once, is captured the second time and replayed after; a new layout (tensors
+    moved, frozen, state replaced) drops every captured graph, which holds raw pointers."""
+    import contextlib
+    import zo_triton
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    sweeps = zo_triton.DeviceSweeps("cpu", ZOSignSGD.rule, ("z",), (), (), ("neg_lr_sign_g",), tensors=1, groups=1)
+    tensor = torch.zeros(3)
+    captured = []
+
+    def capture():
+        captured.append(1)
+        return 7   # what the capture counted (noise draws)
+    assert sweeps.replay("perturb", "layout A", capture, [tensor]) is None and not captured   # eager, once
+    assert sweeps.replay("perturb", "layout A", capture, [tensor]) == 7 and len(captured) == 1  # captured, replayed
+    assert sweeps.replay("perturb", "layout A", capture, [tensor]) == 7 and len(captured) == 1  # replayed
+    graph = sweeps.graphs["perturb"][0]
+    assert graph.replayed == 2 and tensor._version == 2   # autograd is told the tensors changed
+    assert sweeps.replay("perturb", "layout B", capture, [tensor]) is None and list(sweeps.graphs) == ["perturb"]
+    assert sweeps.graphs["perturb"] == "seen"   # the old capture was dropped: this one starts over
