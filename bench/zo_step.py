@@ -455,7 +455,11 @@ def main():
                    "sweep_perturb_minus": round(statistics.median(r["sweeps"][1] for r in recs), 4),
                    "sweep_update": round(statistics.median(r["sweeps"][2] for r in recs), 4),
                    "rest": round(statistics.median(r["rest"] for r in recs), 4),
-                   "closures_over_2fwd": round(statistics.median(sum(r["closures"]) for r in recs) / (2 * F), 4)}
+                   "closures_over_2fwd": round(statistics.median(sum(r["closures"]) for r in recs) / (2 * F), 4),
+                   # 1 + (sweeps + rest) / 2F of the same repetition: the step's own cost with its two forwards
+                   # taken as the standalone F's, free of the forward's run-to-run noise
+                   "derived_step_over_2fwd": round(statistics.median(
+                       1 + (sum(r["sweeps"]) + r["rest"]) / (2 * f) for r, f in zip(recs, samples["F"])), 4)}
             for name, recs in breakdown.items()}
     report["kernel_builds"] = zo.kernel_builds()
     report["load_average"] = os.getloadavg()
