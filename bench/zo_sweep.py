@@ -10,12 +10,16 @@ updates also fused with the next step's perturbation as carry_perturbation runs 
 carried update) for each launch shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
 
     python bench/zo_sweep.py --cpu_compile --threads 1   # CPU: the C sweeps against torch.compile of the torch path
+    python bench/zo_sweep.py --cpu_sweeps --baseline 4e1682b --threads 1   # CPU: the sweeps of two commits
 
 --cpu_compile measures option (a) of the core's design on CPU: the torch reference of MeZO's perturb and update
 sweeps (zo_noise's counter noise in torch operations, with a tensor key so one compiled graph serves every tensor)
 compiled by torch.compile (inductor, C++), against the C kernels emitted from the rule (zo_cpu), on every tensor of the
 embedded model: the compile time, the seconds per sweep, and whether the results are bit-identical (elements that
 differ, and by how many ulps at most).
+--cpu_sweeps times, on the embedded model's tensors, MeZO's and ZO-AdaMU's sweeps through their public API only: a
+probe with a constant loss (two perturb sweeps) and the step after it (one update sweep), interleaved over --reps
+rounds with the optimizers of --baseline COMMIT (zo.py of that commit) when given; medians, seconds per sweep.
 """
 
 import argparse
@@ -120,6 +124,39 @@ def cpu_compile(args):
     print(json.dumps(report))
 
 
+def cpu_sweeps(args):
+    """The sweeps of the current optimizers (and of --baseline's), interleaved, on the embedded model."""
+    import models
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from zo_step import load_baseline
+    torch.set_num_threads(args.threads)
+    model = models.load_model(models.EMBEDDED_ALIAS)
+    modules = {"new": zo} | ({"base": load_baseline(args.baseline)} if args.baseline else {})
+    optimizers = {}
+    for tag, module in modules.items():
+        groups = lambda: module.param_groups_for_model(model, 0.0)  # noqa: E731
+        optimizers[f"mezo_{tag}"] = module.MeZO(groups(), lr=1e-7, eps=1e-3)
+        optimizers[f"adamu_{tag}"] = module.ZOAdaMU(groups(), lr=1e-7, eps=1e-3,
+                                                   schedule=module.AdaMUSchedule.for_max_steps(1000))
+    times = {name: {"perturb": [], "update": []} for name in optimizers}
+    for rep in range(args.reps + 1):   # the first round is a warm-up (library loads, momentum allocation)
+        for name, optimizer in optimizers.items():
+            begin = time.perf_counter()
+            optimizer.probe(lambda: torch.tensor(0.0))
+            middle = time.perf_counter()
+            optimizer.step()
+            end = time.perf_counter()
+            if rep:
+                times[name]["perturb"].append((middle - begin) / 2)
+                times[name]["update"].append(end - middle)
+    report = {"device": f"cpu ({os.cpu_count()} cores, torch threads {args.threads})", "reps": args.reps,
+              "baseline": args.baseline, "numel": sum(p.numel() for p in model.parameters()),
+              "sweep_seconds_median": {name: {kind: round(statistics.median(v), 4) for kind, v in kinds.items()}
+                                       for name, kinds in times.items()},
+              "load_average": os.getloadavg()}
+    print(json.dumps(report))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=int, default=1 << 30)
@@ -129,10 +166,15 @@ def main():
                         help="pairs-per-program x warps, comma separated")
     parser.add_argument("--cpu_compile", action="store_true",
                         help="CPU: torch.compile of the torch sweeps against the C kernels (the design's option a)")
+    parser.add_argument("--cpu_sweeps", action="store_true",
+                        help="CPU: time the optimizers' sweeps on the embedded model (with --baseline: two commits)")
+    parser.add_argument("--baseline", default=None, metavar="COMMIT", help="with --cpu_sweeps: also zo.py at COMMIT")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if args.cpu_compile:
         return cpu_compile(args)
+    if args.cpu_sweeps:
+        return cpu_sweeps(args)
     try:
         shapes_wanted = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     except ValueError:
