@@ -126,12 +126,15 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
              + [f"keys[{i}]" for i in range(len(streams))]
              + [("vals[%d] != 0.0" % i) if s == "ok" else f"({T})vals[{i}]" for i, s in enumerate(scalars)])
     ok = f"s{scalars.index('ok')}"
-    if mode == "k":
-        loop = (f"if ({ok}) for (int64_t j_ = 0; j_ < n; j_++) BODY1(j_, 0)\n"
-                f"    else for (int64_t j_ = 0; j_ < n; j_++) BODY0(j_, 0)")
-    else:
-        loop = (f"#define GEN(p) {draw}\n    if ({ok}) ZO_PAIR_LOOP(GEN, BODY1); else ZO_PAIR_LOOP(GEN, BODY0);\n"
-                "#undef GEN")
+
+    def one_loop(value):
+        if mode == "k":
+            return f"for (int64_t j_ = 0; j_ < n; j_++) BODY{value}(j_, 0)"
+        return f"ZO_PAIR_LOOP(GEN, BODY{value});"
+    # a perturb sweep does not read ok: one loop (a second copy would only double the compile time)
+    loop = f"if ({ok}) {one_loop(1)}\n    else {one_loop(0)}" if "OK" in names.values() else one_loop(1)
+    if mode != "k":
+        loop = f"#define GEN(p) {draw}\n    {loop}\n#undef GEN"
     return (f"#define BODY(J, S, OK) {{ \\\n    {body} }}\n#define BODY1(J, S) BODY(J, S, 1)\n"
             f"#define BODY0(J, S) BODY(J, S, 0)\n"
             f"static void {fname}_body({', '.join(params)}) {{\n    (void)src; (void)pos; (void){ok};\n    {loop}\n}}\n"
@@ -140,18 +143,16 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
             f"{{\n    {fname}_body({', '.join(casts)});\n}}\n")
 
 
-def _source(rule, streams, buffers, scalars) -> tuple[str, list[str]]:
-    """The C source of every sweep function of a rule, and their names."""
+def _source(rule, streams, buffers, scalars, tn: str, mn: str) -> tuple[str, list[str]]:
+    """The C source of every sweep function of a rule for parameter dtype tn and state dtype mn, and their names."""
     parts, names = [], []
     for kind, modes in NOISE_MODES.items():
         graph, outputs, leaves = zo_rule.trace(kind, rule, streams, buffers, scalars)
-        for tn, state in STATE_DTYPES.items():
-            for mn in (state if buffers else (tn,)):
-                for mode in modes:
-                    name = f"zo_{kind}_{tn}_{mn}_{mode}"
-                    parts.append(_emit(name, graph, outputs, leaves, tn, mn, mode, tuple(streams), tuple(buffers),
-                                       tuple(scalars) + zo_rule.FRAMEWORK_SCALARS))
-                    names.append(name)
+        for mode in modes:
+            name = f"zo_{kind}_{tn}_{mn}_{mode}"
+            parts.append(_emit(name, graph, outputs, leaves, tn, mn, mode, tuple(streams), tuple(buffers),
+                               tuple(scalars) + zo_rule.FRAMEWORK_SCALARS))
+            names.append(name)
     return "".join(parts), names
 
 
@@ -296,26 +297,49 @@ def convert(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ per-rule kernels
 class Kernels:
-    """The compiled sweeps of one rule.  `scalars`: the order of the values array; `calls`: kernel calls made."""
+    """The compiled sweeps of one rule, one library per (parameter dtype, state dtype) built on first use (most runs
+    need one pair: compiling all of them up front took ~4x longer).  `scalars`: the order of the values array;
+    `calls`: kernel calls made."""
 
-    def __init__(self, lib, names, scalars, n_streams, n_buffers):
-        self.functions = {name: getattr(lib, name) for name in names}
-        self.scalars = scalars
-        self.n_streams, self.n_buffers = n_streams, n_buffers
+    def __init__(self, rule, streams, buffers, scalars):
+        self.rule, self.streams, self.buffers = rule, tuple(streams), tuple(buffers)
+        self.method_scalars = tuple(scalars)
+        self.scalars = self.method_scalars + zo_rule.FRAMEWORK_SCALARS
+        self.n_streams, self.n_buffers = len(self.streams), len(self.buffers)
         self.calls = 0
+        self._functions: dict[tuple, dict | None] = {}
+        self._lock = threading.Lock()
+
+    def _library(self, tn: str, mn: str) -> dict | None:
+        if (tn, mn) not in self._functions:
+            with self._lock:
+                if (tn, mn) not in self._functions:
+                    source, names = _source(self.rule, self.streams, self.buffers, self.method_scalars, tn, mn)
+                    label = f"{getattr(self.rule, '__qualname__', repr(self.rule))} [{tn}, state {mn}]"
+                    try:
+                        lib = _compile(source, label, {**_BASE_SIGNATURES, **{n: _SWEEP_SIGNATURE for n in names}})
+                        self._functions[(tn, mn)] = {name: getattr(lib, name) for name in names}
+                    except Exception as err:
+                        logger.warning("zo: C kernels for %s unavailable (%s: %s); the torch path runs instead",
+                                       label, type(err).__name__, err)
+                        self._functions[(tn, mn)] = None
+        return self._functions[(tn, mn)]
 
     def supports(self, x_dtype: torch.dtype, state_dtype: torch.dtype | None) -> bool:
+        """Whether kernels exist for these dtypes (building them on first call)."""
         tn = DTYPE_NAMES.get(x_dtype)
-        if tn not in STATE_DTYPES:
+        mn = DTYPE_NAMES.get(state_dtype) if self.n_buffers else tn
+        if tn not in STATE_DTYPES or mn not in STATE_DTYPES[tn]:
             return False
-        return not self.n_buffers or DTYPE_NAMES.get(state_dtype) in STATE_DTYPES[tn]
+        return self._library(tn, mn) is not None
 
     def job(self, kind: str, mode: str, x: torch.Tensor, stash, buffers: list, kept: list, start: int, n: int,
             pos: int, keys, vals):
         """A call sweeping elements [start, start+n) of the flat tensors (run later, maybe on a worker thread);
         `pos` is the noise position of element `start`; keys / vals: ctypes arrays from keys_array / values_array."""
-        mn = DTYPE_NAMES[buffers[0].dtype] if buffers else DTYPE_NAMES[x.dtype]
-        fn = self.functions[f"zo_{kind}_{DTYPE_NAMES[x.dtype]}_{mn}_{mode}"]
+        tn = DTYPE_NAMES[x.dtype]
+        mn = DTYPE_NAMES[buffers[0].dtype] if buffers else tn
+        fn = self._library(tn, mn)[f"zo_{kind}_{tn}_{mn}_{mode}"]
         ptrs = (ctypes.c_uint64 * (2 + len(buffers) + self.n_streams))(
             _ptr(x, start), _ptr(stash, start) if stash is not None else 0, *(_ptr(b, start) for b in buffers),
             *(_ptr(k, start) for k in kept), *([0] * (self.n_streams - len(kept))))
@@ -340,25 +364,13 @@ _RULES_LOCK = threading.Lock()
 
 
 def kernels_for(rule, streams, buffers, scalars) -> Kernels | None:
-    """The compiled sweeps of `rule` (noise `streams`, state `buffers`, step and update `scalars`), built on first
-    use; None where no C kernels can be built (the torch path then runs)."""
+    """The sweeps of `rule` (noise `streams`, state `buffers`, step and update `scalars`), compiled per dtype pair on
+    first use; None where no C kernels can be built (the torch path then runs)."""
     key = (rule, tuple(streams), tuple(buffers), tuple(scalars))
     if key not in _RULES:
         with _RULES_LOCK:
             if key not in _RULES:
-                kernels = None
-                if _base() is not None:
-                    source, names = _source(rule, tuple(streams), tuple(buffers), tuple(scalars))
-                    label = getattr(rule, "__qualname__", repr(rule))
-                    try:
-                        lib = _compile(source, label, {**_BASE_SIGNATURES,
-                                                       **{n: _SWEEP_SIGNATURE for n in names}})
-                        kernels = Kernels(lib, names, tuple(scalars) + zo_rule.FRAMEWORK_SCALARS, len(streams),
-                                          len(buffers))
-                    except Exception as err:
-                        logger.warning("zo: C kernels for %s unavailable (%s: %s); the torch path runs instead",
-                                       label, type(err).__name__, err)
-                _RULES[key] = kernels
+                _RULES[key] = Kernels(rule, streams, buffers, scalars) if _base() is not None else None
     return _RULES[key]
 
 

@@ -59,7 +59,7 @@ def test_a_method_defined_in_a_test_runs_the_c_path_bit_for_bit(kw, dtype):
     calls = kernels.calls
     fast_model, fast, _ = _sign_run(True, dtype, **kw)
     assert kernels.calls > calls, "the C kernels did not run"
-    assert any(b["library"] == ZOSignSGD.rule.__qualname__ for b in zo.kernel_builds())
+    assert any(b["library"].startswith(ZOSignSGD.rule.__qualname__) for b in zo.kernel_builds())
     ref_model, ref, _ = _sign_run(False, dtype, **kw)
     assert fast.noise_calls == ref.noise_calls and int(fast.skipped_steps) == int(ref.skipped_steps) == 1
     start = _sign_run(False, dtype, steps=0)[0]
