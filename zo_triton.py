@@ -1,21 +1,35 @@
-"""The ZO sweeps as fused Triton kernels, for CUDA tensors: the counter-based noise of `zo` generated in registers and
-applied in one pass over each tensor (read θ once, write it once; ZO-AdaMU also reads and writes its momentum).
+"""CUDA sweeps: one fused Triton kernel per tensor and sweep, emitted from a rule's expression graph (zo_rule).
 
-Every operation is the one `zo.ZOOptimizer._generic` performs on the torch path, in the same order, each rounded once
-in float32 (fused multiply-add off, IEEE division and square root), so a CUDA run draws the same directions as a CPU
-run from the same seed and the kernels equal the torch path bit for bit (tests/test_zo_triton.py). Scalars that change
-every step (the step seeds, ZO-AdaMU's schedule values, -lr·g, 1-lr·λ, sign(g), whether g is finite) are read from
-device tensors: no host synchronisation, and one CUDA graph of a sweep's launches serves every step (zo.ZOOptimizer
-captures and replays them).
+The counter noise of zo_noise is generated in registers and applied in one pass over each tensor (read θ once, write
+it once; state buffers likewise).  Every operation is the one the torch path performs, in the same order, each rounded
+once in float32 (fused multiply-add off, IEEE division and square root), so a CUDA run draws the same directions as a
+CPU run from the same seed and the kernels equal the torch path bit for bit (tests/test_zo_triton.py).
+
+The sweep kernel of a rule is written as Python source into the kernel cache and imported (triton.jit reads the source
+of what it compiles).  Scalars that change every step (the step seeds and the counter keys derived from them, the step
+values, the update values, 1-lr·λ, whether g is finite) are read from device tensors that `DeviceSweeps` keeps at
+fixed addresses: no host synchronisation, and one CUDA graph of a sweep's launches serves every step
+(`DeviceSweeps.replay`).
 
 Used only when Triton imports and a CUDA tensor is float32/bfloat16/float16; everything else takes the torch path.
 With `TRITON_INTERPRET=1` set before the import and `allow_cpu = True`, the kernels run on CPU tensors in Triton's
 interpreter: that is how the tests check them without a GPU.
 """
-
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import torch
+
+import zo_noise
+import zo_rule
 
 try:
     import triton
@@ -23,8 +37,7 @@ try:
 except ImportError:  # CPU-only installs: the C kernels and the torch path cover everything
     triton = tl = None
 
-# the float32 constants of zo's counter noise (zo._LN, _SIN, _COS, _LN2), kept in one place there
-from zo import _COS, _LN, _LN2, _SIN  # noqa: E402
+logger = logging.getLogger(__name__)
 
 # Launch shape: Box–Muller pairs per program and warps per program (bench/zo_sweep.py measures the alternatives).
 PAIRS = 512  # a multiple of 32: a block holds whole 64-element words of the Rademacher noise
@@ -32,6 +45,9 @@ NUM_WARPS = 4
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Tests set this (with TRITON_INTERPRET=1 before the import) to run the kernels on CPU tensors in Triton's interpreter.
 allow_cpu = False
+_CONSTANTS = dict(LN2=zo_noise.LN2, L0=zo_noise.LN[0], L1=zo_noise.LN[1], L2=zo_noise.LN[2], L3=zo_noise.LN[3],
+                  S0=zo_noise.SIN[0], S1=zo_noise.SIN[1], S2=zo_noise.SIN[2], S3=zo_noise.SIN[3], K0=zo_noise.COS[0],
+                  K1=zo_noise.COS[1], K2=zo_noise.COS[2], K3=zo_noise.COS[3], K4=zo_noise.COS[4])
 
 
 def available() -> bool:
@@ -39,7 +55,7 @@ def available() -> bool:
 
 
 def supports(p: torch.Tensor, state_dtype: torch.dtype | None = None) -> bool:
-    """Whether the kernels handle this parameter (and momentum dtype) where it lives."""
+    """Whether the kernels handle this parameter (and state dtype) where it lives."""
     if triton is None or p.dtype not in _DTYPES or (state_dtype is not None and state_dtype not in _DTYPES):
         return False
     return p.device.type == "cuda" or (p.device.type == "cpu" and allow_cpu)
@@ -49,7 +65,7 @@ if triton is not None:
     @triton.jit
     def _horner(x, C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr,
                 C4: tl.constexpr, DEGREE: tl.constexpr):
-        # c0 + x(c1 + x(c2 + ...)), one rounding per operation, in zo._horner's order
+        # c0 + x(c1 + x(c2 + ...)), one rounding per operation, in zo_noise's order
         if DEGREE == 4:
             p = x * C4
             p = (p + C3) * x
@@ -78,11 +94,11 @@ if triton is not None:
         return z ^ (z >> 31)
 
     @triton.jit
-    def _key(seed, index, STREAM: tl.constexpr):
-        """zo._counter_key(seed, index, STREAM) (uint64): splitmix64 chained over the three words."""
+    def _key(seed, index, stream):
+        """zo_noise.counter_key(seed, index, stream) (uint64): splitmix64 chained over the three words."""
         h = _fmix(seed + 0x9E3779B97F4A7C15)
         h = _fmix((h ^ index) + 0x9E3779B97F4A7C15)
-        return _fmix((h ^ STREAM) + 0x9E3779B97F4A7C15)
+        return _fmix((h ^ stream) + 0x9E3779B97F4A7C15)
 
     @triton.jit
     def _hash(key, i):
@@ -96,13 +112,13 @@ if triton is not None:
         return r * tl.where((((q + 1) >> 1) & 1) == 1, -v, v)
 
     @triton.jit
-    def _noise(key, pairs, j, column, GAUSSIAN: tl.constexpr, LN2: tl.constexpr,
+    def _noise(key, pairs, word0, column, GAUSSIAN: tl.constexpr, LN2: tl.constexpr,
                L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
                K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr):
-        """Elements j = 2·pairs + column (a [pairs, 2] block; pairs = program_id·P + [0, P)) of the counter stream
-        `key` (uint64), float32: zo._box_muller_torch op by op, one hash and one Box–Muller transform per pair;
-        Rademacher: one hash per 64 elements."""
+        """Elements 2·pairs + column (a [pairs, 2] block of consecutive pairs starting at a multiple of 32) of the
+        counter stream `key` (uint64), float32: zo_noise.box_muller op by op, one hash and one Box–Muller transform
+        per pair; Rademacher: one hash per 64 elements (word0 = the block's first word)."""
         if GAUSSIAN:
             h = _hash(key, pairs.to(tl.uint64))
             m = ((h >> 40) + 1).to(tl.int32)
@@ -128,173 +144,252 @@ if triton is not None:
             odd = _quadrant((q + 3) & 3, swap, r, sine, cosine)
             return tl.where(column[None, :] == 0, even[:, None], odd[:, None])
         else:
-            # element j = 2p + c is bit j mod 64 = 2(p mod 32) + c of h(j div 64) = h(p div 32).  The block's pairs
-            # are program_id·P + [0, P) with P a multiple of 32, so its words are program_id·P/32 + [0, P/32):
-            # one hash per 64 elements, broadcast to the pairs
+            # element j = 2p + c is bit j mod 64 = 2(p mod 32) + c of h(j div 64) = h(p div 32): one hash per
+            # 64 elements, broadcast to the block's pairs
             per_block: tl.constexpr = pairs.shape[0] // 32
-            words = tl.program_id(0).to(tl.int64) * per_block + tl.arange(0, per_block)
-            h = _hash(key, words.to(tl.uint64))
+            h = _hash(key, (word0 + tl.arange(0, per_block)).to(tl.uint64))
             shift = (tl.arange(0, 32)[:, None] * 2 + column[None, :]).to(tl.uint64)
             bits = tl.reshape((h[:, None, None] >> shift[None, :, :]) & 1, (pairs.shape[0], 2))
             return tl.where(bits == 1, -1.0, 1.0).to(tl.float32)
 
     @triton.jit
-    def _adamu_direction(k0, k1, mom, pairs, j, column, sa, sb, b1, ob1, GAUSSIAN: tl.constexpr, LN2: tl.constexpr,
-                         L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
-                         S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-                         K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr):
-        """(u, ż, z̈) of ZO-AdaMU: ż = √α·n1, z̈ = √(1-α)·n2 + m, u = β1·ż + (1-β1)·z̈ (zo.ZOAdaMU._chunk_dirs)."""
-        zd = _noise(k0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4) * sa
-        zdd = _noise(k1, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4) * sb
-        zdd = zdd + mom
-        return zd * b1 + zdd * ob1, zd, zdd
-
-    @triton.jit
-    def _keys_kernel(seed_ptr, keys_ptr, count, BLOCK: tl.constexpr):
-        """keys[i] = the counter keys of tensor i: (this step's stream 0, stream 1, the next step's stream 0, 1)."""
+    def _keys_kernel(seed_ptr, keys_ptr, count, STREAMS: tl.constexpr, BLOCK: tl.constexpr):
+        """keys[i, step·STREAMS + s] = the counter key of tensor i, stream s, for this step (0) and the next (1)."""
         index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         inside = index < count
         for step in tl.static_range(2):
             seed = tl.load(seed_ptr + step).to(tl.uint64, bitcast=True)
-            for stream in tl.static_range(2):
+            for stream in tl.static_range(STREAMS):
                 key = _key(seed, index.to(tl.uint64), stream)
-                tl.store(keys_ptr + index * 4 + (step * 2 + stream), key.to(tl.int64, bitcast=True), mask=inside)
-
-    @triton.jit(do_not_specialize=["index"])
-    def _sweep_kernel(x_ptr, stash_ptr, m_ptr, n, index, keys_ptr, amu_ptr, a, c, coef_ptr, sigma,
-                      ADAMU: tl.constexpr, UPDATE: tl.constexpr, STASH: tl.constexpr, GAUSSIAN: tl.constexpr,
-                      SIGNED: tl.constexpr, CARRY: tl.constexpr, LN2: tl.constexpr,
-                      L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
-                      S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-                      K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr,
-                      PAIRS: tl.constexpr):
-        pairs = tl.program_id(0).to(tl.int64) * PAIRS + tl.arange(0, PAIRS)
-        column = tl.arange(0, 2)
-        j = pairs[:, None] * 2 + column[None, :]
-        inside = j < n
-        # the noise keys are read from the device (written once per step by _keys_kernel), so that one captured
-        # CUDA graph of a sweep serves every step
-        keys = keys_ptr + index * 4
-        k0 = tl.load(keys).to(tl.uint64, bitcast=True)
-        if ADAMU:
-            mom = tl.load(m_ptr + j, mask=inside, other=0.0).to(tl.float32)
-            sa, sb, b1, ob1 = tl.load(amu_ptr), tl.load(amu_ptr + 1), tl.load(amu_ptr + 2), tl.load(amu_ptr + 3)
-            u, zd, zdd = _adamu_direction(k0, tl.load(keys + 1).to(tl.uint64, bitcast=True), mom, pairs, j, column,
-                                          sa, sb, b1, ob1, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3,
-                                          K0, K1, K2, K3, K4)
-        else:
-            u = _noise(k0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4)
-        x = tl.load(x_ptr + j, mask=inside, other=0.0)
-        if UPDATE:
-            if ADAMU:
-                v = (zd * zd) * tl.load(amu_ptr + 4) + (zdd * zdd) * tl.load(amu_ptr + 5)
-                v = v + sigma
-                w = tl.math.div_rn(u, tl.math.sqrt_rn(v))
-            else:
-                w = u
-            if STASH:
-                y = tl.load(stash_ptr + j, mask=inside, other=0.0).to(tl.float32)
-            else:
-                y = x.to(tl.float32) + u * c
-            y = y * tl.load(coef_ptr + 1)
-            y = y + w * tl.load(coef_ptr)
-            x_new = _round_to(y, x_ptr.dtype.element_ty)
-            if ADAMU:
-                ok = tl.load(coef_ptr + 3) != 0
-                if SIGNED:
-                    new = u * tl.load(coef_ptr + 2)
-                else:
-                    new = u
-                # a skipped step (non-finite g) keeps m: rewriting the loaded value is exact
-                mom = tl.where(ok, _round_to(new, m_ptr.dtype.element_ty).to(tl.float32), mom)
-                tl.store(m_ptr + j, _round_to(mom, m_ptr.dtype.element_ty), mask=inside)
-            if CARRY:
-                # the next step's first perturbation θ' + ε·u', applied to θ' as stored (rounded), so the result
-                # equals an update sweep followed by a perturb sweep; the stash becomes θ'
-                if STASH:
-                    tl.store(stash_ptr + j, x_new, mask=inside)
-                n0 = tl.load(keys + 2).to(tl.uint64, bitcast=True)
-                if ADAMU:  # built from the momentum this update just stored
-                    u_next, _, _ = _adamu_direction(n0, tl.load(keys + 3).to(tl.uint64, bitcast=True), mom, pairs,
-                                                    j, column,
-                                                    tl.load(amu_ptr + 6), tl.load(amu_ptr + 7), tl.load(amu_ptr + 8),
-                                                    tl.load(amu_ptr + 9), GAUSSIAN, LN2, L0, L1, L2, L3,
-                                                    S0, S1, S2, S3, K0, K1, K2, K3, K4)
-                else:
-                    u_next = _noise(n0, pairs, j, column, GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3,
-                                    K0, K1, K2, K3, K4)
-                x_new = _round_to(x_new.to(tl.float32) + u_next * a, x_ptr.dtype.element_ty)
-            tl.store(x_ptr + j, x_new, mask=inside)
-        else:
-            y = x.to(tl.float32) + u * a
-            tl.store(x_ptr + j, _round_to(y, x_ptr.dtype.element_ty), mask=inside)
+                tl.store(keys_ptr + index * (2 * STREAMS) + (step * STREAMS + stream), key.to(tl.int64, bitcast=True),
+                         mask=inside)
 
 
-_CONSTANTS = dict(LN2=_LN2, L0=_LN[0], L1=_LN[1], L2=_LN[2], L3=_LN[3], S0=_SIN[0], S1=_SIN[1], S2=_SIN[2],
-                  S3=_SIN[3], K0=_COS[0], K1=_COS[1], K2=_COS[2], K3=_COS[3], K4=_COS[4])
+def fill_keys(seeds: torch.Tensor, keys: torch.Tensor) -> None:
+    """keys (int64 [tensors, 2·streams]) <- the counter keys of every tensor for this step's and the next step's seed
+    (int64 [2] on the same device): one launch per step, so the sweeps only load their tensor's keys."""
+    count, streams = keys.shape[0], keys.shape[1] // 2
+    _keys_kernel[(triton.cdiv(count, 256),)](seeds, keys, count, STREAMS=streams, BLOCK=256)
 
 
 def _signed64(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def step_values(seed: int, next_seed: int = 0, amu=None, next_amu=None) -> tuple[list[int], list[float]]:
-    """What the sweep kernels read from the device each step: the step seeds as signed 64-bit integers (this step's,
-    the next step's for a carried update) and ZO-AdaMU's (√α, √(1-α), β1, 1-β1, β2, 1-β2) of this step followed by
-    the first four of the next step (zeros where unused)."""
-    amu = list(amu or (0.0,) * 6) + list((next_amu or (0.0,) * 4)[:4])
-    return [_signed64(seed), _signed64(next_seed)], [float(x) for x in amu]
+# ------------------------------------------------------------------------------------------ emission
+_HEADER = '''# generated by zo_triton from a zo_rule trace: do not edit (the cache name is the hash of this text)
+import triton
+import triton.language as tl
+from zo_triton import _noise, _round_to
 
 
-def fill_keys(seeds: torch.Tensor, keys: torch.Tensor) -> None:
-    """keys (int64 [tensors, 4]) <- the counter keys zo._counter_key(seed, i, stream) of every tensor i for this
-    step's and the next step's seed (int64 [2] on the same device), streams 0 and 1: one launch per step, so the
-    sweeps only load their tensor's keys."""
-    count = keys.shape[0]
-    _keys_kernel[(triton.cdiv(count, 256),)](seeds, keys, count, BLOCK=256)
+@triton.jit(do_not_specialize=["index", "pos"])
+def sweep_kernel(x_ptr, stash_ptr, {buffers}n, pos, index, keys_ptr, step_ptr, coef_ptr, a, c,
+                 STREAMS: tl.constexpr, NSTEP: tl.constexpr, GAUSSIAN: tl.constexpr, PAIRS: tl.constexpr,
+                 LN2: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
+                 S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr, K0: tl.constexpr,
+                 K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr, K4: tl.constexpr):
+    # the blocks cover whole pairs from a multiple of PAIRS, so a tensor (or shard) may start at any noise position
+    first = (pos // 2) // PAIRS * PAIRS
+    start = first + tl.program_id(0).to(tl.int64) * PAIRS
+    pairs = start + tl.arange(0, PAIRS)
+    word0 = start // 32
+    column = tl.arange(0, 2)
+    local = pairs[:, None] * 2 + column[None, :] - pos
+    inside = (local >= 0) & (local < n)
+    keys = keys_ptr + index * (2 * STREAMS)
+'''
 
 
-def step_tensors(device, seed: int, next_seed: int = 0, amu=None, next_amu=None,
-                 tensors: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `keys` (int64 [tensors, 4]) and `amu` (float32 [10]) of sweep() for one step, as fresh device tensors."""
-    seeds, values = step_values(seed, next_seed, amu, next_amu)
-    keys = torch.empty(tensors, 4, dtype=torch.int64, device=device)
-    fill_keys(torch.tensor(seeds, dtype=torch.int64, device=device), keys)
-    return keys, torch.tensor(values, dtype=torch.float32, device=device)
+def _emit(graph, outputs, streams, buffers, step_values, update_values) -> str:
+    lines, names = [], {}
+    buffer_ptr = {name: f"b{i}_ptr" for i, name in enumerate(buffers)}
+    consts = "GAUSSIAN, LN2, L0, L1, L2, L3, S0, S1, S2, S3, K0, K1, K2, K3, K4"
+    for node in graph.order(outputs.values()):
+        op, args, attr = graph.nodes[node]
+        a = [names[i] for i in args]
+        if op == "leaf":
+            role, name, step = attr
+            if role == "x" or role == "stash":
+                expr = f"tl.load({role}_ptr + local, mask=inside, other=0.0).to(tl.float32)"
+            elif role == "state":
+                expr = f"tl.load({buffer_ptr[name]} + local, mask=inside, other=0.0).to(tl.float32)"
+            elif role == "noise":
+                key = f"tl.load(keys + {step * len(streams) + streams.index(name)}).to(tl.uint64, bitcast=True)"
+                expr = f"_noise({key}, pairs, word0, column, {consts})"
+            elif name == "perturb_scale":
+                expr = "a"
+            elif name == "restore_scale":
+                expr = "c"
+            elif name in step_values:
+                expr = f"tl.load(step_ptr + {step * max(1, len(step_values)) + step_values.index(name)})"
+            elif name in update_values:
+                expr = f"tl.load(coef_ptr + {update_values.index(name)})"
+            elif name == "decay":
+                expr = f"tl.load(coef_ptr + {len(update_values)})"
+            else:  # ok
+                expr = f"tl.load(coef_ptr + {len(update_values) + 1}) != 0"
+        elif op == "const":
+            value = float(np.float32(graph.const_value(attr)))  # the float32 constant, exactly as the torch path
+            if not math.isfinite(value):
+                raise ValueError(f"the Triton emitter takes finite constants only, got {value}")
+            expr = repr(value)
+        elif op in ("add", "sub", "mul", "lt", "le", "gt", "ge"):
+            expr = f"{a[0]} {dict(add='+', sub='-', mul='*', lt='<', le='<=', gt='>', ge='>=')[op]} {a[1]}"
+        elif op == "div":
+            expr = f"tl.math.div_rn({a[0]}, {a[1]})"
+        elif op == "neg":
+            expr = f"-{a[0]}"
+        elif op == "sqrt":
+            expr = f"tl.math.sqrt_rn({a[0]})"
+        elif op == "abs":
+            expr = f"tl.abs({a[0]})"
+        elif op == "where":
+            expr = f"tl.where({a[0]}, {a[1]}, {a[2]})"
+        elif op == "round":
+            ptr = "x_ptr" if attr == "x" else buffer_ptr[attr]
+            expr = f"_round_to({a[0]}, {ptr}.dtype.element_ty).to(tl.float32)"
+        else:
+            raise ValueError(f"the Triton emitter has no operation {op!r}")
+        names[node] = f"v{node}"
+        lines.append(f"v{node} = {expr}")
+    for out, value in outputs.items():
+        ptr = {"x": "x_ptr", "stash": "stash_ptr"}.get(out) or buffer_ptr[out]
+        target = "x_ptr" if out == "stash" else ptr   # the stash holds weights: x's dtype
+        lines.append(f"tl.store({ptr} + local, _round_to({names[value.node]}, {target}.dtype.element_ty), "
+                     "mask=inside)")
+    body = "".join(f"    {line}\n" for line in lines)
+    return _HEADER.format(buffers="".join(f"{p}, " for p in buffer_ptr.values())) + body
 
 
-def sweep(flat: torch.Tensor, *, index: int, keys: torch.Tensor, gaussian: bool, perturb_scale: float = 0.0,
-          update: bool = False, offset_scale: float = 0.0, coefficients: torch.Tensor | None = None,
-          stash: torch.Tensor | None = None, momentum: torch.Tensor | None = None, amu: torch.Tensor | None = None,
-          sigma: float = 0.0, signed: bool = True, carry: bool = False) -> None:
-    """One sweep over the contiguous flat parameter `flat` (tensor number `index` of the optimizer), in place.
+def _cache_dir() -> Path:
+    base = os.environ.get("ZO_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "zo-adamu", "kernels")
+    return Path(base).expanduser()
 
-    keys, amu: the device tensors of step_tensors (amu only for ZO-AdaMU, whose momentum is given).
-    perturb: flat += perturb_scale·u.  update: y = stash or flat + offset_scale·u; flat = y·decay + neg·w, and for
-    ZO-AdaMU momentum = sign(g)·u (or u) where g is finite.  coefficients: float32 [4] on flat's device,
-    (neg, decay, sgn, ok) = (-lr·g, 1-lr·λ, sign(g), 1 where g is finite else 0).
-    carry (update only): then flat += perturb_scale·u' with the next step's direction u' (built from the updated
-    momentum), and a stash takes the updated weights.
-    Every per-step value is read from device memory, so the launches can be captured in a CUDA graph once and
-    replayed for every later step.
-    """
-    n = flat.numel()
-    if n == 0:
-        return
-    adamu = momentum is not None
-    if adamu and amu is None:
-        raise ValueError("ZO-AdaMU sweeps need the step's amu tensor")
-    if carry and not update:
-        raise ValueError("carry fuses the next perturbation into an update sweep: pass update=True")
-    if update and coefficients is None:
-        raise ValueError("an update sweep needs the step's coefficients")
-    if not gaussian and PAIRS % 32:
-        raise ValueError(f"zo_triton.PAIRS = {PAIRS}: Rademacher blocks hold whole 64-element hash words, so PAIRS "
-                         "must be a multiple of 32")
-    dummy = flat
-    _sweep_kernel[(triton.cdiv(n, 2 * PAIRS),)](
-        flat, stash if stash is not None else dummy, momentum if adamu else dummy, n, index, keys,
-        amu if adamu else keys, float(perturb_scale), float(offset_scale),
-        coefficients if coefficients is not None else dummy, float(sigma),
-        ADAMU=adamu, UPDATE=update, STASH=stash is not None, GAUSSIAN=gaussian, SIGNED=signed,
-        CARRY=bool(carry), PAIRS=PAIRS, num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)
+
+_GENERATED: dict[tuple, object] = {}
+
+
+def _kernel(rule, streams, buffers, step_values, update_values, kind, carry):
+    """The jitted sweep kernel of (rule, kind, carry), generated on first use."""
+    key = (rule, streams, buffers, step_values, update_values, kind, carry)
+    if key not in _GENERATED:
+        graph, outputs, _ = zo_rule.trace(kind, rule, streams, buffers, step_values + update_values, carry=carry)
+        source = _emit(graph, outputs, streams, buffers, step_values, update_values)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:20]
+        path = None
+        for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"zo-adamu-kernels-{os.getuid()}"):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                path = folder / f"zo_triton_{digest}.py"
+                if not path.is_file() or path.read_text() != source:
+                    tmp = folder / f".{path.name}.{os.getpid()}"
+                    tmp.write_text(source)
+                    os.replace(tmp, path)  # atomic: concurrent writers agree on the content
+                break
+            except OSError:
+                path = None
+        if path is None:
+            raise RuntimeError(f"no writable kernel cache for the generated Triton source (tried {_cache_dir()})")
+        spec = importlib.util.spec_from_file_location(f"zo_triton_generated_{digest}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _GENERATED[key] = module.sweep_kernel
+    return _GENERATED[key]
+
+
+# ------------------------------------------------------------------------------------------ device state
+class DeviceSweeps:
+    """The fused sweeps of one rule on one device: the per-step inputs the kernels read (at fixed addresses), the
+    launches, and the captured CUDA graphs."""
+
+    def __init__(self, device, rule, streams, buffers, step_values, update_values, tensors: int, groups: int):
+        self.device = torch.device(device)
+        self.rule, self.streams, self.buffers = rule, tuple(streams), tuple(buffers)
+        self.step_values, self.update_values = tuple(step_values), tuple(update_values)
+        self.seeds = torch.zeros(2, dtype=torch.int64, device=device)
+        self.keys = torch.zeros(tensors, 2 * max(1, len(self.streams)), dtype=torch.int64, device=device)
+        self.values = torch.zeros(2, max(1, len(self.step_values)), dtype=torch.float32, device=device)
+        self.coef = torch.zeros(groups, len(self.update_values) + 2, dtype=torch.float32, device=device)
+        self._loaded = None
+        self.graphs: dict[tuple, object] = {}   # sweep key -> "seen" (ran once, eagerly) or (CUDA graph, value)
+        self._graph_layout = None
+        self.enabled = True                      # False after a failed capture: eager launches from then on
+
+    def load(self, seed: int, values: dict, next_seed: int, next_values: dict | None, groups: list | None):
+        """Write this step's seeds (and keys), step values and, for an update, each group's update values (plus
+        1-lr·λ and whether g is finite) where the kernels read them: copies without synchronisation, skipped when
+        nothing changed."""
+        row = [float(values[n]) for n in self.step_values] or [0.0]
+        nxt = [float(next_values[n]) for n in self.step_values] if next_values else [0.0] * len(row)
+        now = (seed, next_seed, tuple(row), tuple(nxt))
+        if now != self._loaded:
+            self.seeds.copy_(_staged([_signed64(seed), _signed64(next_seed)], torch.int64, self.device),
+                             non_blocking=True)
+            self.values.copy_(_staged([row, nxt], torch.float32, self.device), non_blocking=True)
+            fill_keys(self.seeds, self.keys)
+            self._loaded = now
+        if groups is not None:
+            for target, g in zip(self.coef, groups):
+                ok = g["ok"]
+                parts = [torch.as_tensor(g[n], dtype=torch.float64) for n in self.update_values]
+                parts = [t.to(ok.device) for t in parts] + [torch.full((), g["decay"], dtype=torch.float64,
+                                                                       device=ok.device), ok.to(torch.float64)]
+                target.copy_(torch.stack(parts))   # each rounded once to float32
+
+    def sweep(self, kind, flat, *, index, group_index, gaussian, perturb_scale, restore_scale, stash, buffers,
+              carry, pos=0):
+        """One sweep of the contiguous flat tensor `flat` (tensor number `index`, noise positions pos ..)."""
+        n = flat.numel()
+        if n == 0:
+            return
+        if not gaussian and PAIRS % 32:
+            raise ValueError(f"zo_triton.PAIRS = {PAIRS}: Rademacher blocks hold whole 64-element hash words, so "
+                             "PAIRS must be a multiple of 32")
+        kernel = _kernel(self.rule, self.streams, self.buffers, self.step_values, self.update_values, kind, carry)
+        first = (pos // 2) // PAIRS * PAIRS
+        grid = (triton.cdiv(pos + n - 2 * first, 2 * PAIRS),)
+        kernel[grid](flat, stash if stash is not None else flat, *buffers, n, pos, index, self.keys, self.values,
+                     self.coef[group_index], float(perturb_scale), float(restore_scale),
+                     STREAMS=max(1, len(self.streams)), NSTEP=max(1, len(self.step_values)), GAUSSIAN=gaussian,
+                     PAIRS=PAIRS, num_warps=NUM_WARPS, enable_fp_fusion=False, **_CONSTANTS)
+
+    def replay(self, key, layout, capture, tensors):
+        """Run a sweep as a CUDA graph of its launches, if possible: None means run it eagerly.
+
+        Each distinct sweep runs eagerly once (which also compiles the kernels), is captured the second time by
+        calling `capture()`, whose result is kept, and is replayed from then on (one graph launch instead of one
+        launch per tensor); the kept result is returned.  A new `layout` (tensors moved, frozen, state replaced)
+        drops every captured graph: they hold raw pointers."""
+        if not self.enabled or torch.cuda.is_current_stream_capturing():
+            return None
+        if layout != self._graph_layout:
+            self.graphs.clear()
+            self._graph_layout = layout
+        entry = self.graphs.get(key)
+        if entry is None:
+            self.graphs[key] = "seen"
+            return None
+        if entry == "seen":
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    result = capture()
+            except Exception as err:  # never fail a run over an optimisation: fall back to eager launches
+                logger.warning("CUDA graph capture of a ZO sweep failed (%s); sweeping with eager launches", err)
+                self.enabled = False
+                self.graphs.clear()
+                return None
+            entry = self.graphs[key] = (graph, result)
+        graph, result = entry
+        graph.replay()
+        torch.autograd.graph.increment_version(list(tensors))
+        return result
+
+
+def _staged(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`values` in host memory a non-blocking copy to `device` can read without synchronising: pinned for CUDA
+    (torch's pinned-memory cache keeps the block until the copy has run)."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory() if device.type == "cuda" else host

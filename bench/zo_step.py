@@ -23,6 +23,15 @@ on GPU.
         (16-bit weights get an exact-restore copy by default, which doubles their memory: add --exact_restore never
         for MeZO's own memory footprint)
     python bench/zo_step.py --mode lora                       # or prefix (needs lora.py / prefix.py)
+    python bench/zo_step.py --threads 1 --baseline 4e1682b    # also the optimizers of an older commit, same loop
+    python bench/zo_step.py --threads 1 --breakdown           # where a step's time goes beyond its two forwards
+
+--baseline COMMIT extracts that commit's zo.py (and zo_triton.py) with `git show` into a temporary folder, imports them
+as zo_baseline (zo_triton_baseline), and times its MeZO and ZO-AdaMU steps (S_mezo_base, S_adamu_base) in the same
+interleaved loop as the current ones, so both are measured under the same load.
+--breakdown times, inside the current optimizers' steps, each sweep (perturb +ε, perturb -2ε, update) and the two loss
+closures; the rest of the step (probe bookkeeping, g, the step's Python) is what is left.
+Compile time of the C kernels (once per rule, cached on disk) is reported apart (kernel_builds), never in a step.
 
 The batch: 16 rows of exactly --seq real SST2 tokens, each row the encoded prompt + gold option of one training
 example (the loss target) preceded by as many earlier training examples as fit (truncated on the left), so every
@@ -136,16 +145,33 @@ def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def make_optimizer(name, model, args, **extra):
-    groups = zo.param_groups_for_model(model, WD)
+def load_baseline(commit: str):
+    """The zo module of an older commit, imported as zo_baseline (its Triton module as zo_triton_baseline)."""
+    import importlib
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix=f"zo-baseline-{commit}-"))
+    for name in ("zo", "zo_triton"):
+        done = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}.py"], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"--baseline {commit}: cannot read {name}.py at that commit ({done.stderr.strip()}); "
+                             "give a commit of this repository that has zo.py")
+        text = done.stdout.replace("import zo_triton", "import zo_triton_baseline as zo_triton")
+        text = text.replace("from zo import", "from zo_baseline import")
+        (folder / f"{name}_baseline.py").write_text(text)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("zo_baseline")
+
+
+def make_optimizer(name, model, args, module=zo, **extra):
+    groups = module.param_groups_for_model(model, WD)
     kw = dict(lr=LR, eps=EPS, direction=args.direction,
               exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], rng=args.rng,
               cuda_graphs=not args.no_cuda_graphs)
     kw.update(extra)
     if name == "mezo":
-        return zo.MeZO(groups, **kw)
+        return module.MeZO(groups, **kw)
     state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
-    return zo.ZOAdaMU(groups, schedule=zo.AdaMUSchedule.for_max_steps(1000), state_dtype=state_dtype, **kw)
+    return module.ZOAdaMU(groups, schedule=module.AdaMUSchedule.for_max_steps(1000), state_dtype=state_dtype, **kw)
 
 
 # ----------------------------------------------------------------------------------- the four measurements
@@ -181,6 +207,29 @@ def zo_step_fn(optimizer, model, batch):
     objective = utils.Objective()
     closure = lambda: utils.training_loss(model, batch, objective)  # noqa: E731
     return lambda: optimizer.step(closure)
+
+
+def breakdown_step_fn(optimizer, model, batch, record):
+    """A step whose sweeps (optimizer.timings) and loss closures are timed; appends one dict per step to `record`."""
+    objective = utils.Objective()
+    closures = []
+
+    def closure():
+        begin = time.perf_counter()
+        loss = utils.training_loss(model, batch, objective)
+        closures.append(time.perf_counter() - begin)
+        return loss
+
+    def step():
+        optimizer.timings, closures[:] = [], []
+        begin = time.perf_counter()
+        optimizer.step(closure)
+        total = time.perf_counter() - begin
+        sweeps = [t for _, t in optimizer.timings]
+        record.append({"step": total, "closures": list(closures), "sweeps": sweeps,
+                       "rest": total - sum(closures) - sum(sweeps)})
+        optimizer.timings = None
+    return step
 
 
 def reference_step_fn(model, batch, args):
@@ -242,6 +291,15 @@ def measure_times(model, batch, args):
         if args.carry_perturbation:
             fns["S_mezo_carry_eager"] = zo_step_fn(
                 make_optimizer("mezo", model, args, carry_perturbation=True, cuda_graphs=False), model, batch)
+    if args.baseline:
+        base = load_baseline(args.baseline)
+        fns["S_mezo_base"] = zo_step_fn(make_optimizer("mezo", model, args, module=base), model, batch)
+        fns["S_adamu_base"] = zo_step_fn(make_optimizer("adamu", model, args, module=base), model, batch)
+    breakdown = {}
+    if args.breakdown:
+        for name in ("mezo", "adamu"):
+            breakdown[name] = []
+            fns[f"B_{name}"] = breakdown_step_fn(make_optimizer(name, model, args), model, batch, breakdown[name])
     if not args.no_reference:
         fns["F_ref"] = reference_forward_fn(model, batch)
         fns["R"] = reference_step_fn(model, batch, args)
@@ -253,7 +311,9 @@ def measure_times(model, batch, args):
         for name, fn in fns.items():
             times[name].append(timed(fn))
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), file=sys.stderr, flush=True)
-    return {name: statistics.median(v) for name, v in times.items()}, times
+    for record in breakdown.values():
+        del record[:len(record) - args.reps]   # the timed repetitions only
+    return {name: statistics.median(v) for name, v in times.items()}, times, breakdown
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -332,6 +392,10 @@ def main():
                         help="sweep with one kernel launch per tensor instead of replaying captured CUDA graphs")
     parser.add_argument("--compare_cuda_graphs", action="store_true",
                         help="also measure MeZO's steps with eager launches (CUDA), in the same run")
+    parser.add_argument("--baseline", default=None, metavar="COMMIT",
+                        help="also time the optimizers of zo.py at COMMIT (e.g. 4e1682b) in the same loop")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each sweep and loss closure inside the current optimizers' steps")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2,
@@ -348,7 +412,7 @@ def main():
     torch.set_num_threads(args.threads)
     model, batch = load(args)
     n_train = sum(p.numel() for _, p in trainable(model))
-    median, samples = measure_times(model, batch, args)
+    median, samples, breakdown = measure_times(model, batch, args)
     F = median["F"]
     report = {"device": device_name(args.threads), "threads": args.threads, "model": args.model, "mode": args.mode,
               "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "direction": args.direction,
@@ -373,6 +437,32 @@ def main():
                                for k in ("mezo", "adamu")}
     for k in ("mezo", "adamu"):  # 3 sweeps per step; ZO-AdaMU's sweeps draw two noise streams
         report[f"sweep_seconds_{k}"] = paired(f"S_{k}", lambda s, f: (s - 2 * f) / 3)
+    if args.baseline:
+        report["baseline"] = {"commit": args.baseline, **{
+            f"step_over_2fwd_{k}": round(median[f"S_{k}_base"] / (2 * F), 4) for k in ("mezo", "adamu")}}
+        report["baseline"]["paired_median"] = {f"step_over_2fwd_{k}": paired(f"S_{k}_base", lambda s, f: s / (2 * f))
+                                               for k in ("mezo", "adamu")}
+        report["baseline"]["sweep_seconds"] = {k: paired(f"S_{k}_base", lambda s, f: (s - 2 * f) / 3)
+                                               for k in ("mezo", "adamu")}
+        if "R" in median:
+            report["baseline"]["mezo_over_reference"] = round(median["S_mezo_base"] / median["R"], 4)
+    if breakdown:
+        report["breakdown_seconds_median"] = {
+            name: {"step": round(statistics.median(r["step"] for r in recs), 4),
+                   "closure_plus": round(statistics.median(r["closures"][0] for r in recs), 4),
+                   "closure_minus": round(statistics.median(r["closures"][1] for r in recs), 4),
+                   "sweep_perturb_plus": round(statistics.median(r["sweeps"][0] for r in recs), 4),
+                   "sweep_perturb_minus": round(statistics.median(r["sweeps"][1] for r in recs), 4),
+                   "sweep_update": round(statistics.median(r["sweeps"][2] for r in recs), 4),
+                   "rest": round(statistics.median(r["rest"] for r in recs), 4),
+                   "closures_over_2fwd": round(statistics.median(sum(r["closures"]) for r in recs) / (2 * F), 4),
+                   # 1 + (sweeps + rest) / 2F of the same repetition: the step's own cost with its two forwards
+                   # taken as the standalone F's, free of the forward's run-to-run noise
+                   "derived_step_over_2fwd": round(statistics.median(
+                       1 + (sum(r["sweeps"]) + r["rest"]) / (2 * f) for r, f in zip(recs, samples["F"])), 4)}
+            for name, recs in breakdown.items()}
+    report["kernel_builds"] = zo.kernel_builds()
+    report["load_average"] = os.getloadavg()
     if args.compare_cuda_graphs:
         report["eager_launches"] = {f"step_over_2fwd_mezo{v}": round(median[f"S_mezo{v}_eager"] / (2 * F), 4)
                                     for v in ("", "_carry") if f"S_mezo{v}_eager" in median}

@@ -8,19 +8,35 @@ write of x: what a sweep cannot beat), `torch.randn` into a float32 buffer of th
 the fused sweeps of zo_triton (MeZO perturb, MeZO update, ZO-AdaMU perturb with its momentum read and update; both
 updates also fused with the next step's perturbation as carry_perturbation runs them; MeZO's Rademacher perturb and
 carried update) for each launch shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
+
+    python bench/zo_sweep.py --cpu_compile --threads 1   # CPU: the C sweeps against torch.compile of the torch path
+    python bench/zo_sweep.py --cpu_sweeps --baseline 4e1682b --threads 1   # CPU: the sweeps of two commits
+
+--cpu_compile measures option (a) of the core's design on CPU: the torch reference of MeZO's perturb and update
+sweeps (zo_noise's counter noise in torch operations, with a tensor key so one compiled graph serves every tensor)
+compiled by torch.compile (inductor, C++), against the C kernels emitted from the rule (zo_cpu), on every tensor of the
+embedded model: the compile time, the seconds per sweep, and whether the results are bit-identical (elements that
+differ, and by how many ulps at most).
+--cpu_sweeps times, on the embedded model's tensors, MeZO's and ZO-AdaMU's sweeps through their public API only: a
+probe with a constant loss (two perturb sweeps) and the step after it (one update sweep), interleaved over --reps
+rounds with the optimizers of --baseline COMMIT (zo.py of that commit) when given; medians, seconds per sweep.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
+import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zo  # noqa: E402
+import zo_noise  # noqa: E402
 import zo_triton  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -40,6 +56,107 @@ def timed(fn, reps: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _torch_noise(key: torch.Tensor, n: int) -> torch.Tensor:
+    """zo_noise.counter_noise(key, 0, n, "gaussian") with the key as a 0-dim int64 tensor (signed), so torch.compile
+    builds one graph for every tensor instead of specialising on each key."""
+    i = torch.arange((n + 1) // 2, dtype=torch.int64)
+    z = (i + 1) * (zo_noise.GOLDEN - (1 << 64)) + key
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * (zo_noise.FMIX1 - (1 << 64))
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * (zo_noise.FMIX2 - (1 << 64))
+    h = z ^ ((z >> 31) & ((1 << 33) - 1))
+    z0, z1 = zo_noise.box_muller(h)
+    return torch.stack([z0, z1], -1).view(-1)[:n]
+
+
+def _perturb(x, key, a):
+    return x + _torch_noise(key, x.numel()) * a
+
+
+def _update(x, key, c, decay, coef):
+    u = _torch_noise(key, x.numel())
+    y = x + u * c
+    return y * decay + u * coef
+
+
+def cpu_compile(args):
+    """Option (a) on CPU: torch.compile of the torch sweeps vs the C kernels, on the embedded model's tensors."""
+    import models
+    torch.set_num_threads(args.threads)
+    model = models.load_model(models.EMBEDDED_ALIAS)
+    optimizer = zo.MeZO(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
+    params = [p for group in optimizer.param_groups for p in group["params"]]   # the noise index is this order
+    start = [p.detach().clone().view(-1) for p in params]
+    # the C path: a probe (+εu, then -2εu; the weights at +εu are read inside the closure), then the update with
+    # g = 0 (restore, decay 1); the first step is a warm-up (kernel library load and self-test)
+    for warm in (True, False):
+        for p, x in zip(params, start):
+            p.data.view(-1).copy_(x)
+        seen, optimizer.timings = [], []
+        optimizer.probe(lambda: seen.append([p.detach().clone().view(-1) for p in params]) or torch.tensor(0.0))
+        before_update = [p.detach().clone().view(-1) for p in params]
+        optimizer.step()
+    c_perturb, c_update = optimizer.timings[0][1], optimizer.timings[2][1]
+    after_update = [p.detach().clone().view(-1) for p in params]
+    seed = zo.step_seed(0, optimizer.step_count - 1)   # the measured step's
+    keys = [zo_noise.counter_key(seed, i, 0) for i in range(len(params))]
+    keys = [torch.tensor(k - (1 << 64) if k >= 1 << 63 else k) for k in keys]
+    report = {"device": f"cpu ({os.cpu_count()} cores, torch threads {args.threads})", "tensors": len(params),
+              "numel": sum(p.numel() for p in params), "c_kernel_seconds": {"perturb": c_perturb, "update": c_update},
+              "load_average": os.getloadavg()}
+    # torch's CPU sqrt is not correctly rounded, and the numpy one zo_noise uses cannot be traced: the compiled
+    # graph takes torch.sqrt, whose lowering inductor chooses
+    cases = (("perturb", _perturb, start, (1e-3,), seen[0]),
+             ("update", _update, before_update, (1e-3, 1.0, -0.0), after_update))   # from θ-εu: +εu, g = 0
+    with mock.patch.object(zo_noise, "sqrt_rn", torch.sqrt):
+        for name, fn, inputs, extra, want in cases:
+            compiled = torch.compile(fn, dynamic=True)
+            begin = time.perf_counter()
+            outs = [compiled(x, k, *extra) for x, k in zip(inputs, keys)]
+            first = time.perf_counter() - begin
+            begin = time.perf_counter()
+            outs = [compiled(x, k, *extra) for x, k in zip(inputs, keys)]
+            steady = time.perf_counter() - begin
+            differ = sum(int((o != w).sum()) for o, w in zip(outs, want))
+            ulps = max(int((o.view(torch.int32) - w.view(torch.int32)).abs().max()) for o, w in zip(outs, want))
+            report[f"compiled_{name}"] = {"first_pass_seconds": round(first, 3), "sweep_seconds": round(steady, 4),
+                                          "compile_seconds": round(first - steady, 3), "elements_differing": differ,
+                                          "max_ulps": ulps, "bit_identical": differ == 0}
+    print(json.dumps(report))
+
+
+def cpu_sweeps(args):
+    """The sweeps of the current optimizers (and of --baseline's), interleaved, on the embedded model."""
+    import models
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from zo_step import load_baseline
+    torch.set_num_threads(args.threads)
+    model = models.load_model(models.EMBEDDED_ALIAS)
+    modules = {"new": zo} | ({"base": load_baseline(args.baseline)} if args.baseline else {})
+    optimizers = {}
+    for tag, module in modules.items():
+        groups = lambda: module.param_groups_for_model(model, 0.0)  # noqa: E731
+        optimizers[f"mezo_{tag}"] = module.MeZO(groups(), lr=1e-7, eps=1e-3)
+        optimizers[f"adamu_{tag}"] = module.ZOAdaMU(groups(), lr=1e-7, eps=1e-3,
+                                                   schedule=module.AdaMUSchedule.for_max_steps(1000))
+    times = {name: {"perturb": [], "update": []} for name in optimizers}
+    for rep in range(args.reps + 1):   # the first round is a warm-up (library loads, momentum allocation)
+        for name, optimizer in optimizers.items():
+            begin = time.perf_counter()
+            optimizer.probe(lambda: torch.tensor(0.0))
+            middle = time.perf_counter()
+            optimizer.step()
+            end = time.perf_counter()
+            if rep:
+                times[name]["perturb"].append((middle - begin) / 2)
+                times[name]["update"].append(end - middle)
+    report = {"device": f"cpu ({os.cpu_count()} cores, torch threads {args.threads})", "reps": args.reps,
+              "baseline": args.baseline, "numel": sum(p.numel() for p in model.parameters()),
+              "sweep_seconds_median": {name: {kind: round(statistics.median(v), 4) for kind, v in kinds.items()}
+                                       for name, kinds in times.items()},
+              "load_average": os.getloadavg()}
+    print(json.dumps(report))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--numel", type=int, default=1 << 30)
@@ -47,7 +164,17 @@ def main():
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--shapes", default="512x4,512x8,256x4,1024x8,1024x4",
                         help="pairs-per-program x warps, comma separated")
+    parser.add_argument("--cpu_compile", action="store_true",
+                        help="CPU: torch.compile of the torch sweeps against the C kernels (the design's option a)")
+    parser.add_argument("--cpu_sweeps", action="store_true",
+                        help="CPU: time the optimizers' sweeps on the embedded model (with --baseline: two commits)")
+    parser.add_argument("--baseline", default=None, metavar="COMMIT", help="with --cpu_sweeps: also zo.py at COMMIT")
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if args.cpu_compile:
+        return cpu_compile(args)
+    if args.cpu_sweeps:
+        return cpu_sweeps(args)
     try:
         shapes_wanted = [tuple(int(v) for v in shape.split("x")) for shape in args.shapes.split(",")]
     except ValueError:

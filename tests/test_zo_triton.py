@@ -13,6 +13,7 @@ from torch import nn
 pytest.importorskip("triton")
 
 import zo  # noqa: E402
+import zo_noise  # noqa: E402
 from zo import AdaMUSchedule, MeZO, ZOAdaMU, param_groups_for_model  # noqa: E402
 
 
@@ -21,26 +22,32 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """zo_triton decorated for Triton's interpreter and allowed on CPU tensors; compiled again afterwards."""
+    """zo_triton decorated for Triton's interpreter and allowed on CPU tensors; compiled again afterwards.  (A reload
+    re-runs the module in the same module object, which zo keeps.)"""
     import zo_triton
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     importlib.reload(zo_triton)
     monkeypatch.setattr(zo_triton, "allow_cpu", True)
-    zo._triton.cache_clear()
     yield zo_triton
     monkeypatch.delenv("TRITON_INTERPRET")
     importlib.reload(zo_triton)
-    zo._triton.cache_clear()
 
 
-def fused_noise(kernels, seed, index, stream, n, direction, device="cpu"):
-    """Stream `stream` of tensor `index` drawn by the fused kernel from the step seed on the device: stream 0 is
-    MeZO's z; stream 1 is ZO-AdaMU's u with √α = 0, √(1-α) = 1, β1 = 0 and zero momentum, which is n2 exactly."""
-    keys, amu = kernels.step_tensors(device, seed, amu=(0.0, 1.0, 0.0, 1.0, 0.0, 1.0), tensors=index + 1)
+def streams(noise, state, s):
+    """A rule whose direction is its second noise stream plus nothing: to read a stream through a fused sweep."""
+    return zo.Rule(direction=noise.b + noise.a * 0.0, step=noise.b)
+
+
+def fused_noise(kernels, seed, index, stream, n, direction, device="cpu", pos=0):
+    """Stream `stream` of tensor `index`, elements [pos, pos+n), drawn by a fused perturb sweep from the step seed on
+    the device (the kernel derives the tensor's counter key there)."""
+    rule = streams if stream else (lambda noise, state, s: zo.Rule(direction=noise.a, step=noise.a))
+    names = ("a", "b") if stream else ("a",)
+    sweeps = kernels.DeviceSweeps(device, rule, names, (), (), (), tensors=index + 1, groups=1)
+    sweeps.load(seed, {}, 0, None, None)
     got = torch.zeros(n, device=device)
-    momentum = torch.zeros(n, device=device) if stream else None
-    kernels.sweep(got, index=index, keys=keys, amu=amu, momentum=momentum, gaussian=direction == "gaussian",
-                  perturb_scale=1.0)
+    sweeps.sweep("perturb", got, index=index, group_index=0, gaussian=direction == "gaussian", perturb_scale=1.0,
+                 restore_scale=0.0, stash=None, buffers=[], carry=False, pos=pos)
     return got
 
 
@@ -49,17 +56,28 @@ def fused_noise(kernels, seed, index, stream, n, direction, device="cpu"):
 @pytest.mark.parametrize("seed, index, stream", [(zo.step_seed(5, 3), 2, 0), (zo.step_seed(5, 3), 2, 1),
                                                  ((1 << 64) - 12345, 3_000, 0), (3, 0, 1)])
 def test_fused_noise_is_the_counter_stream(kernels, direction, n, seed, index, stream):
-    """The kernel derives each tensor's noise key from the step seed on the device (zo._counter_key)."""
+    """The kernel derives each tensor's noise key from the step seed on the device (zo_noise.counter_key)."""
     got = fused_noise(kernels, seed, index, stream, n, direction)
-    assert torch.equal(got, zo._counter_noise_torch(zo._counter_key(seed, index, stream), 0, n, direction, "cpu"))
+    want = zo_noise.counter_noise(zo_noise.counter_key(seed, index, stream), 0, n, direction, "cpu")
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("pos", [1, 63, 1025, 4096 + 77])
+def test_fused_sweep_of_a_shard_draws_its_slice(kernels, direction, pos):
+    """A tensor whose first element is element `pos` of a longer flattened tensor (an FSDP shard) draws exactly
+    that slice of the stream, from any position (odd ones split a Box–Muller pair, others a Rademacher word)."""
+    seed = zo.step_seed(1, 2)
+    got = fused_noise(kernels, seed, 4, 0, 1500, direction, pos=pos)
+    want = zo_noise.counter_noise(zo_noise.counter_key(seed, 4, 0), pos, 1500, direction, "cpu")
+    assert torch.equal(got, want)
 
 
 def test_rademacher_blocks_need_whole_hash_words(kernels, monkeypatch):
     # a block of 16 pairs would split a 64-element hash word between two programs: refused, not silently wrong
     monkeypatch.setattr(kernels, "PAIRS", 16)
-    keys, _ = kernels.step_tensors("cpu", 1)
     with pytest.raises(ValueError, match="PAIRS = 16.*multiple of 32"):
-        kernels.sweep(torch.zeros(100), index=0, keys=keys, gaussian=False, perturb_scale=1.0)
+        fused_noise(kernels, 1, 0, 0, 100, "rademacher")
 
 
 def small_model(dtype):
@@ -72,7 +90,7 @@ def run_steps(model, make, fused: bool, nan_at: int = 2, steps: int = 4, settle:
     device = model[0].weight.device
     x, y = torch.randn(8, 12, device=device), torch.randn(8, 3, device=device)
     optimizer = make(param_groups_for_model(model, 0.1))
-    optimizer._use_kernels = fused
+    optimizer.fast_paths = fused
     for t in range(steps):
         def closure():
             loss = ((model(x.to(model[0].weight.dtype)).float() - y) ** 2).mean()
@@ -100,12 +118,13 @@ def test_fused_steps_equal_the_torch_path(kernels, monkeypatch, dtype, name, exa
     make = lambda groups: OPTIMIZERS[name](groups, exact_restore=exact_restore)  # noqa: E731
     fused_model, torch_model = small_model(dtype), small_model(dtype)
     calls = []
-    original = kernels.sweep
-    monkeypatch.setattr(kernels, "sweep", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    original = kernels.DeviceSweeps.sweep
+    monkeypatch.setattr(kernels.DeviceSweeps, "sweep", lambda *a, **kw: calls.append(1) or original(*a, **kw))
     fused = run_steps(fused_model, make, fused=True)
-    monkeypatch.setattr(kernels, "sweep", original)
-    reference = run_steps(torch_model, make, fused=False)
     assert calls, "the fused path was not taken"
+    calls.clear()
+    reference = run_steps(torch_model, make, fused=False)
+    assert not calls, "the torch path launched a fused kernel"
     assert fused.noise_calls == reference.noise_calls
     assert fused.skipped_steps.item() == reference.skipped_steps.item() == 1
     before = small_model(dtype)
@@ -121,13 +140,13 @@ def test_fused_steps_equal_the_torch_path(kernels, monkeypatch, dtype, name, exa
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
 def test_cuda_draws_the_cpu_directions(direction):
     import zo_triton
-    assert zo._resolve_rng("auto", "cuda") == "counter"
+    assert zo_noise.resolve_rng("auto", "cuda") == "counter"
     seed, n = zo.step_seed(5, 3), 3 * 2**20 + 5
     for index, stream in ((2, 0), (2, 1), (643, 1)):
-        key = zo._counter_key(seed, index, stream)
-        cpu = zo._counter_noise_torch(key, 0, n, direction, "cpu")
+        key = zo_noise.counter_key(seed, index, stream)
+        cpu = zo_noise.counter_noise(key, 0, n, direction, "cpu")
         assert torch.equal(fused_noise(zo_triton, seed, index, stream, n, direction, "cuda").cpu(), cpu)
-        assert torch.equal(zo._counter_noise_torch(key, 0, n, direction, "cuda").cpu(), cpu)
+        assert torch.equal(zo_noise.counter_noise(key, 0, n, direction, "cuda").cpu(), cpu)
 
 
 @cuda
@@ -138,9 +157,17 @@ def test_cuda_fused_steps_equal_the_torch_path(dtype, name, exact_restore):
     import zo_triton
     make = lambda groups: OPTIMIZERS[name](groups, exact_restore=exact_restore)  # noqa: E731
     fused_model, torch_model = small_model(dtype).cuda(), small_model(dtype).cuda()
-    fused = run_steps(fused_model, make, fused=True)
-    reference = run_steps(torch_model, make, fused=False)
-    assert all(fused._fused(p) and not reference._fused(p) for p in fused_model.parameters())
+    calls = []
+    original = zo_triton.DeviceSweeps.sweep
+    zo_triton.DeviceSweeps.sweep = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        fused = run_steps(fused_model, make, fused=True)
+        assert len(calls) >= 3 * 4 * len(list(fused_model.parameters())) - 2, "not every sweep was fused"
+        calls.clear()
+        reference = run_steps(torch_model, make, fused=False)
+        assert not calls
+    finally:
+        zo_triton.DeviceSweeps.sweep = original
     assert zo_triton.supports(next(fused_model.parameters()))
     for (name_, a), b in zip(fused_model.named_parameters(), torch_model.parameters()):
         assert torch.equal(a, b), name_
@@ -153,7 +180,6 @@ def check_carry(make, dtype, device):
     fused_model, torch_model = small_model(dtype).to(device), small_model(dtype).to(device)
     fused = run_steps(fused_model, lambda g: make(g, carry_perturbation=True), fused=True, settle=True)
     reference = run_steps(torch_model, lambda g: make(g, carry_perturbation=True), fused=False, settle=True)
-    assert all(fused._fused(p) and not reference._fused(p) for p in fused_model.parameters())
     assert fused.carried and reference.carried
     # 4 steps, settled after step 2: the fused path sweeps 3+2, 1 (settle), 3+2 times; the torch path 4+3, 1, 4+3
     assert (fused.sweeps, reference.sweeps) == (11, 15)
@@ -220,8 +246,7 @@ def test_cuda_graph_sweeps_equal_eager_launches(dtype, name, carry):
     graphed_model, eager_model = small_model(dtype).cuda(), small_model(dtype).cuda()
     graphed = graph_run(graphed_model, OPTIMIZERS[name], True, carry)
     eager = graph_run(eager_model, OPTIMIZERS[name], False, carry)
-    captured = [entry for entry in graphed._graphs.values() if entry != "seen"]
-    assert captured and not eager._graphs, "the graphed run did not replay, or the eager run did"
+    assert graphed.replays and not eager.replays, "the graphed run did not replay, or the eager run did"
     assert graphed.sweeps == eager.sweeps and graphed.noise_calls == eager.noise_calls
     assert graphed.skipped_steps.item() == eager.skipped_steps.item() == 1
     for (name_, a), b in zip(graphed_model.named_parameters(), eager_model.parameters()):
