@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import zo_noise
 import zo_rule
@@ -90,6 +91,28 @@ def kernel_builds() -> list[dict]:
     """The C kernel libraries loaded in this process: {"library", "seconds", "cached"} (compile time, reported
     apart from the steps)."""
     return list(_cpu().BUILDS)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """The part of p this process holds and sweeps: a DTensor's local shard (FSDP2), else p itself."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def shard_offset(p: "DTensor") -> int:
+    """Element offset of this rank's shard in the flattened full tensor. Only dimension-0 sharding over a 1-D mesh is
+    a contiguous run of the flattened tensor (what FSDP2's fully_shard produces); anything else is refused."""
+    from torch.distributed.tensor import Replicate, Shard
+    placements = tuple(p.placements)
+    if all(isinstance(pl, Replicate) for pl in placements):
+        return 0
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(f"ZO sweeps a shard as one run of the flattened tensor, which needs dimension-0 sharding on a "
+                         f"1-D device mesh (FSDP2's fully_shard); this parameter is placed {placements}. Shard with "
+                         f"--fsdp (full_shard), or train without sharding.")
+    rows, ranks = p.shape[0], p.device_mesh.size(0)
+    per_rank = -(-rows // ranks)  # torch.chunk: every chunk but the last holds ceil(rows / ranks) rows
+    start = min(per_rank * p.device_mesh.get_local_rank(0), rows)
+    return start * (p.numel() // rows if rows else 0)
 
 
 def _compute_dtype(dtype):
@@ -255,8 +278,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         return p.dtype
 
     def noise_offset(self, p: torch.Tensor) -> int:
-        """The noise position of p's first element: 0, or a shard's offset in its flattened full tensor."""
-        return 0
+        """The noise position of the first element this process holds of p: 0 for a whole tensor; for a shard of a
+        DTensor (FSDP2 shards dimension 0 over the ranks) its offset in the flattened full tensor, so a sharded run
+        draws exactly the unsharded run's directions."""
+        if not isinstance(p, DTensor):
+            return 0
+        return shard_offset(p)
 
     # -- validation / bookkeeping
     def add_param_group(self, group):
@@ -370,7 +397,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """p's state buffer `name`, flat, created as zeros on first use."""
         st = self.state[p]
         if name not in st:
-            st[name] = torch.zeros_like(p, dtype=self.buffer_dtype(p), memory_format=torch.contiguous_format)
+            st[name] = torch.zeros_like(_local(p), dtype=self.buffer_dtype(p), memory_format=torch.contiguous_format)
         return st[name].view(-1)
 
     # -- noise
@@ -401,7 +428,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _kept_noise(self, p) -> list[torch.Tensor]:
         kept = self._kept.get(p)
         if kept is None:
-            kept = self._kept[p] = [torch.empty(p.numel(), dtype=torch.float32, device=p.device)
+            kept = self._kept[p] = [torch.empty(_local(p).numel(), dtype=torch.float32, device=p.device)
                                     for _ in self.streams]
         return kept
 
@@ -479,19 +506,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         for index, group_index, group, p in self._entries():
             if not p.requires_grad:
                 continue  # frozen after construction: untouched, index kept so other directions don't shift
-            contiguous = p.is_contiguous()
-            flat = (p.detach() if contiguous else p.detach().contiguous()).view(-1)
+            data = _local(p).detach()
+            contiguous = data.is_contiguous()
+            flat = (data if contiguous else data.contiguous()).view(-1)
             stash = self._stashes(p)
             if stash and first:
                 buf = self._stash.get(p)
                 if buf is None:
-                    buf = self._stash[p] = torch.empty(p.numel(), dtype=p.dtype, device=p.device)
+                    buf = self._stash[p] = torch.empty(flat.numel(), dtype=p.dtype, device=p.device)
                 buf.copy_(flat)
             if stash and kind == "restore":
                 flat.copy_(self._stash[p])
             elif self._triton_path(p):
                 self._triton_sweep(kind, k, index, group_index, group, p, flat, stash, carry)
-                touched += [p] if contiguous else []
+                touched += [data] if contiguous else []
             else:
                 rule_kind = "perturb" if kind != "update" else "update_stash" if stash else "update"
                 fast = kernels is not None and self._cpu_path(p, kernels)
@@ -513,12 +541,12 @@ class ZOOptimizer(torch.optim.Optimizer):
                         self.noise_calls += len(self.streams) if mode != "k" else 0
                     else:
                         self._torch_chunk(rule_kind, k, index, group_index, group, p, flat, start, n, stash)
-                touched += [p] if fast and contiguous else []
+                touched += [data] if fast and contiguous else []
             if not contiguous:
-                writebacks.append((p, flat))  # also keeps the copy alive until the kernels have run
+                writebacks.append((data, flat))  # also keeps the copy alive until the kernels have run
         _cpu().run(jobs) if jobs else None
-        for p, flat in writebacks:
-            p.detach().copy_(flat.view_as(p))
+        for data, flat in writebacks:
+            data.copy_(flat.view_as(data))
         if touched:  # the kernels wrote through raw pointers: tell autograd the tensors changed
             torch.autograd.graph.increment_version(touched)
         if self.keep_direction:
@@ -569,7 +597,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Which tensors the fused kernels sweep and whether the sweeps can be captured as CUDA graphs (all fused,
         contiguous, on one CUDA device), cached per layout: which tensors are trainable, where and how they and
         their state buffers are stored, whether fast paths are on."""
-        key = (self.fast_paths, tuple((p.data_ptr(), p.device, p.requires_grad, p.is_contiguous(),
+        key = (self.fast_paths, tuple((_local(p).data_ptr(), p.device, p.requires_grad, _local(p).is_contiguous(),
                                        tuple(self.state[p][b].data_ptr() for b in self.buffers
                                              if b in self.state.get(p, {}))) for p in self._params()))
         if self._layout is None or self._layout.key != key:
@@ -578,7 +606,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             every = trainable if trainable and len(fused) == len(trainable) else None
             devices = tuple(dict.fromkeys(p.device for p in fused))
             graphable = (every is not None and len(devices) == 1 and devices[0].type == "cuda"
-                         and all(p.is_contiguous() for p in every))
+                         and all(_local(p).is_contiguous() for p in every))
             self._layout = _Layout(key, every, devices, graphable)
         return self._layout
 
