@@ -348,6 +348,7 @@ class RunConfig:
     hf: HFArguments
     given: frozenset = frozenset()     # flag names on the command line (after legacy spellings were rewritten)
     argv: tuple = ()                   # the command line as given, for the resume command
+    fsdp: tuple = ()                   # the --fsdp options as typed (Hugging Face folds them into fsdp_config)
 
     @property
     def training(self) -> bool:
@@ -423,6 +424,11 @@ def parse(argv: list[str]) -> RunConfig:
     problems += check_fields(values, given)
     if parallel.launched_world_size() > 1 and not torch.cuda.is_available():
         values["use_cpu"] = True  # several CPU processes: gloo and DistributedDataParallel's CPU path
+    fsdp = _fsdp_options(values.get("fsdp"))
+    fsdp_refused = fsdp_launch_problems(fsdp)
+    if fsdp_refused:  # Hugging Face would fail first, setting up a process group for it, with a less useful message
+        problems += fsdp_refused
+        values["fsdp"] = ""
     instances = {}
     for name, cls in GROUPS:
         inputs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
@@ -432,7 +438,7 @@ def parse(argv: list[str]) -> RunConfig:
             problems.append(str(error).strip())
     if problems or len(instances) < len(GROUPS):
         raise UsageError(problems)
-    config = RunConfig(**instances, given=frozenset(given), argv=tuple(argv))
+    config = RunConfig(**instances, given=frozenset(given), argv=tuple(argv), fsdp=fsdp)
     resolve_task_defaults(config)
     problems += check(config)
     if problems:
@@ -680,11 +686,59 @@ def check(config: RunConfig) -> list[str]:
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
             problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
                             "already costs one noise sweep per step); drop one of them.")
-        if hf.fsdp or hf.deepspeed:
-            problems.append("ZO training perturbs whole parameters in place; FSDP/DeepSpeed sharding is not "
-                            "meaningful for it. Drop --fsdp/--deepspeed (ZO needs only inference memory).")
-    if hf.fsdp:
-        if not torch.cuda.is_available():
-            problems.append(f"--fsdp {hf.fsdp!r} shards the model over CUDA GPUs, and this machine has none "
-                            f"(torch.cuda.is_available() is False). Drop --fsdp (finetune.sh trains on one device).")
+        if hf.deepspeed:
+            problems.append("--deepspeed wraps the optimizer step in DeepSpeed's engine, which a ZO step does not "
+                            "use; shard the weights with --fsdp full_shard instead (ZO sweeps each rank's shard).")
+    problems += fsdp_problems(config)
+    return problems
+
+
+FSDP_OPTIONS = ("full_shard", "auto_wrap", "offload")
+
+
+def _fsdp_options(value) -> tuple[str, ...]:
+    """--fsdp as typed: "full_shard auto_wrap", or a boolean (true: full_shard)."""
+    if value in (None, "", False):
+        return ()
+    if value is True or str(value).lower() in ("true", "1", "yes"):
+        return ("full_shard",)
+    if str(value).lower() in ("false", "0", "no"):
+        return ()
+    return tuple(str(value).split())
+
+
+def fsdp_options(config: RunConfig) -> set[str]:
+    return set(config.fsdp)
+
+
+def fsdp_launch_problems(options: tuple[str, ...]) -> list[str]:
+    """--fsdp options this suite cannot serve, and --fsdp in a single process."""
+    if not options:
+        return []
+    problems = []
+    unsupported = sorted(set(options) - set(FSDP_OPTIONS))
+    if unsupported:
+        problems.append(f"--fsdp {' '.join(unsupported)} is not available: weights are sharded at rest with FSDP2 "
+                        f"(every rank holds a dimension-0 shard of every tensor). Use --fsdp full_shard (add offload "
+                        f"to keep the shards in CPU memory).")
+    if parallel.launched_world_size() < 2:
+        problems.append("--fsdp shards the model over the processes of a launch, and this is one process; start "
+                        "several: torchrun --nproc_per_node N run.py ... (finetune_fsdp.sh does).")
+    return problems
+
+
+def fsdp_problems(config: RunConfig) -> list[str]:
+    """--fsdp shards the weights with FSDP2 (torch's fully_shard, dimension 0) through transformers' own loader
+    (`DistributedConfig`), on CUDA (NCCL) and on CPUs (gloo) alike; what that cannot serve is refused."""
+    hf = config.hf
+    if not config.fsdp:
+        return []
+    problems = []
+    if "fsdp_config" in config.given:
+        problems.append("--fsdp_config is not used: the layers are wrapped by the model's own FSDP plan in "
+                        "transformers; drop --fsdp_config.")
+    if hf.save_strategy != "no" and not hf.save_only_model:
+        problems.append("--fsdp: transformers checkpoints a model sharded at load time without its optimizer state, "
+                        "so such a run cannot resume; pass --save_only_model (checkpoints of the weights, for "
+                        "--load_best_model_at_end) or --save_strategy no.")
     return problems

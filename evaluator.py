@@ -252,7 +252,10 @@ def generate_batch(model, tokenizer, tokens: TokenizerSettings, prompts: list[li
     budget = min(options.max_new_tokens, options.max_length - max(len(p) for p in prompts))
     kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams, max_new_tokens=budget,
                                   eos_token_id=stop_token_ids(tokenizer, tokens, options.eos_token),
-                                  pad_token_id=tokens.pad_id, num_return_sequences=1)
+                                  pad_token_id=tokens.pad_id, num_return_sequences=1,
+                                  # FSDP2 shards: every forward is a collective, so ranks that finish early keep
+                                  # stepping until all have finished
+                                  synced_gpus=parallel.is_sharded(model))
     if options.sampling:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
     else:  # the model's own generation_config may carry sampling settings; greedy must stay greedy
@@ -349,9 +352,12 @@ def evaluate(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[
              settings: EvalSettings) -> tuple[dict[str, float], list[dict]]:
     """The task metric and one record per example. With several processes each rank predicts its share of the
     examples and every rank gets all records back, in order."""
-    records = predict(model, tokenizer, tokens, task, parallel.shard(demo_sets), parallel.shard(eval_samples),
-                      settings)
-    records = parallel.gather(records, len(eval_samples))
+    if parallel.is_sharded(model):  # every forward is a collective: all ranks predict everything, in lockstep
+        records = predict(model, tokenizer, tokens, task, demo_sets, eval_samples, settings)
+    else:
+        records = predict(model, tokenizer, tokens, task, parallel.shard(demo_sets), parallel.shard(eval_samples),
+                          settings)
+        records = parallel.gather(records, len(eval_samples))
     metric = task.spec.metric
     value = calculate_metric([Prediction(r["correct_candidate"], r["predicted_candidate"]) for r in records], metric)
     return {metric: value}, records

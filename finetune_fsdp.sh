@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# First-order fine-tuning sharded with FSDP over NUM_GPU GPUs (torchrun). Same variables as finetune.sh; the
-# effective batch is BS x NUM_GPU (per-device batch 1, BS accumulation steps). Layers are wrapped by the model's own
-# `_no_split_modules` (OPTDecoderLayer, LlamaDecoderLayer, ...) unless you pass --fsdp_transformer_layer_cls_to_wrap.
-#   NUM_GPU=4 MODEL=facebook/opt-13b TASK=SST2 bash finetune_fsdp.sh
+# First-order fine-tuning with the weights sharded over NPROC processes (FSDP2, launched by torchrun): one GPU per
+# process on a GPU machine (NCCL), or CPU processes (gloo). Same variables as finetune.sh; the effective batch is
+# BS x NPROC (per-process batch 1, BS accumulation steps). Every weight is sharded along its first dimension by the
+# model's own FSDP plan in transformers; checkpoints hold the weights only (transformers cannot checkpoint the
+# optimizer of a model sharded when it is loaded), enough to load the best one at the end, not to resume.
+#   NPROC=4 MODEL=facebook/opt-13b TASK=SST2 bash finetune_fsdp.sh      # 4 GPUs (NUM_GPU= is accepted too)
+#   NPROC=2 TASK=SST2 bash finetune_fsdp.sh --max_steps 20               # 2 CPU processes, the embedded model
 set -euo pipefail
-if [ -z "${NUM_GPU:-}" ]; then echo "finetune_fsdp.sh: set NUM_GPU (GPUs to shard over), e.g. NUM_GPU=4" >&2; exit 2; fi
+NPROC=${NPROC:-${NUM_GPU:-}}
+if [ -z "$NPROC" ]; then echo "finetune_fsdp.sh: set NPROC (processes to shard over: GPUs, or CPU processes), e.g. NPROC=4" >&2; exit 2; fi
 MODEL=${MODEL:-smollm2-135m}
 TASK=${TASK:-SST2}
 EPOCH=${EPOCH:-5}
@@ -28,15 +32,21 @@ TASK_DEFAULTS=$(python "$(dirname "$0")/tasks.py" defaults "$TASK") || exit 2
 eval "$TASK_DEFAULTS"
 DEV=${DEV:-$TASK_DEV}
 
-TAG=fsdp-$MODE-$EPOCH-$BS-$LR-$SEED
-echo "finetune_fsdp.sh: TAG=$TAG MODEL=$MODEL TASK=$TASK MODE=$MODE NUM_GPU=$NUM_GPU EPOCH=$EPOCH BS=$BS LR=$LR" \
-     "SEED=$SEED TRAIN=$TRAIN DEV=$DEV EVAL=$EVAL extra: $*"
+if [ -z "${PRECISION+set}" ]; then  # fp16 mixed precision on GPUs as in the papers; fp32 on CPU
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then PRECISION=--fp16; else PRECISION=; fi
+fi
+# CPU processes share the cores: give each its share (torch would otherwise start a thread per core in every one)
+if [ -z "${OMP_NUM_THREADS:-}" ]; then OMP_NUM_THREADS=$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 )); fi
+export OMP_NUM_THREADS
 
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-10} torchrun --nproc_per_node="$NUM_GPU" --master_port=$((RANDOM + 1000)) \
-    "$(dirname "$0")/run.py" \
+TAG=fsdp-$MODE-$EPOCH-$BS-$LR-$SEED
+echo "finetune_fsdp.sh: TAG=$TAG MODEL=$MODEL TASK=$TASK MODE=$MODE NPROC=$NPROC EPOCH=$EPOCH BS=$BS LR=$LR" \
+     "SEED=$SEED TRAIN=$TRAIN DEV=$DEV EVAL=$EVAL PRECISION=${PRECISION:-fp32} extra: $*"
+
+torchrun --nproc_per_node="$NPROC" --master_port=$((RANDOM + 1000)) "$(dirname "$0")/run.py" \
     --model_name "$MODEL" --task_name "$TASK" --tag "$TAG" \
     --train_set_seed "$SEED" --num_train "$TRAIN" --num_dev "$DEV" --num_eval "$EVAL" --logging_steps 10 \
-    --trainer regular --fp16 --no_auto_device --learning_rate "$LR" --num_train_epochs "$EPOCH" \
+    --trainer regular $PRECISION --learning_rate "$LR" --num_train_epochs "$EPOCH" \
     --per_device_train_batch_size 1 --gradient_accumulation_steps "$BS" \
     --load_best_model_at_end --evaluation_strategy epoch --save_strategy epoch --save_total_limit 1 \
-    --fsdp "full_shard auto_wrap" "${MODE_ARGS[@]}" "$@"
+    --fsdp "full_shard auto_wrap" --save_only_model "${MODE_ARGS[@]}" "$@"

@@ -158,7 +158,12 @@ def _cannot_load(model_name: str, error: Exception) -> str:
 
 
 def load_model(model_name: str, *, float16: bool = False, bfloat16: bool = False, int8: bool = False,
-               untie_emb: bool = False, auto_device: bool = True):
+               untie_emb: bool = False, auto_device: bool = True, device: torch.device | None = None,
+               fsdp_size: int = 1, fsdp_offload: bool = False):
+    """The model in eval mode. `device`: one process per device (torchrun), the whole model there. `fsdp_size` > 1:
+    sharded over that many processes with FSDP2 by transformers' own loader (each rank holds a dimension-0 shard of
+    every weight; `fsdp_offload` keeps the shards in CPU memory). Otherwise, on CUDA, `auto_device` spreads the
+    layers over the visible GPUs (device_map='auto')."""
     from transformers import AutoConfig, AutoModelForCausalLM
     path = resolve_model_path(model_name)
     try:
@@ -172,7 +177,12 @@ def load_model(model_name: str, *, float16: bool = False, bfloat16: bool = False
     if int8:
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    if torch.cuda.is_available() and auto_device:
+    if fsdp_size > 1:
+        from transformers.distributed import DistributedConfig
+        kwargs["distributed_config"] = DistributedConfig(fsdp_size=fsdp_size, fsdp_cpu_offload=fsdp_offload)
+    elif device is not None:
+        kwargs["device_map"] = device
+    elif torch.cuda.is_available() and auto_device:
         kwargs["device_map"] = "auto"
     try:
         model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)

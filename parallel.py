@@ -7,7 +7,11 @@ one the Hugging Face Trainer's setup initialises: NCCL on GPUs, gloo on CPUs).
   whole batch and every rank applies the same update without a parameter ever being sent.
 * `agree(value, what)`: every rank holds the same value (the run's configuration, checked before anything loads), or
   a clear error naming the ranks that differ.
-* `shard` / `gather`: an evaluation split over the ranks and its records put back in order.
+* `shard` / `gather`: an evaluation split over the ranks and its records put back in order (not for a model sharded
+  with FSDP2, whose every forward is a collective: there all ranks run the same forwards in lockstep).
+* `is_sharded(model)` / `reshard(model)`: whether the weights are FSDP2 shards, and putting each module back in its
+  sharded state after a forward (the root module keeps its gathered weights after a forward; a ZO perturbation of
+  the shards would not reach them).
 * `max_over_ranks(value)`: the largest of an int over the ranks (a signal received by one process stops all of them
   at the same step).
 """
@@ -70,9 +74,12 @@ def agree(value, what: str) -> str | None:
     dist.all_gather_object(values, value)
     if all(v == values[0] for v in values):
         return None
+    if all(isinstance(v, dict) for v in values):  # name only the entries that differ
+        keys = sorted({k for v in values for k in v if any(other.get(k) != v.get(k) for other in values)})
+        values = [{k: v.get(k) for k in keys} for v in values]
     groups = {}
     for rank, v in enumerate(values):
-        groups.setdefault(repr(v)[:200], []).append(rank)
+        groups.setdefault(repr(v)[:300], []).append(rank)
     listed = "; ".join(f"ranks {ranks}: {v}" for v, ranks in groups.items())
     return (f"The processes disagree on {what} ({listed}). Launch every rank with the same command line and "
             f"environment.")
@@ -95,6 +102,20 @@ def gather(records: list, total: int) -> list:
     for rank, part in enumerate(parts):
         merged[rank::size] = part
     return merged
+
+
+def _fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def is_sharded(model) -> bool:
+    return bool(_fsdp_modules(model))
+
+
+def reshard(model) -> None:
+    for module in _fsdp_modules(model):
+        module.reshard()
 
 
 def barrier() -> None:

@@ -105,10 +105,16 @@ def preflight(config: arguments.RunConfig) -> Plan:
                 problems.append(problem)
                 continue
             try:
-                plan.resume.append(runs.plan_resume(folder, identity, overwrite=config.train.overwrite_output_dir,
-                                                    explicit=config.hf.resume_from_checkpoint))
+                resume = runs.plan_resume(folder, identity, overwrite=config.train.overwrite_output_dir,
+                                          explicit=config.hf.resume_from_checkpoint)
             except runs.RunError as error:
                 problems += error.problems
+                continue
+            if resume.checkpoint is not None and config.fsdp:
+                problems.append(f"{resume.checkpoint} holds the weights of an --fsdp run without its optimizer "
+                                f"state (transformers cannot checkpoint it), so the run cannot resume from it. Pass "
+                                f"--overwrite_output_dir to start over, or --output_dir with another folder.")
+            plan.resume.append(resume)
     if parallel.max_over_ranks(bool(problems)):  # all ranks stop together, whichever found the problem
         raise runs.RunError(problems or ["Another process found a problem with this command (see its log)."])
     return plan
@@ -176,9 +182,13 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
 def load_model(config: arguments.RunConfig):
     """The pretrained model with the requested parameter-efficient mode applied and everything else frozen."""
     model_args = config.model
+    world = parallel.launched_world_size()
     model = models.load_model(model_args.model_name, float16=model_args.load_float16,
                               bfloat16=model_args.load_bfloat16, int8=model_args.load_int8,
-                              untie_emb=model_args.untie_emb, auto_device=model_args.auto_device)
+                              untie_emb=model_args.untie_emb, auto_device=model_args.auto_device,
+                              device=config.hf.device if world > 1 else None,
+                              fsdp_size=world if config.fsdp else 1,
+                              fsdp_offload="offload" in arguments.fsdp_options(config))
     adapter = ADAPTERS.get(config.mode)
     return adapter.apply(model, config) if adapter is not None else model
 
@@ -207,6 +217,8 @@ def build_trainer(config: arguments.RunConfig, task, model, tokenizer, tokens, t
     training_args = copy.copy(config.hf)
     training_args.output_dir = str(output_dir)
     training_args.remove_unused_columns = False   # records carry option lengths the model does not take
+    # --fsdp: the model was sharded when it was loaded (load_model); Hugging Face must not shard it again
+    training_args.fsdp, training_args.fsdp_config = [], {}
     training_args.save_total_limit = None         # runs.CheckpointCallback rotates, after a save is complete
     if not torch.cuda.is_available():
         training_args.dataloader_pin_memory = False
@@ -245,14 +257,20 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
     parallel.barrier()
     trainer = build_trainer(config, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
                             resume.folder)
-    if resume.checkpoint is not None:
-        logger.info("Resuming from %s", resume.checkpoint)
-    trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
-    if trainer.interrupted is not None:
-        name = signal.Signals(trainer.interrupted).name
-        logger.warning("%s: stopped after step %d with a complete checkpoint in %s. Resume with:\n  %s", name,
-                       trainer.state.global_step, resume.folder, resume_command(config))
-        return None, 128 + trainer.interrupted
+    if resume.checkpoint is not None and runs.finished(resume.checkpoint):
+        weights = runs.final_weights(resume.checkpoint, config.hf.load_best_model_at_end)
+        logger.info("%s is the last step of this run: nothing left to train; evaluating the weights of %s",
+                    resume.checkpoint, weights)
+        trainer.load_weights(str(weights))
+    else:
+        if resume.checkpoint is not None:
+            logger.info("Resuming from %s", resume.checkpoint)
+        trainer.train(resume_from_checkpoint=str(resume.checkpoint) if resume.checkpoint else None)
+        if trainer.interrupted is not None:
+            name = signal.Signals(trainer.interrupted).name
+            logger.warning("%s: stopped after step %d with a complete checkpoint in %s. Resume with:\n  %s", name,
+                           trainer.state.global_step, resume.folder, resume_command(config))
+            return None, 128 + trainer.interrupted
     if config.train.save_model:
         save_trained_model(config, trainer, resume.folder)
     return evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,

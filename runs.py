@@ -148,6 +148,22 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
+def finished(checkpoint: Path) -> bool:
+    """Whether a checkpoint is the last step of its run. Hugging Face would still run one more step when asked to
+    resume from it (when the run ends inside an epoch), so a finished run is evaluated from it instead."""
+    state = json.loads((checkpoint / TRAINER_STATE).read_text())
+    return 0 < state.get("max_steps", 0) <= state["global_step"]
+
+
+def final_weights(checkpoint: Path, load_best: bool) -> Path:
+    """The checkpoint whose weights a finished run ends with: its best one with --load_best_model_at_end, else the
+    last. (The best one is recorded by name: the run folder may have moved since.)"""
+    best = json.loads((checkpoint / TRAINER_STATE).read_text()).get("best_model_checkpoint")
+    if load_best and best and (checkpoint.parent / Path(best).name).is_dir():
+        return checkpoint.parent / Path(best).name
+    return checkpoint
+
+
 def recorded_identity(checkpoint: Path) -> dict:
     return json.loads((checkpoint / MARKER).read_text())["identity"]
 

@@ -9,6 +9,8 @@ are untouched. Three private methods are extended (each calls the original for e
 * `_load_from_checkpoint` and `_load_best_model`: checkpoints of prefix-tuned runs hold the prefix only, and HF's two
   loaders know only full weights and peft's `PeftModel` adapters (which is how LoRA checkpoints are saved and loaded,
   by HF itself); there is no public hook for either load (adapters.py says who loads what).
+* `_load_best_model` also loads the best weights of an --fsdp run into the sharded model (HF's loader expects whole
+  parameters).
 * `_issue_warnings_after_load`: HF warns that a tied output head (`lm_head.weight`) is missing from a checkpoint,
   because transformers 5 no longer lists tied weights in `_keys_to_ignore_on_save`; the head is the embedding matrix,
   which was loaded, so the warning is dropped for exactly those keys.
@@ -19,6 +21,7 @@ model, the last step and `train`'s exit put them back first.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -118,6 +121,11 @@ class SuiteTrainer(Trainer):
         loss = training_loss(model, inputs, self.objective)
         return (loss, None) if return_outputs else loss
 
+    def load_weights(self, checkpoint: str) -> None:
+        """The trained weights (or adapter, or prefix) of a checkpoint, into the model, without training: what
+        `train(resume_from_checkpoint=...)` loads first."""
+        self._load_from_checkpoint(checkpoint)
+
     def _own_checkpoints(self, model=None):
         """The adapter of the model if its checkpoints are ours to save and load (not HF's), else None."""
         adapter = adapter_of(self.model if model is None else model)
@@ -139,12 +147,26 @@ class SuiteTrainer(Trainer):
         adapter.checkpoint_load(model, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
+        if parallel.is_sharded(self.model):
+            return self._load_best_sharded_model()
         adapter = self._own_checkpoints()
         if adapter is None or not adapter.in_checkpoint(self.state.best_model_checkpoint):
             return super()._load_best_model()
         logger.info("Loading the best %s from %s (score: %s)", adapter.name, self.state.best_model_checkpoint,
                     self.state.best_metric)
         adapter.checkpoint_load(self.model, self.state.best_model_checkpoint)
+
+    def _load_best_sharded_model(self) -> None:
+        """--fsdp: the best checkpoint holds the full weights (transformers gathers them to save); each rank loads
+        its shards of them through torch.distributed.checkpoint (HF's loader expects unsharded parameters)."""
+        from safetensors.torch import load_file
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        folder = self.state.best_model_checkpoint
+        logger.info("Loading the best weights from %s (score: %s)", folder, self.state.best_metric)
+        weights = load_file(os.path.join(folder, "model.safetensors"))
+        tied = _tied_names(self.model)
+        set_model_state_dict(self.model, {k: v for k, v in weights.items() if k not in tied},
+                             options=StateDictOptions(full_state_dict=True))
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         """Dev loss and the task metric (accuracy / F1) of the dev samples, scored without demonstrations."""
@@ -154,8 +176,10 @@ class SuiteTrainer(Trainer):
         results = {}
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is not None and not self.objective.non_diff:
-            # each rank scores its share of the dev set (exactly once: no sampler padding), the ranks combine
-            share = ListDataset(parallel.shard([dataset[i] for i in range(len(dataset))]))
+            # each rank scores its share of the dev set (exactly once: no sampler padding), the ranks combine;
+            # FSDP2 shards: every forward is a collective, so every rank scores all of it, in lockstep
+            records = [dataset[i] for i in range(len(dataset))]
+            share = ListDataset(records if parallel.is_sharded(model) else parallel.shard(records))
             loader = torch.utils.data.DataLoader(share, batch_size=self.args.per_device_eval_batch_size,
                                                  collate_fn=self.data_collator)
             total, weight = torch.zeros((), dtype=torch.float64), 0
@@ -219,6 +243,7 @@ class ZOTrainer(SuiteTrainer):
         else:
             with self.compute_loss_context_manager():
                 loss = training_loss(model, inputs, self.objective)
+        parallel.reshard(model)  # FSDP2: the next perturbation must reach what the next forward gathers
         return parallel.mean_over_ranks(loss, loss_weight(inputs, self.objective))
 
     def training_step(self, model, inputs, num_items_in_batch=None):

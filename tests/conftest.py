@@ -95,3 +95,23 @@ def tiny_llama_dir(tmp_path_factory):
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def stall_hooks(tmp_path_factory):
+    """A sitecustomize that, when ZO_TEST_STALL_SAVE=N is set, stalls the process right after it wrote optimizer.pt of
+    checkpoint-N (the middle of a save) and touches $ZO_TEST_STALL_FLAG, so a test can SIGKILL it mid-save."""
+    folder = tmp_path_factory.mktemp("hooks")
+    (folder / "sitecustomize.py").write_text('''
+import os
+if os.environ.get("ZO_TEST_STALL_SAVE"):
+    import pathlib, time, torch
+    _save, _target = torch.save, "checkpoint-" + os.environ["ZO_TEST_STALL_SAVE"] + os.sep + "optimizer.pt"
+    def _stalling_save(obj, f, *args, **kwargs):
+        _save(obj, f, *args, **kwargs)
+        if str(f).endswith(_target):
+            pathlib.Path(os.environ["ZO_TEST_STALL_FLAG"]).touch()
+            time.sleep(600)
+    torch.save = _stalling_save
+''')
+    return folder

@@ -38,26 +38,6 @@ def small_data(tmp_path_factory):
     return target
 
 
-@pytest.fixture(scope="module")
-def hooks(tmp_path_factory):
-    """A sitecustomize that, when ZO_TEST_STALL_SAVE=N is set, stalls the process right after it wrote optimizer.pt of
-    checkpoint-N (the middle of a save) and touches $ZO_TEST_STALL_FLAG, so a test can SIGKILL it mid-save."""
-    folder = tmp_path_factory.mktemp("hooks")
-    (folder / "sitecustomize.py").write_text('''
-import os
-if os.environ.get("ZO_TEST_STALL_SAVE"):
-    import pathlib, time, torch
-    _save, _target = torch.save, "checkpoint-" + os.environ["ZO_TEST_STALL_SAVE"] + os.sep + "optimizer.pt"
-    def _stalling_save(obj, f, *args, **kwargs):
-        _save(obj, f, *args, **kwargs)
-        if str(f).endswith(_target):
-            pathlib.Path(os.environ["ZO_TEST_STALL_FLAG"]).touch()
-            time.sleep(600)
-    torch.save = _stalling_save
-''')
-    return folder
-
-
 def base_args(model_dir, *extra):
     return ["--model_name", str(model_dir), "--task_name", "SST2", "--trainer", "zo", "--num_train", "16",
             "--num_dev", "4", "--num_eval", "4", "--train_set_seed", "0", "--max_steps", "8",
@@ -156,10 +136,25 @@ def test_another_runs_checkpoint_is_never_resumed(tmp_path, tiny_llama_dir, smal
         assert other.returncode == 0, other.stderr[-3000:]
         assert "Resuming" not in other.stderr
     assert len(list((tmp_path / "result" / "output").iterdir())) == 3  # one folder per configuration
-    # the same command again resumes its own finished run: nothing to train, the same result, no tied-head warning
+    # the same command again finds its own finished run: nothing to train, the same result, no tied-head warning
     again = cli(tmp_path, small_data, *base_args(tiny_llama_dir))
-    assert again.returncode == 0 and "Resuming from" in again.stderr
+    assert again.returncode == 0 and "is the last step of this run: nothing left to train" in again.stderr
     assert "missing keys" not in again.stderr
+
+
+def test_a_finished_run_is_evaluated_from_its_last_checkpoint_not_trained_a_step_further(tmp_path, tiny_llama_dir,
+                                                                                          small_data, straight):
+    """Hugging Face, asked to resume from the checkpoint of a run's last step that ends inside an epoch, trains one
+    step more (here: 6 steps of 4-example batches over 16 examples end in the second epoch). A rerun of a finished
+    run must give the finished run's result."""
+    argv = base_args(tiny_llama_dir, "--max_steps", "6")
+    first = cli(tmp_path, small_data, *argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads(result_files(tmp_path)[0].read_text())
+    again = cli(tmp_path, small_data, *argv)
+    assert again.returncode == 0 and "nothing left to train" in again.stderr, again.stderr[-3000:]
+    assert not list(run_folder(tmp_path).glob("checkpoint-7"))
+    assert json.loads(result_files(tmp_path)[0].read_text())["predictions"] == result["predictions"]
 
 
 def test_a_folder_of_another_run_stops_before_anything_loads(tmp_path, tiny_llama_dir, small_data):
@@ -228,12 +223,12 @@ def test_a_folder_with_only_broken_checkpoints_starts_over_only_when_asked(tmp_p
         runs.plan_resume(tmp_path, {}, overwrite=False, explicit=str(tmp_path / "checkpoint-15"))
 
 
-def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir, small_data, hooks, straight):
+def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir, small_data, stall_hooks, straight):
     """SIGKILL in the middle of a checkpoint save, then at random moments; each rerun of the same command resumes from
     the newest complete checkpoint, and the finished run equals the uninterrupted one bit for bit (CPU, fp32)."""
     argv = base_args(tiny_llama_dir)
     flag = tmp_path / "stalled"
-    run = start(tmp_path, small_data, *argv, env={"PYTHONPATH": str(hooks), "ZO_TEST_STALL_SAVE": "3",
+    run = start(tmp_path, small_data, *argv, env={"PYTHONPATH": str(stall_hooks), "ZO_TEST_STALL_SAVE": "3",
                                                   "ZO_TEST_STALL_FLAG": str(flag)})
     wait_for(flag.exists, "the stalled save of checkpoint-3", run)
     run.proc.kill()
