@@ -22,6 +22,9 @@ def load_bench(name):
     ("learn", ["--resume_from", "/nonexistent/checkpoint-250"], "is not a checkpoint folder"),
     ("zo_sweep", ["--shapes", "512-4"], "give PAIRSxWARPS pairs"),
     ("zo_sweep", ["--shapes", "512x0"], "pairs of positive ints"),
+    ("scale", ["--procs", "1,x"], "--procs '1,x': give comma-separated process counts"),
+    ("scale", ["--procs", "0,2"], "--procs '0,2': process counts must be >= 1"),
+    ("scale", ["--modes", "dp,tp"], "--modes 'dp,tp': choose from dp, fsdp"),
 ])
 def test_bad_flags_exit_with_a_clear_message(monkeypatch, capsys, script, argv, message):
     module = load_bench(script)
