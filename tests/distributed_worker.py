@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 
 import args as arguments  # noqa: E402
 import models  # noqa: E402
+from adapters import ADAPTERS  # noqa: E402
 import parallel  # noqa: E402
 import trainer_zo  # noqa: E402
 from utils import ListDataset, Objective, TrainCollator  # noqa: E402
@@ -37,9 +38,12 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fsdp", action="store_true")
     parser.add_argument("--optimizer", default="mezo")
+    parser.add_argument("--mode", choices=("ft", "lora", "prefix", "head"), default="ft")
+    parser.add_argument("--accumulation", type=int, default=1)
     opts = parser.parse_args()
     torch.set_num_threads(1)
     hf = arguments.HFArguments(output_dir=os.path.join(opts.out, "run"), per_device_train_batch_size=opts.batch,
+                               gradient_accumulation_steps=opts.accumulation,
                                max_steps=opts.steps, learning_rate=1e-3, lr_scheduler_type="constant",
                                logging_steps=1, save_strategy="no", report_to="none", remove_unused_columns=False,
                                seed=0, use_cpu=True, max_grad_norm=0.0, disable_tqdm=True,
@@ -48,6 +52,10 @@ def main():
     rank, world = parallel.world()
     model = models.load_model(opts.model_dir, device=torch.device("cpu") if world > 1 else None,
                               fsdp_size=world if opts.fsdp else 1)
+    if opts.mode != "ft":
+        config = arguments.parse(["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0",
+                                  {"lora": "--lora", "prefix": "--prefix_tuning", "head": "--head_tuning"}[opts.mode]])
+        model = ADAPTERS[opts.mode].apply(model, config)
     zo_args = arguments.ZOArguments(zo_optim=opts.optimizer, zo_eps=1e-3)
     trainer = trainer_zo.ZOTrainer(model=model, args=hf, train_dataset=ListDataset(records()),
                                    data_collator=TrainCollator(0), objective=Objective(), zo_args=zo_args,
@@ -56,7 +64,8 @@ def main():
     full = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
             for name, p in model.named_parameters()}
     logged = [e for e in trainer.state.log_history if "projected_grad" in e]
-    torch.save({"params": full, "projected_grads": [e["projected_grad"] for e in logged],
+    trained = {name: full[name] for name, p in model.named_parameters() if p.requires_grad}
+    torch.save({"params": trained, "projected_grads": [e["projected_grad"] for e in logged],
                 "losses": [(e["loss"], e["loss_minus"]) for e in logged], "world": world},
                os.path.join(opts.out, f"rank{rank}.pt"))
 

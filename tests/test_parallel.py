@@ -67,6 +67,17 @@ def test_data_parallel_ranks_stay_identical_and_equal_one_process_on_the_whole_b
     assert two[0]["world"] == 2
 
 
+@pytest.mark.parametrize("mode", ["lora", "prefix", "head"])
+def test_every_mode_keeps_the_ranks_identical_with_gradient_accumulation(tmp_path, tiny_llama_dir, mode):
+    two = worker(tmp_path, tiny_llama_dir, "two", 2, "--batch", "1", "--accumulation", "2", "--mode", mode,
+                 "--optimizer", "zo_adamu")
+    a, b = two[0]["params"], two[1]["params"]
+    assert a and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "the ranks drifted apart"
+    one = worker(tmp_path, tiny_llama_dir, "one", 1, "--batch", "2", "--accumulation", "2", "--mode", mode,
+                 "--optimizer", "zo_adamu")
+    torch.testing.assert_close(torch.tensor(two[0]["losses"]), torch.tensor(one[0]["losses"]), rtol=1e-6, atol=0)
+
+
 def test_zo_on_fsdp2_shards_equals_the_unsharded_run(tmp_path, tiny_llama_dir):
     sharded = worker(tmp_path, tiny_llama_dir, "sharded", 2, "--fsdp")
     plain = worker(tmp_path, tiny_llama_dir, "plain", 2)

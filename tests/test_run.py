@@ -103,7 +103,7 @@ def call_main(tmp_path, monkeypatch, *args):
     (["--trainer", "zo", "--num_train", "8"], "needs --train_set_seed S"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_eps", "0"], "--zo_eps 0.0: must be > 0.0"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "adam"], "--zo_optim 'adam' is not available. Choose one of mezo, zo_adamu"),
-    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard"], "FSDP/DeepSpeed"),
+    (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard"], "this is one process; start several: torchrun"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
       "--zo_t1", "60", "--zo_t2", "50"], "ZO-AdaMU schedule"),
     (["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--zo_optim", "zo_adamu", "--max_steps", "100",
@@ -127,7 +127,7 @@ def call_main(tmp_path, monkeypatch, *args):
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--linear_probing",
       "--train_as_classification"], "--linear_probing fits a head on the option tokens; drop"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard auto_wrap"],
-     "shards the model over CUDA GPUs, and this machine has none"),
+     "this is one process; start several: torchrun"),
     (["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--load_best_model_at_end",
       "--eval_strategy", "steps", "--save_strategy", "steps"], "pass --num_dev N"),
 ])

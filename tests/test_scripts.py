@@ -21,7 +21,8 @@ def recorder(tmp_path):
 
     def run_script(script, env=None, args=()):
         environment = {k: v for k, v in os.environ.items() if k not in ("MODEL", "TASK", "MODE", "OPTIM", "LR", "EPS")}
-        environment.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PRECISION="", **(env or {}))
+        environment.update(PATH=f"{bin_dir}:{os.environ['PATH']}", PRECISION="")
+        environment.update(env or {})
         (tmp_path / "argv").unlink(missing_ok=True)
         done = subprocess.run(["bash", str(ROOT / script), *args], env=environment, capture_output=True, text=True,
                               cwd=tmp_path)
@@ -88,11 +89,14 @@ def test_finetune_overrides(recorder):
     assert flag(argv, "--evaluation_strategy") == "epoch" and "--load_best_model_at_end" in argv
 
 
-def test_finetune_fsdp_needs_num_gpu_and_launches_torchrun(recorder):
+def test_finetune_fsdp_needs_nproc_and_launches_torchrun(recorder):
     done, argv = recorder("finetune_fsdp.sh")
-    assert done.returncode == 2 and "set NUM_GPU" in done.stderr
+    assert done.returncode == 2 and "set NPROC" in done.stderr
     done, argv = recorder("finetune_fsdp.sh", env={"NUM_GPU": "4", "MODE": "lora"})
     assert done.returncode == 0 and argv[0] == "torchrun" and "--nproc_per_node=4" in argv
-    assert flag(argv, "--fsdp") == "full_shard auto_wrap" and "--no_auto_device" in argv and "--fp16" in argv
+    assert flag(argv, "--fsdp") == "full_shard auto_wrap" and "--save_only_model" in argv
+    assert "--fp16" not in argv  # PRECISION= (fp32), as on a machine without GPUs
     assert flag(argv, "--per_device_train_batch_size") == "1" and flag(argv, "--gradient_accumulation_steps") == "8"
     assert flag(argv, "--tag") == "fsdp-lora-5-8-1e-5-0" and "--lora" in argv
+    done, argv = recorder("finetune_fsdp.sh", env={"NPROC": "2", "PRECISION": "--fp16"})
+    assert done.returncode == 0 and "--nproc_per_node=2" in argv and "--fp16" in argv
