@@ -252,7 +252,7 @@ class ZOArguments:
             keep_direction=lambda: self.zo_keep_direction, carry_perturbation=lambda: self.zo_carry_perturbation,
             cuda_graphs=lambda: self.zo_cuda_graphs, signed_momentum=lambda: self.zo_signed_momentum,
             state_dtype=lambda: getattr(torch, self.zo_state_dtype) if self.zo_state_dtype else None,
-            schedule=lambda: zo.AdaMUSchedule.for_max_steps(max_steps, **self.schedule_overrides()))
+            schedule=lambda: zo_methods.AdaMUSchedule.for_max_steps(max_steps, **self.schedule_overrides()))
         if self.zo_direction is not None:
             offered["direction"] = lambda: self.zo_direction
         if self.zo_rank is not None:
@@ -714,7 +714,7 @@ def check(config: RunConfig) -> list[str]:
     if train.trainer == "zo":
         if zo_args.zo_optim == "zo_adamu" and hf.max_steps > 0:
             try:
-                zo.AdaMUSchedule.for_max_steps(hf.max_steps, **zo_args.schedule_overrides())
+                zo_methods.AdaMUSchedule.for_max_steps(hf.max_steps, **zo_args.schedule_overrides())
             except ValueError as error:
                 problems.append(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.")
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:

@@ -3,11 +3,11 @@ import the core, zo; the core imports none of them); args.py, the trainer, the s
 from __future__ import annotations
 
 from zo import ZOOptimizer
-from zo_adamu import ZOAdaMU
+from zo_adamu import AdaMUSchedule, ZOAdaMU
 from zo_family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 from zo_lowrank import LOZO, LOZOM, SubZero
 
-__all__ = ["OPTIMIZERS", "MODES", "get", "describe", "mode_defaults"]
+__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "mode_defaults", "short"]
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (
     MeZO, ZOAdaMU, ZOSGDSign, ZOSGDMMT, ZOSGDCons, ZOAdam, HiZOO, LOZO, LOZOM, SubZero, FZOO)}
@@ -35,12 +35,22 @@ def mode_defaults(name: str, mode: str) -> tuple[float, float]:
     return get(name).mode_defaults[mode]
 
 
+def short(x: float) -> str:
+    """A number as the scripts spell it: 1e-5, 3e-2, 1.5e-3 (the run tags keep this spelling)."""
+    mantissa, exponent = f"{x:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
 if __name__ == "__main__":   # the scripts read a method's defaults: python zo_methods.py defaults OPTIM MODE
     import sys
     if len(sys.argv) != 4 or sys.argv[1] != "defaults":
-        sys.exit("usage: python zo_methods.py defaults OPTIM MODE   (prints DEFAULT_LR=... DEFAULT_EPS=...)")
-    try:
-        lr, eps = mode_defaults(sys.argv[2], sys.argv[3])
-    except ValueError as error:
-        sys.exit(f"zo_methods.py: {error}")
-    print(f"DEFAULT_LR={lr:g}\nDEFAULT_EPS={eps:g}")
+        print("usage: python zo_methods.py defaults OPTIM MODE   (prints DEFAULT_LR=... DEFAULT_EPS=...)",
+              file=sys.stderr)
+        sys.exit(2)
+    optim, mode = sys.argv[2:]
+    if optim not in OPTIMIZERS or mode not in MODES:
+        print(f"unknown {'OPTIM=' + optim if optim not in OPTIMIZERS else 'MODE=' + mode} (choose from "
+              f"{' | '.join(OPTIMIZERS if optim not in OPTIMIZERS else MODES)})", file=sys.stderr)
+        sys.exit(2)
+    lr, eps = mode_defaults(optim, mode)
+    print(f"DEFAULT_LR={short(lr)}\nDEFAULT_EPS={short(eps)}")
