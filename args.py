@@ -34,6 +34,7 @@ from transformers import HfArgumentParser, TrainingArguments
 import parallel
 import tasks
 import zo
+import zo_methods
 
 USAGE = "python run.py [--task_name TASK] [--model_name MODEL] [--trainer none|regular|zo] [flags ...]"
 DESCRIPTION = ("Zero-shot / in-context-learning evaluation and first- or zeroth-order fine-tuning of causal LMs. The "
@@ -163,12 +164,25 @@ ZO = ("train.trainer", ("zo",))
 ADAMU = ("zo.zo_optim", ("zo_adamu",))
 
 
+def _methods(*names: str) -> tuple:
+    """only_with for a flag that means something to the named optimizers alone."""
+    unknown = set(names) - set(zo_methods.OPTIMIZERS)
+    if unknown:
+        raise ValueError(f"flags declared for unknown optimizers {sorted(unknown)}")
+    return ("zo.zo_optim", names)
+
+
+_OPTIM_HELP = "ZO optimizer (forward passes a step; memory beyond inference): " + "; ".join(
+    zo_methods.describe(name) for name in zo_methods.OPTIMIZERS) + "."
+
+
 @dataclass
 class ZOArguments:
     _argument_group_name = "Zeroth-order optimizers (--trainer zo)"
-    zo_optim: str = flag("mezo", "ZO optimizer.", choices=tuple(zo.OPTIMIZERS), only_with=ZO)
+    zo_optim: str = flag("mezo", _OPTIM_HELP, choices=tuple(zo_methods.OPTIMIZERS), only_with=ZO)
     zo_eps: float = flag(1e-3, "Perturbation scale epsilon.", above=0.0, only_with=ZO)
-    zo_direction: str = flag("gaussian", "Perturbation distribution.", choices=zo.DIRECTIONS, only_with=ZO)
+    zo_direction: str | None = flag(None, "Perturbation distribution (default: the optimizer's, Rademacher for "
+                                          "fzoo, Gaussian for the others).", choices=zo.DIRECTIONS, only_with=ZO)
     zo_t1: int | None = flag(None, "ZO-AdaMU: end of the warm-up (default 0.0512 x max_steps).", low=0,
                              only_with=ADAMU)
     zo_t2: int | None = flag(None, "ZO-AdaMU: end of the annealing (default 0.8 x max_steps).", low=1,
@@ -184,6 +198,25 @@ class ZOArguments:
                                     only_with=ADAMU)
     zo_state_dtype: str | None = flag(None, "ZO-AdaMU momentum dtype (default: the parameter dtype).",
                                       choices=("float32", "bfloat16", "float16"), only_with=ADAMU)
+    zo_mu: float = flag(0.9, "ZO-SGD-MMT: momentum mu (ZO-Bench's 0.9).", low=0.0, high=0.999999,
+                        only_with=_methods("zo_sgd_mmt"))
+    zo_beta1: float = flag(0.9, "ZO-Adam / LOZO-M: first-moment decay beta1 (0.9 in both papers' code).", low=0.0,
+                           high=0.999999, only_with=_methods("zo_adam", "lozo_m"))
+    zo_beta2: float = flag(0.999, "ZO-Adam: second-moment decay beta2 (torch's 0.999, which ZO-Bench keeps).",
+                           low=0.0, high=0.999999, only_with=_methods("zo_adam"))
+    zo_adam_eps: float = flag(1e-8, "ZO-Adam: Adam's denominator epsilon (not the perturbation scale --zo_eps).",
+                              above=0.0, only_with=_methods("zo_adam"))
+    zo_alpha: float = flag(1e-8, "HiZOO: smoothing alpha of the Hessian EMA (the authors' README example; their code "
+                                 "defaults to 0, which makes HiZOO MeZO with an extra forward).", low=0.0,
+                           high=0.999999, only_with=_methods("hizoo"))
+    zo_rank: int | None = flag(None, "Rank r of the low-rank directions (default: LOZO / LOZO-M 2, SubZero 8).",
+                               low=1, only_with=_methods("lozo", "lozo_m", "subzero"))
+    zo_nu: int = flag(50, "LOZO / LOZO-M: steps nu between redraws of the factor V.", low=1,
+                      only_with=_methods("lozo", "lozo_m"))
+    zo_T: int = flag(2000, "SubZero: steps T between subspace refreshes (new U, V).", low=1,
+                     only_with=_methods("subzero"))
+    zo_num_directions: int = flag(8, "FZOO: one-sided directions N a step (N+1 forward passes).", low=2,
+                                  only_with=_methods("fzoo"))
     zo_exact_restore: str = flag(
         "auto", "Keep a copy of the weights during a step so probes restore them exactly: auto (16-bit weights "
                 "only, where rounding drift is large), always (fp32 too; one parameter-sized buffer) or never "
@@ -205,18 +238,25 @@ class ZOArguments:
         return {k: v for k, v in given.items() if v is not None}
 
     def optimizer_class(self):
-        return zo.OPTIMIZERS[self.zo_optim]
+        return zo_methods.get(self.zo_optim)
 
     def optimizer_kwargs(self, max_steps: int) -> dict:
         """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed), built
         from these flags; only those the optimizer takes are passed."""
         offered = dict(
-            eps=lambda: self.zo_eps, direction=lambda: self.zo_direction,
+            eps=lambda: self.zo_eps, mu=lambda: self.zo_mu, beta1=lambda: self.zo_beta1, beta=lambda: self.zo_beta1,
+            beta2=lambda: self.zo_beta2, adam_eps=lambda: self.zo_adam_eps, alpha=lambda: self.zo_alpha,
+            interval=lambda: self.zo_T if self.zo_optim == "subzero" else self.zo_nu,
+            num_directions=lambda: self.zo_num_directions,
             exact_restore=lambda: {"auto": None, "always": True, "never": False}[self.zo_exact_restore],
             keep_direction=lambda: self.zo_keep_direction, carry_perturbation=lambda: self.zo_carry_perturbation,
             cuda_graphs=lambda: self.zo_cuda_graphs, signed_momentum=lambda: self.zo_signed_momentum,
             state_dtype=lambda: getattr(torch, self.zo_state_dtype) if self.zo_state_dtype else None,
-            schedule=lambda: zo.AdaMUSchedule.for_max_steps(max_steps, **self.schedule_overrides()))
+            schedule=lambda: zo_methods.AdaMUSchedule.for_max_steps(max_steps, **self.schedule_overrides()))
+        if self.zo_direction is not None:
+            offered["direction"] = lambda: self.zo_direction
+        if self.zo_rank is not None:
+            offered["rank"] = lambda: self.zo_rank
         accepted = accepted_keywords(self.optimizer_class())
         return {name: make() for name, make in offered.items() if name in accepted}
 
@@ -680,7 +720,7 @@ def check(config: RunConfig) -> list[str]:
     if train.trainer == "zo":
         if zo_args.zo_optim == "zo_adamu" and hf.max_steps > 0:
             try:
-                zo.AdaMUSchedule.for_max_steps(hf.max_steps, **zo_args.schedule_overrides())
+                zo_methods.AdaMUSchedule.for_max_steps(hf.max_steps, **zo_args.schedule_overrides())
             except ValueError as error:
                 problems.append(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.")
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:

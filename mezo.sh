@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Zeroth-order fine-tuning with MeZO (ZO-SGD) or ZO-AdaMU. Environment variables set the run; extra flags come
+# Zeroth-order fine-tuning with any ZO optimizer of the suite (OPTIM=mezo, zo_adamu, zo_sgd_sign, zo_sgd_mmt,
+# zo_sgd_cons, zo_adam, hizoo, lozo, lozo_m, subzero, fzoo; `python zo_methods.py defaults OPTIM MODE` shows the
+# LR / EPS it starts from). Environment variables set the run; extra flags come
 # last and override. run.py puts checkpoints in a folder of their own for each configuration (result/output/...)
 # and a rerun of the same command resumes from the newest complete one. Defaults are the reference's (1000 train / 500 dev / 1000 test, batch 16, 20k steps, dev
 # evaluation and checkpoint every 4k steps, constant LR) on the embedded model.
 #   TASK=SST2 MODE=lora bash mezo.sh                               # MeZO LoRA
 #   OPTIM=zo_adamu TASK=SST2 MODE=prefix bash mezo.sh               # ZO-AdaMU with the paper's LR/EPS for prefix
+#   OPTIM=lozo TASK=RTE MODE=ft bash mezo.sh --zo_rank 2 --zo_nu 50  # LOZO with the authors' OPT settings
 #   MODEL=facebook/opt-13b TASK=SQuAD MODE=prefix LR=1e-2 EPS=1e-1 bash mezo.sh --non_diff --evaluation_strategy no --save_strategy no --save_model
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
 TASK=${TASK:-SST2}
-OPTIM=${OPTIM:-mezo}           # mezo | zo_adamu
+OPTIM=${OPTIM:-mezo}           # any --zo_optim (python zo_methods.py defaults OPTIM MODE)
 MODE=${MODE:-ft}               # ft | prefix | lora
 BS=${BS:-16}
 SEED=${SEED:-0}
@@ -22,17 +25,10 @@ TASK_DEFAULTS=$(python "$(dirname "$0")/tasks.py" defaults "$TASK") || exit 2
 eval "$TASK_DEFAULTS"
 DEV=${DEV:-$TASK_DEV}
 
-case "$OPTIM" in
-    mezo) DEFAULT_LR=1e-5; DEFAULT_EPS=1e-3 ;;
-    zo_adamu)  # the ZO-AdaMU paper's best values per mode (Appendix B)
-        case "$MODE" in
-            ft) DEFAULT_LR=1e-4; DEFAULT_EPS=1e-3 ;;
-            prefix) DEFAULT_LR=1e-4; DEFAULT_EPS=1e-2 ;;
-            lora) DEFAULT_LR=1e-2; DEFAULT_EPS=1e-1 ;;
-            *) echo "mezo.sh: unknown MODE=$MODE (ft | prefix | lora)" >&2; exit 2 ;;
-        esac ;;
-    *) echo "mezo.sh: unknown OPTIM=$OPTIM (mezo | zo_adamu)" >&2; exit 2 ;;
-esac
+# the method's LR / EPS for the mode come from the optimizer registry (zo_methods.py: each class's mode_defaults);
+# an unknown OPTIM or MODE is an error there that lists the valid names
+METHOD_DEFAULTS=$(python "$(dirname "$0")/zo_methods.py" defaults "$OPTIM" "$MODE") || exit 2
+eval "$METHOD_DEFAULTS"
 LR=${LR:-$DEFAULT_LR}
 EPS=${EPS:-$DEFAULT_EPS}
 

@@ -41,7 +41,6 @@ import functools
 import logging
 import math
 import time
-from dataclasses import dataclass
 from itertools import chain
 from typing import NamedTuple
 
@@ -51,12 +50,11 @@ from torch.distributed.tensor import DTensor
 
 import zo_noise
 import zo_rule
-from zo_noise import DIRECTIONS, NOISE_BLOCK, RNGS, sample_direction, step_seed
+from zo_noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
 from zo_rule import Rule
 
-__all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "OPTIMIZERS", "step_seed", "sample_direction", "anneal",
-           "AdaMUSchedule", "AdaMUScalars", "param_groups_for_model", "ZOOptimizer", "MeZO", "ZOAdaMU", "Rule",
-           "kernels_available", "triton_available", "kernel_builds"]
+__all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "step_seed", "direction_seed", "sample_direction",
+           "param_groups_for_model", "ZOOptimizer", "Rule", "kernels_available", "triton_available", "kernel_builds"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,62 +117,6 @@ def _compute_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# ----------------------------------------------------------------------------------------- schedule
-def anneal(t: float, T1: int, T2: int, T3: int, phi: float) -> float:
-    """ZO-AdaMU annealing (zo-adamu.md §1.3, closed form of the code's once-per-step recursion)."""
-    if not T1 < T2 <= T3:
-        raise ValueError(f"need T1 < T2 <= T3, got T1={T1}, T2={T2}, T3={T3}")
-    if t < T1:
-        return 1.0
-    t = min(t, T2)  # frozen after T2
-    denom = T3 - phi * (t - T1) * (T3 - T2) / (T2 - T1)
-    if denom <= 0:
-        raise ValueError(f"anneal denominator {denom} <= 0 at t={t} (T1={T1}, T2={T2}, T3={T3}, phi={phi})")
-    return 0.5 * (1.0 + math.cos(math.pi * (t - T1) / denom))
-
-
-@dataclass(frozen=True)
-class AdaMUSchedule:
-    """(alpha, beta1, beta2) of ZO-AdaMU as functions of the 0-based completed-step count t."""
-    T1: int = 1024
-    T2: int = 16000
-    T3: int = 20000
-    phi_alpha: float = 1.0
-    phi_beta1: float = 0.1
-    phi_beta2: float = 1.5
-    alpha_floor: float | None = None  # "paper-text mode": alpha >= floor once t >= T2
-
-    def __post_init__(self):
-        if self.T1 < 0 or self.T1 >= self.T2:
-            raise ValueError(f"need 0 <= T1 < T2, got T1={self.T1}, T2={self.T2}")
-        if self.T2 > self.T3:
-            raise ValueError(f"need T2 <= T3, got T2={self.T2}, T3={self.T3}")
-        for name in ("phi_alpha", "phi_beta1", "phi_beta2"):
-            # the denominator is smallest at t = T2; <= 0 there means a pole or sign flip mid-schedule
-            phi = getattr(self, name)
-            if self.T3 - phi * (self.T3 - self.T2) <= 0:
-                raise ValueError(f"{name}={phi} makes the anneal denominator T3 - phi*(T3-T2) = "
-                                 f"{self.T3 - phi * (self.T3 - self.T2)} <= 0 (T2={self.T2}, T3={self.T3})")
-        if self.alpha_floor is not None and not 0.0 <= self.alpha_floor <= 1.0:
-            raise ValueError(f"alpha_floor must be in [0, 1], got {self.alpha_floor}")
-
-    def values(self, t: int) -> tuple[float, float, float]:
-        T = (self.T1, self.T2, self.T3)
-        alpha = anneal(t, *T, self.phi_alpha)
-        if self.alpha_floor is not None and t >= self.T2:
-            alpha = max(alpha, self.alpha_floor)
-        return alpha, anneal(t, *T, self.phi_beta1), anneal(t, *T, self.phi_beta2)
-
-    @classmethod
-    def for_max_steps(cls, max_steps: int, **kwargs) -> "AdaMUSchedule":
-        """The paper's (1024, 16000, 20000)-at-20k-steps shape scaled to `max_steps`; T1/T2/T3 in `kwargs` win."""
-        if max_steps < 2:
-            raise ValueError(f"max_steps must be >= 2 for an annealing schedule, got {max_steps}")
-        T1 = max(1, round(0.0512 * max_steps))
-        T2 = max(T1 + 1, round(0.8 * max_steps))
-        return cls(**{"T1": T1, "T2": T2, "T3": max(T2, max_steps), **kwargs})
-
-
 # ------------------------------------------------------------------------------------- param groups
 _NORM_TYPES = tuple(t for t in (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase,
                                 getattr(nn, "RMSNorm", None)) if t is not None)
@@ -212,9 +154,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     name = "zo"
     title = "ZO"
     forwards = 2                      # forward passes per step (one probe)
+    mode_defaults: dict[str, tuple[float, float]] = {}   # training mode (ft, lora, prefix) -> (LR, ε) to start from
     streams: tuple[str, ...] = ()     # noise streams per tensor (stream i of tensor `index` is zo_noise's stream i)
     buffers: tuple[str, ...] = ()     # per-parameter state, one element per parameter element
     buffer_note = "in the parameter dtype"
+    buffer_init: dict[str, float] = {}   # a buffer's first value where not 0 (HiZOO's Σ starts at 1)
+    extra_state: tuple[str, ...] = ()    # further per-parameter state tensors a method keeps (any shape, its dtype)
     step_values: tuple[str, ...] = ()
     update_values: tuple[str, ...] = ()
     rule = None
@@ -276,6 +221,14 @@ class ZOOptimizer(torch.optim.Optimizer):
     def buffer_dtype(self, p: torch.Tensor) -> torch.dtype:
         """The dtype of p's state buffers."""
         return p.dtype
+
+    def _elementwise(self, p) -> bool:
+        """Whether the generic sweeps (the rule, its C / Triton kernels) handle p; a method with structured directions
+        (low-rank factors) answers False for the tensors it sweeps itself in _sweep_structured."""
+        return True
+
+    def _sweep_structured(self, kind, k, carry) -> None:
+        """The sweep of the tensors _elementwise refuses (after the element-wise ones): nothing by default."""
 
     def noise_offset(self, p: torch.Tensor) -> int:
         """The noise position of the first element this process holds of p: 0 for a whole tensor; for a shard of a
@@ -345,13 +298,17 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def memory_buffers(self) -> dict[str, int]:
         """Elements held beside the model now: the state buffers, the exact-restore stash and the kept noise."""
-        held = {name: sum(s[name].numel() for s in self.state.values() if name in s) for name in self.buffers}
+        held = {name: sum(s[name].numel() for s in self.state.values() if torch.is_tensor(s.get(name)))
+                for name in self.buffers + self.extra_state}
         held["stash"] = sum(t.numel() for t in self._stash.values())
         held["kept noise"] = sum(t.numel() for kept in self._kept.values() for t in kept)
         return {k: v for k, v in held.items() if v}
 
     def _reset_step(self):
-        self._n_probes, self._offset, self._g_sum, self._lp_sum, self._lm_sum = 0, 0, None, None, None
+        self._n_probes, self._offset, self._begun = 0, 0, False
+        self._measured: dict[int, tuple] = {}   # direction -> (Σg, Σℓ+, Σℓ-, probes) of this step
+        self._center = None                      # (Σℓ(θ), calls) of this step (center_loss)
+        self._direction, self._restoring = 0, True
         self._kept_ready = False
         self._g = self._ok = None
         self._update_cache: dict = {}
@@ -373,7 +330,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "their states are not interchangeable: resume with the same optimizer "
                              "or start from the model weights with a fresh optimizer")
         # torch's loader would cast our tensors to the parameter dtype (and mangle strings): keep them out
-        own = _GLOBAL_STATE + self.buffers
+        own = _GLOBAL_STATE + self.buffers + self.extra_state
         stripped = {k: {kk: vv for kk, vv in v.items() if kk not in own} for k, v in state_dict["state"].items()}
         super().load_state_dict({**state_dict, "state": stripped})
         params = list(self._params())
@@ -383,6 +340,9 @@ class ZOOptimizer(torch.optim.Optimizer):
                 if name in v:
                     self.state[p][name] = v[name].to(p.device, self.buffer_dtype(p), copy=True,
                                                      memory_format=torch.contiguous_format)
+            for name in self.extra_state:
+                if name in v:
+                    self.state[p][name] = v[name].to(p.device, copy=True) if torch.is_tensor(v[name]) else v[name]
         first = params[0]
         self.state[first].update(zo_kind=kind, zo_step=int(glob["zo_step"]),
                                  zo_skipped=glob["zo_skipped"].to(first.device, torch.int64, copy=True))
@@ -397,7 +357,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """p's state buffer `name`, flat, created as zeros on first use."""
         st = self.state[p]
         if name not in st:
-            st[name] = torch.zeros_like(_local(p), dtype=self.buffer_dtype(p), memory_format=torch.contiguous_format)
+            st[name] = torch.full_like(_local(p), self.buffer_init.get(name, 0.0), dtype=self.buffer_dtype(p),
+                                       memory_format=torch.contiguous_format)
         return st[name].view(-1)
 
     # -- noise
@@ -437,6 +398,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The method's update values of this group plus the framework's decay and ok, once per step, float64."""
         if group_index not in self._update_cache:
             g64 = self._g.to(torch.float64)
+            weight = self._direction_weight()
+            group = group if weight == 1.0 else {**group, "lr": group["lr"] * weight}  # one of Q directions
             values = dict(self.values_from_g(g64, group))
             missing = set(self.update_values) - set(values)
             if missing:
@@ -509,7 +472,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             data = _local(p).detach()
             contiguous = data.is_contiguous()
             flat = (data if contiguous else data.contiguous()).view(-1)
-            stash = self._stashes(p)
+            if not self._elementwise(p):
+                continue  # swept by the method itself (_sweep_structured)
+            stash = self._stashes(p) and (kind != "update" or self._restoring)
             if stash and first:
                 buf = self._stash.get(p)
                 if buf is None:
@@ -545,6 +510,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             if not contiguous:
                 writebacks.append((data, flat))  # also keeps the copy alive until the kernels have run
         _cpu().run(jobs) if jobs else None
+        self._sweep_structured(kind, k, carry)
         for data, flat in writebacks:
             data.copy_(flat.view_as(data))
         if touched:  # the kernels wrote through raw pointers: tell autograd the tensors changed
@@ -588,7 +554,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- the fused CUDA sweeps (zo_triton)
     def _triton_path(self, p) -> bool:
         """Whether this tensor's sweep runs as one fused Triton kernel (CUDA, counter noise, no kept direction)."""
-        if not self.fast_paths or self.keep_direction or self._rng(p.device) != "counter":
+        if not self.fast_paths or self.keep_direction or self._rng(p.device) != "counter" or not self._elementwise(p):
             return False
         kernels = _triton()
         return kernels is not None and kernels.supports(p, self.buffer_dtype(p) if self.buffers else None)
@@ -658,17 +624,65 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _begin_step(self):
         t = self.step_count
-        self._seed = step_seed(self.param_groups[0]["seed"], t)
+        self._begun = True
+        self._use_direction(0)
         self._step_values = self.values_at(t)
         missing = set(self.step_values) - set(self._step_values)
         if missing:
             raise ValueError(f"{type(self).__name__}.values_at gave no {sorted(missing)}")
 
-    @torch.no_grad()
-    def probe(self, closure):
-        """Evaluate closure() at θ+εu and θ-εu for this step's direction u; accumulate g=(ℓ+-ℓ-)/(2ε)."""
-        if self._n_probes == 0:
+    def _use_direction(self, q: int):
+        """Make direction q of this step the one the sweeps draw (its seed: zo_noise.direction_seed)."""
+        self._seed = zo_noise.direction_seed(self.param_groups[0]["seed"], self.step_count, q)
+        if q != self._direction:
+            self._kept_ready = False  # a kept direction holds the noise of one direction only
+        self._direction = q
+
+    def _to_direction(self, q: int):
+        """Before probing direction q: return to θ from another direction's perturbation (one sweep)."""
+        if not self._begun:
             self._begin_step()
+        if q != self._direction:
+            if self.carry_perturbation:
+                raise ValueError("carry_perturbation carries the perturbation of one direction into the next step; "
+                                 "it does not combine with several directions per step: drop one of them")
+            if self._offset:
+                self._sweep("restore", -self._offset)
+                self._offset = 0
+            self._use_direction(q)
+
+    def _record(self, q: int, g, lp, lm):
+        # low-precision losses are differenced in fp32 (at least); fp64 losses keep fp64
+        g, lp, lm = (torch.as_tensor(x).detach() for x in (g, lp, lm))
+        g, lp, lm = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (g, lp, lm))
+        old = self._measured.get(q)
+        self._measured[q] = (g, lp, lm, 1) if old is None else (old[0] + g, old[1] + lp, old[2] + lm, old[3] + 1)
+        self._n_probes += 1
+        return lp, lm
+
+    def center_loss(self, closure):
+        """closure() at θ itself (HiZOO's ℓ0, ZO-SGD-Cons's L(θ), FZOO's l0), before or between probes: restores θ
+        first where a perturbation rests on the parameters.  Accumulated like the probes (mean over the calls)."""
+        if not self._begun:
+            self._begin_step()
+        if self._offset:
+            self._sweep("restore", -self._offset)
+            self._offset = 0
+        try:
+            loss = torch.as_tensor(closure()).detach()
+        except BaseException:
+            self._abort()
+            raise
+        loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+        self._center = (loss, 1) if self._center is None else (self._center[0] + loss, self._center[1] + 1)
+        return loss
+
+    @torch.no_grad()
+    def probe(self, closure, direction: int = 0):
+        """Evaluate closure() at θ+εu and θ-εu for direction `direction` of this step (0: the step's own seed);
+        accumulate g=(ℓ+-ℓ-)/(2ε) for it.  Several probes of one direction average (gradient accumulation); probes of
+        several directions are each applied by step() (see apply_directions)."""
+        self._to_direction(direction)
         eps = self.param_groups[0]["eps"]
         try:
             self._perturb(1 - self._offset)  # from θ (+1) or from θ-εu (+2)
@@ -678,15 +692,38 @@ class ZOOptimizer(torch.optim.Optimizer):
         except BaseException:
             self._abort()
             raise
-        # low-precision losses are differenced in fp32 (at least); fp64 losses keep fp64
         lp, lm = (x.to(torch.promote_types(x.dtype, torch.float32)) for x in (lp, lm))
-        g = (lp - lm) / (2 * eps)
-        if self._n_probes == 0:
-            self._g_sum, self._lp_sum, self._lm_sum = g, lp, lm
-        else:
-            self._g_sum, self._lp_sum, self._lm_sum = self._g_sum + g, self._lp_sum + lp, self._lm_sum + lm
-        self._n_probes += 1
-        return lp, lm
+        return self._record(direction, (lp - lm) / (2 * eps), lp, lm)
+
+    @torch.no_grad()
+    def probe_one_sided(self, closure, direction: int, center):
+        """closure() at θ+εu for direction `direction`, then back to θ; g = (ℓ+ - center)/ε (FZOO's estimate, with
+        center = ℓ(θ) from center_loss)."""
+        self._to_direction(direction)
+        try:
+            self._perturb(1 - self._offset)
+            lp = torch.as_tensor(closure()).detach()
+            self._perturb(-self._offset)
+        except BaseException:
+            self._abort()
+            raise
+        lp = lp.to(torch.promote_types(lp.dtype, torch.float32))
+        return self._record(direction, (lp - center) / self.param_groups[0]["eps"], lp, center)[0]
+
+    def record_direction(self, direction: int, projected_grad, loss_plus=float("nan"), loss_minus=float("nan")):
+        """Hand in the projected gradient of direction `direction` of this step measured elsewhere (another rank,
+        same batch, same seed): step() applies it like a probed one.  Direction parallelism: each rank probes its own
+        directions, gathers every (direction, g) pair (measured_directions) and records the others' here."""
+        if direction in self._measured:
+            raise ValueError(f"direction {direction} of this step was already measured here; record each direction "
+                             "once (probe it or record it)")
+        if not self._begun:
+            self._begin_step()
+        self._record(direction, projected_grad, loss_plus, loss_minus)
+
+    def measured_directions(self) -> dict[int, torch.Tensor]:
+        """{direction: projected gradient} of this step so far (the mean over its probes)."""
+        return {q: g / n for q, (g, _, _, n) in sorted(self._measured.items())}
 
     def _abort(self):
         # the closure failed: put θ back so an exception never leaves the model perturbed
@@ -694,28 +731,48 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._sweep("restore", -self._offset)
         self._reset_step()
 
+    def _finite(self, g) -> torch.Tensor:
+        """Whether an update may be applied: g finite, and L(θ) too where the method measured it (on device)."""
+        ok = torch.isfinite(g)
+        return ok if self._center is None else ok & torch.isfinite(self._center[0])
+
+    def _direction_weight(self) -> float:
+        """Each direction's update takes lr·weight: 1/Q over Q directions, the average of their estimates."""
+        return 1.0 / max(len(self._measured), 1)
+
     @torch.no_grad()
     def step(self, closure=None):
-        """Optional probe(closure), then the update fused with the restore.  Returns mean ℓ+."""
+        """Optional probe(closure), then the update.  One direction: the update fused with the restore (one sweep).
+        Several: back to θ, then direction by direction in increasing order, the method's update of that direction
+        with its g and lr/Q (weight decay λ·lr/Q), so MeZO's Q-direction step is θ - lr·mean_q(g_q·u_q).  A method
+        with state updates it once per direction.  Returns mean ℓ+."""
         if closure is not None:
             self.probe(closure)
-        if self._n_probes == 0:
+        if not self._measured:
             raise RuntimeError("step() needs a closure or at least one probe() in this step")
-        g = self._g_sum / self._n_probes
-        self._g, self._ok = g, torch.isfinite(g)  # ok stays on device: no host sync on the torch path
         glob = self._global_state()
         t = glob["zo_step"]
-        fuse_carry = self.carry_perturbation and self._triton_layout().every is not None
-        if fuse_carry:
-            self._next = (step_seed(self.param_groups[0]["seed"], t + 1), self.values_at(t + 1))
-        self._sweep("update", carry=fuse_carry)
-
-        glob["zo_skipped"] = glob["zo_skipped"] + (~self._ok).to(glob["zo_skipped"].device, torch.int64)
-        glob["zo_step"] = t + 1
-        self.last_projected_grad = g
-        self.last_loss_plus, self.last_loss_minus = self._lp_sum / self._n_probes, self._lm_sum / self._n_probes
-        self.last_schedule = self.schedule_values(t)
-        self._reset_step()
+        grads = self.measured_directions()
+        if list(grads) == [self._direction]:
+            g = grads[self._direction]
+            self._g, self._ok = g, self._finite(g)  # ok stays on device: no host sync on the torch path
+            fuse_carry = self.carry_perturbation and self._triton_layout().every is not None
+            if fuse_carry:
+                self._next = (step_seed(self.param_groups[0]["seed"], t + 1), self.values_at(t + 1))
+            self._sweep("update", carry=fuse_carry)
+            skipped = ~self._ok
+        else:
+            fuse_carry = False
+            if self._offset:
+                self._sweep("restore", -self._offset)
+                self._offset = 0
+            self._restoring, skipped = False, None  # θ itself now: no stash, no restore inside the updates
+            for q, g in grads.items():
+                self._use_direction(q)
+                self._g, self._ok, self._update_cache = g, self._finite(g), {}
+                self._sweep("update")
+                skipped = ~self._ok if skipped is None else skipped | ~self._ok
+        self._finish_step(t, skipped, torch.stack(list(grads.values())).mean())
         if self.carry_perturbation:
             self._begin_step()
             if fuse_carry:
@@ -724,96 +781,21 @@ class ZOOptimizer(torch.optim.Optimizer):
                 self._perturb(1)
         return self.last_loss_plus
 
+    def _finish_step(self, t, skipped, g):
+        """The bookkeeping after the update: step count, skips, the logged values; the next step starts clean."""
+        glob = self._global_state()
+        glob["zo_skipped"] = glob["zo_skipped"] + skipped.to(glob["zo_skipped"].device, torch.int64)
+        glob["zo_step"] = t + 1
+        n = sum(m[3] for m in self._measured.values())
+        self.last_projected_grad = g
+        self.last_loss_plus = sum(m[1] for m in self._measured.values()) / n
+        self.last_loss_minus = sum(m[2] for m in self._measured.values()) / n
+        self.last_schedule = self.schedule_values(t)
+        self._reset_step()
+
 
 class _Layout(NamedTuple):
     key: tuple
     every: tuple | None       # the trainable tensors if every one is swept by a fused kernel
     devices: tuple            # the devices of the fused tensors
     graphable: bool           # all fused, contiguous, on one CUDA device
-
-
-class MeZO(ZOOptimizer):
-    """ZO-SGD (MeZO): u = z ~ N(0, I) (or ±1), θ <- θ - lr·(g·z + λθ)."""
-
-    name = "mezo"
-    title = "MeZO"
-    streams = ("z",)
-    update_values = ("coef",)
-
-    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
-        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
-
-    @staticmethod
-    def rule(noise, state, s):
-        return Rule(direction=noise.z, step=noise.z * s.coef)
-
-    def values_from_g(self, g, group):
-        return {"coef": -(g * group["lr"])}
-
-
-class AdaMUScalars(NamedTuple):
-    """ZO-AdaMU's per-step values from the schedule (α, β1, β2): each rounded once to the compute dtype where used."""
-    sqrt_alpha: float
-    sqrt_one_minus_alpha: float
-    beta1: float
-    one_minus_beta1: float
-    beta2: float
-    one_minus_beta2: float
-
-    @classmethod
-    def of(cls, alpha: float, beta1: float, beta2: float) -> "AdaMUScalars":
-        return cls(math.sqrt(alpha), math.sqrt(1.0 - alpha), beta1, 1.0 - beta1, beta2, 1.0 - beta2)
-
-
-class ZOAdaMU(ZOOptimizer):
-    """ZO-AdaMU (zo-adamu.md §1.2 with the §1.4 fixes), Eq. 4–6:
-        ż = √α·n1,  z̈ = m + √(1-α)·n2,  u = β1·ż + (1-β1)·z̈            (probes and update)
-        θ <- θ - lr·(g·u/√(v+σ) + λθ),  v = β2·ż² + (1-β2)·z̈²           (rebuilt each step, not an EMA)
-        m <- sign(g)·u  (sign(0) = +1, so the centre never collapses), or m <- u if not signed_momentum.
-    (α, β1, β2) follow `schedule` once per step.  state_dtype (float32 / bfloat16 / float16, default: the parameter
-    dtype) stores the momentum buffer."""
-
-    name = "zo_adamu"
-    title = "ZO-AdaMU"
-    streams = ("n1", "n2")
-    buffers = ("momentum",)
-    buffer_note = "in --zo_state_dtype, default the parameter dtype"
-    step_values = AdaMUScalars._fields + ("sigma",)
-    update_values = ("coef", "sign_g")
-    _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-
-    def __init__(self, params, lr=1e-4, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, schedule: AdaMUSchedule | None = None,
-                 sigma=1e-8, signed_momentum=True, state_dtype=None, **kw):
-        if state_dtype not in self._STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (choose from {self._STATE_DTYPES})")
-        if not sigma > 0:
-            raise ValueError(f"Invalid sigma: {sigma} (need > 0: it keeps √(v+σ) away from zero)")
-        self.schedule = schedule if schedule is not None else AdaMUSchedule()
-        self.sigma, self.signed_momentum, self.state_dtype = float(sigma), bool(signed_momentum), state_dtype
-        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
-
-    @staticmethod
-    def rule(noise, state, s):
-        zd = noise.n1 * s.sqrt_alpha
-        zdd = noise.n2 * s.sqrt_one_minus_alpha + state.momentum
-        u = zd * s.beta1 + zdd * s.one_minus_beta1
-        v = zd * zd * s.beta2 + zdd * zdd * s.one_minus_beta2 + s.sigma
-        return Rule(direction=u, step=u / zo_rule.sqrt(v) * s.coef, state={"momentum": u * s.sign_g})
-
-    def values_at(self, t):
-        return {**AdaMUScalars.of(*self.schedule.values(t))._asdict(), "sigma": self.sigma}
-
-    def values_from_g(self, g, group):
-        one = torch.ones((), dtype=torch.float64, device=g.device)
-        return {"coef": -(g * group["lr"]), "sign_g": torch.where(g >= 0, one, -one) if self.signed_momentum else one}
-
-    def schedule_values(self, t):
-        return dict(zip(("alpha", "beta1", "beta2"), self.schedule.values(t)))
-
-    def buffer_dtype(self, p):
-        return self.state_dtype or p.dtype
-
-
-OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (MeZO, ZOAdaMU)}

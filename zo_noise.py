@@ -5,6 +5,8 @@ the definition they reproduce bit for bit.
 
   * step seed  = step_seed(seed, t), t = 0-based count of completed steps.  A pure function, so no RNG state is saved
     and a resumed run replays the same directions.
+  * direction seed = direction_seed(seed, t, q) for a step that probes several directions q = 0, 1, ...;
+    direction 0 is the step seed itself.
   * tensor `index` = position of the parameter in the optimizer (groups in order, then params).
   * stream = which of a method's noise streams (a method declares how many it draws per tensor).
   * rng="counter" (the default on CPU, and on CUDA where Triton is installed): a counter-based stream, a pure function
@@ -33,8 +35,8 @@ import numpy as np
 import torch
 
 __all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "GOLDEN", "FMIX1", "FMIX2", "LN", "LN2", "SIN", "COS", "step_seed",
-           "mix", "counter_key", "resolve_rng", "sqrt_rn", "splitmix", "box_muller", "counter_noise", "block_noise",
-           "sample_direction"]
+           "direction_seed", "mix", "counter_key", "resolve_rng", "sqrt_rn", "splitmix", "box_muller", "counter_noise",
+           "block_noise", "sample_direction"]
 
 NOISE_BLOCK = 1 << 20
 DIRECTIONS = ("gaussian", "rademacher")
@@ -59,6 +61,17 @@ COS = tuple(map(_f32, (1.0, -1.2337005138397217, 0.25366926193237305, -0.0208603
 def step_seed(base_seed: int, step: int) -> int:
     """64-bit seed of step `step`: a pure function of (base_seed, step)."""
     return int(np.random.SeedSequence([int(base_seed), int(step)]).generate_state(1, np.uint64)[0])
+
+
+def direction_seed(base_seed: int, step: int, direction: int = 0) -> int:
+    """64-bit seed of direction `direction` of step `step`.  Direction 0 is step_seed(base_seed, step), so a method
+    that probes one direction per step draws the same noise as before directions had numbers; direction q > 0
+    draws from the entropy (base_seed, step, q), a stream independent of every step seed."""
+    if isinstance(direction, bool) or not isinstance(direction, int) or direction < 0:
+        raise ValueError(f"direction must be a non-negative int (0 = the step's first direction), got {direction!r}")
+    if direction == 0:
+        return step_seed(base_seed, step)
+    return int(np.random.SeedSequence([int(base_seed), int(step), direction]).generate_state(1, np.uint64)[0])
 
 
 def mix(*words: int) -> int:

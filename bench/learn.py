@@ -3,21 +3,27 @@
     python bench/learn.py --task SST2 --mode ft --method adam --steps 50 --lr 1e-5
     python bench/learn.py --task SST2 --mode lora --method mezo --steps 1000 --lr 1e-3 --eps 1e-2
     python bench/learn.py --task SST2 --mode prefix --method zo_adamu --steps 1000 --lr 3e-2 --eps 1e-1
+    python bench/learn.py --task RTE --mode lora --method hizoo --forwards 400   # steps = 400 // 3 forwards a step
 
-Without --lr/--eps the settings the README's SST2 grids chose (or, where a grid's pick diverged, its stable point)
-are used; without --eps, MeZO's ε for the mode (full 1e-3, LoRA 1e-2, prefix 1e-1).
+--method is adam or any --zo_optim (zo_methods.OPTIMIZERS).  Without --lr/--eps: for MeZO and ZO-AdaMU the settings
+the README's SST2 grids chose (or, where a grid's pick diverged, its stable point) and MeZO's ε for the mode (full
+1e-3, LoRA 1e-2, prefix 1e-1); for the other ZO methods their registry defaults for the mode (zo_methods.mode_defaults).
+--forwards F sets the steps to F // (the method's forward passes a step): the way to compare methods at one budget.
 
 Data: 1,000 train and 500 dev examples drawn as run.py does (train_set_seed), test examples from the validation split.
 The objective is the one the scripts use for the task (SST2: cross-entropy over the candidates). The last line is one
 JSON object: task, mode, method, zero_shot, final (test metric after the last step; null for --stop_at grid runs,
 which never look at the test set), curve ([step, dev metric] pairs from step 0), forward_passes (training forwards:
-one per Adam step, two per ZO step, times the accumulation steps, counted from step 0 also for a resumed run), seconds
-(training wall time of this process).
+one per Adam step, the method's `forwards` per ZO step, times the accumulation steps, counted from step 0 also for a
+resumed run), seconds (training wall time of this process), peak_rss_mb (the process's peak resident memory: model,
+data, optimizer state and evaluation together) and optimizer_elements (what the optimizer holds beside the model,
+by name, in elements).
 """
 
 import argparse
 import json
 import platform
+import resource
 import sys
 import tempfile
 import time
@@ -34,6 +40,7 @@ import evaluator  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import tasks  # noqa: E402
+import zo_methods  # noqa: E402
 
 # The LR each SST2 grid in the README chose (ZO-AdaMU LoRA: its stable 1e-3, since the chosen 3e-3 diverged later);
 # Adam's are the single runs of the README's first-order table. ε is MeZO's for the mode.
@@ -60,9 +67,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="SST2")
     parser.add_argument("--mode", choices=["ft", "lora", "prefix"], default="ft")
-    parser.add_argument("--method", choices=["adam", "mezo", "zo_adamu"], default="adam")
+    parser.add_argument("--method", choices=["adam", *zo_methods.OPTIMIZERS], default="adam")
     parser.add_argument("--model", default=models.EMBEDDED_ALIAS)
     parser.add_argument("--steps", type=int, default=None, help="default: 50 for adam, 1000 for ZO")
+    parser.add_argument("--forwards", type=int, default=None,
+                        help="training forward passes: steps = this // the method's forwards a step (not with --steps)")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--eps", type=float, default=None, help="ZO perturbation scale (default: MeZO's for the mode)")
     parser.add_argument("--batch", type=int, default=16)
@@ -84,7 +93,11 @@ def main():
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    steps = opts.steps or (50 if opts.method == "adam" else 1000)
+    per_step = 1 if opts.method == "adam" else zo_methods.get(opts.method).forwards
+    if opts.forwards is not None and (opts.steps is not None or opts.forwards < per_step):
+        parser.error(f"--forwards {opts.forwards}: give it without --steps, and at least {per_step} (the forward "
+                     f"passes of one {opts.method} step)")
+    steps = opts.forwards // per_step if opts.forwards else opts.steps or (50 if opts.method == "adam" else 1000)
     if opts.stop_at is not None and not 1 <= opts.stop_at <= steps:
         parser.error(f"--stop_at {opts.stop_at} must lie between 1 and --steps ({steps})")
     if opts.save_every is not None and opts.save_every < 1:
@@ -92,8 +105,10 @@ def main():
     if opts.resume_from is not None and not (Path(opts.resume_from) / "trainer_state.json").is_file():
         parser.error(f"--resume_from {opts.resume_from} is not a checkpoint folder (no trainer_state.json); pass a "
                      "checkpoint-N folder written with --save_every")
-    lr = opts.lr if opts.lr is not None else DEFAULT_LR[opts.method][opts.mode]
-    eps = opts.eps if opts.eps is not None else DEFAULT_EPS[opts.mode]
+    defaults = (DEFAULT_LR[opts.method][opts.mode], DEFAULT_EPS[opts.mode]) if opts.method in DEFAULT_LR else \
+        zo_methods.mode_defaults(opts.method, opts.mode)
+    lr = opts.lr if opts.lr is not None else defaults[0]
+    eps = opts.eps if opts.eps is not None else defaults[1]
     data_dir = opts.data_dir or next((str(p) for p in [ROOT.parent / "shared" / "data"] if p.is_dir()), None)
     spec = tasks.get_task_spec(opts.task)
 
@@ -153,12 +168,19 @@ def main():
     curve = [[0, dev_at_start]] + [[entry["step"], entry[f"eval_{metric}"]] for entry in trainer.state.log_history
                                    if f"eval_{metric}" in entry]
     final = test_metric(trainer.model)
-    per_step = (1 if opts.method == "adam" else 2) * config.hf.gradient_accumulation_steps
+    optimizer = getattr(trainer, "_zo_optimizer", None)
+    per_step = (optimizer.forwards if optimizer is not None else 1) * config.hf.gradient_accumulation_steps
+    held = optimizer.memory_buffers() if optimizer is not None else {
+        name: sum(v.numel() for s in getattr(trainer.optimizer, "optimizer", trainer.optimizer).state.values()
+                  for k, v in s.items()
+                  if k == name and torch.is_tensor(v)) for name in ("exp_avg", "exp_avg_sq")}
     print(json.dumps({"task": opts.task, "mode": opts.mode, "method": opts.method, "lr": lr,
                       "eps": None if opts.method == "adam" else eps, "steps": steps, "batch": opts.batch,
                       "zero_shot": zero_shot, "final": final, "curve": curve, "stopped_at": opts.stop_at,
                       "forward_passes": per_step * trainer.state.global_step, "seconds": round(seconds, 1),
                       "resumed_from": opts.resume_from,
+                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                      "optimizer_elements": held,
                       "sizes": [len(train_samples), len(dev_samples), len(test_samples)],
                       "device": torch.cuda.get_device_name() if torch.cuda.is_available()
                       else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"}))

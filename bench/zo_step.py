@@ -3,8 +3,10 @@
 On one model and one batch, in one process, after warm-up, the median over `--reps` interleaved repetitions of
     F         one forward pass of the training loss (utils.training_loss: LM head only on the option positions),
               under torch.inference_mode
-    S_mezo    one real zo.MeZO step (probe at θ+εu and θ-εu with that same loss, then the update)
-    S_adamu   one real zo.ZOAdaMU step
+    S_mezo    one real MeZO step (probe at θ+εu and θ-εu with that same loss, then the update)
+    S_adamu   one real ZO-AdaMU step
+    S_NAME    with --optimizers: one real step of each named ZO optimizer (zo_methods.OPTIMIZERS), whose cost is
+              reported against its own forwards (step_over_forwards) and against two (step_over_2fwd)
     R         one MeZO step written exactly as the reference code does it: global torch.manual_seed, torch.normal
               of every tensor in the parameter dtype, `param.data = param.data + ...`, four noise sweeps, and the
               reference's loss (LM head over every position, cross-entropy masked to the option tokens)
@@ -25,6 +27,7 @@ on GPU.
     python bench/zo_step.py --mode lora                       # or prefix (needs lora.py / prefix.py)
     python bench/zo_step.py --threads 1 --baseline 4e1682b    # also the optimizers of an older commit, same loop
     python bench/zo_step.py --threads 1 --breakdown           # where a step's time goes beyond its two forwards
+    python bench/zo_step.py --threads 1 --optimizers all      # every optimizer: step cost and peak memory
 
 --baseline COMMIT extracts that commit's zo.py (and zo_triton.py) with `git show` into a temporary folder, imports them
 as zo_baseline (zo_triton_baseline), and times its MeZO and ZO-AdaMU steps (S_mezo_base, S_adamu_base) in the same
@@ -61,6 +64,7 @@ import models  # noqa: E402
 import tasks  # noqa: E402
 import utils  # noqa: E402
 import zo  # noqa: E402
+import zo_methods  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # random-weight models built from a config (no download): name -> OPTConfig kwargs
@@ -162,16 +166,22 @@ def load_baseline(commit: str):
     return importlib.import_module("zo_baseline")
 
 
-def make_optimizer(name, model, args, module=zo, **extra):
-    groups = module.param_groups_for_model(model, WD)
-    kw = dict(lr=LR, eps=EPS, direction=args.direction,
-              exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore], rng=args.rng,
-              cuda_graphs=not args.no_cuda_graphs)
+def make_optimizer(name, model, args, module=None, **extra):
+    """An optimizer of the registry ("adamu" is zo_adamu), or of an older commit's zo module (`module`, which held
+    MeZO and ZO-AdaMU itself).  FZOO keeps its own Rademacher direction unless --direction is given."""
+    groups = (module or zo).param_groups_for_model(model, WD)
+    kw = dict(lr=LR, eps=EPS, exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore],
+              rng=args.rng, cuda_graphs=not args.no_cuda_graphs)
+    if args.direction is not None or name != "fzoo":
+        kw["direction"] = args.direction or "gaussian"
     kw.update(extra)
-    if name == "mezo":
-        return module.MeZO(groups, **kw)
-    state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
-    return module.ZOAdaMU(groups, schedule=module.AdaMUSchedule.for_max_steps(1000), state_dtype=state_dtype, **kw)
+    name = "zo_adamu" if name == "adamu" else name
+    if name == "zo_adamu":
+        state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
+        kw.update(schedule=(module or zo_methods).AdaMUSchedule.for_max_steps(1000), state_dtype=state_dtype)
+    if module is not None:
+        return (module.MeZO if name == "mezo" else module.ZOAdaMU)(groups, **kw)
+    return zo_methods.get(name)(groups, **kw)
 
 
 # ----------------------------------------------------------------------------------- the four measurements
@@ -291,6 +301,8 @@ def measure_times(model, batch, args):
         if args.carry_perturbation:
             fns["S_mezo_carry_eager"] = zo_step_fn(
                 make_optimizer("mezo", model, args, carry_perturbation=True, cuda_graphs=False), model, batch)
+    for name in args.optimizers:
+        fns[f"S_{name}"] = zo_step_fn(make_optimizer(name, model, args), model, batch)
     if args.baseline:
         base = load_baseline(args.baseline)
         fns["S_mezo_base"] = zo_step_fn(make_optimizer("mezo", model, args, module=base), model, batch)
@@ -329,6 +341,8 @@ def memory_child(args):
         fn = forward_fn(model, batch)
     elif what == "reference":
         fn = reference_step_fn(model, batch, args)
+    elif what.startswith("opt:"):
+        fn = zo_step_fn(make_optimizer(what[4:], model, args), model, batch)
     else:
         name, _, variant = what.partition("_")
         fn = zo_step_fn(make_optimizer(name, model, args, keep_direction=variant == "keep",
@@ -350,10 +364,12 @@ def rss_high_water() -> int:
 def measure_memory(args, what):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--memory_child", what, "--model", args.model,
            "--batch", str(args.batch), "--seq", str(args.seq), "--mode", args.mode, "--dtype", args.dtype,
-           "--direction", args.direction, "--threads", str(args.threads), "--mem_steps", str(args.mem_steps),
+           "--threads", str(args.threads), "--mem_steps", str(args.mem_steps),
            "--exact_restore", args.exact_restore, "--rng", args.rng]
     if args.no_cuda_graphs:
         cmd += ["--no_cuda_graphs"]
+    if args.direction:
+        cmd += ["--direction", args.direction]
     if args.tokenizer:
         cmd += ["--tokenizer", args.tokenizer]
     if args.data_dir:
@@ -379,7 +395,11 @@ def main():
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--mode", choices=["ft", "lora", "prefix"], default="ft")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
-    parser.add_argument("--direction", choices=list(zo.DIRECTIONS), default="gaussian")
+    parser.add_argument("--direction", choices=list(zo.DIRECTIONS), default=None,
+                        help="default: Gaussian (FZOO: its Rademacher)")
+    parser.add_argument("--optimizers", default="",
+                        help="comma-separated --zo_optim names, or all: also time and measure each one's step "
+                             "(mezo and zo_adamu are always measured as S_mezo / S_adamu)")
     parser.add_argument("--zo_state_dtype", choices=list(DTYPES), default=None)
     parser.add_argument("--exact_restore", choices=["auto", "always", "never"], default="auto",
                         help="the optimizers' exact_restore (auto: stash copies of 16-bit weights only)")
@@ -406,6 +426,11 @@ def main():
     parser.add_argument("--data_dir", default=default_data)
     parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    names = list(zo_methods.OPTIMIZERS) if args.optimizers == "all" else [n for n in args.optimizers.split(",") if n]
+    unknown = sorted(set(names) - set(zo_methods.OPTIMIZERS))
+    if unknown:
+        parser.error(f"--optimizers: unknown {unknown}; choose from all, {', '.join(zo_methods.OPTIMIZERS)}")
+    args.optimizers = [n for n in names if n not in ("mezo", "zo_adamu")]
     if args.memory_child:
         return memory_child(args)
 
@@ -461,6 +486,18 @@ def main():
                    "derived_step_over_2fwd": round(statistics.median(
                        1 + (sum(r["sweeps"]) + r["rest"]) / (2 * f) for r, f in zip(recs, samples["F"])), 4)}
             for name, recs in breakdown.items()}
+    if args.optimizers:
+        # every optimizer in one table: its forwards a step, the step against those forwards and against two
+        report["optimizers"] = {"mezo": {"forwards": 2}, "zo_adamu": {"forwards": 2}}
+        for name in args.optimizers:
+            forwards = zo_methods.get(name).forwards
+            report["optimizers"][name] = {
+                "forwards": forwards, "step_over_2fwd": round(median[f"S_{name}"] / (2 * F), 4),
+                "step_over_forwards": round(median[f"S_{name}"] / (forwards * F), 4),
+                "paired_step_over_2fwd": paired(f"S_{name}", lambda s, f: s / (2 * f))}
+        for name, key in (("mezo", "S_mezo"), ("zo_adamu", "S_adamu")):
+            report["optimizers"][name].update(step_over_2fwd=round(median[key] / (2 * F), 4),
+                                              step_over_forwards=round(median[key] / (2 * F), 4))
     report["kernel_builds"] = zo.kernel_builds()
     report["load_average"] = os.getloadavg()
     if args.compare_cuda_graphs:
@@ -492,6 +529,12 @@ def main():
         state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else DTYPES[args.dtype]
         momentum_bytes = n_train * state_dtype.itemsize
         report["mem_target_adamu"] = round(1.05 + momentum_bytes / inf, 4)
+        for name in args.optimizers:
+            peak[name] = measure_memory(args, f"opt:{name}")
+            report["peak_mb"][name] = round(peak[name] / 2**20, 1)
+        if args.optimizers:
+            for name, key in (("mezo", "mezo"), ("zo_adamu", "adamu"), *((n, n) for n in args.optimizers)):
+                report["optimizers"][name]["mem_over_inference"] = round(peak[key] / inf, 4)
         if "reference" in peak:
             report["mem_over_inference_reference"] = round(peak["reference"] / inf, 4)
         for variant, flag in (("keep", "keep_direction"), ("carry", "carry_perturbation")):

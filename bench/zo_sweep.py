@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zo  # noqa: E402
+import zo_family  # noqa: E402
 import zo_noise  # noqa: E402
 import zo_triton  # noqa: E402
 
@@ -83,7 +84,7 @@ def cpu_compile(args):
     import models
     torch.set_num_threads(args.threads)
     model = models.load_model(models.EMBEDDED_ALIAS)
-    optimizer = zo.MeZO(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
+    optimizer = zo_family.MeZO(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
     params = [p for group in optimizer.param_groups for p in group["params"]]   # the noise index is this order
     start = [p.detach().clone().view(-1) for p in params]
     # the C path: a probe (+εu, then -2εu; the weights at +εu are read inside the closure), then the update with

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import args
-import zo
+import zo_methods
 from conftest import ROOT
 
 TRAIN = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0"]
@@ -27,7 +27,7 @@ def test_every_problem_is_reported_at_once_with_the_value_and_the_fix():
         "Unknown flag --lr. Did you mean --learning_rate? (`python run.py --help` lists every flag.)",
         "--num_eval 'abc': expected an integer.",
         "--zo_optim 'ZO_AdaMU' is not available. Did you mean 'zo_adamu'? (names are case-sensitive) Choose one of "
-        + ", ".join(zo.OPTIMIZERS) + ".",
+        + ", ".join(zo_methods.OPTIMIZERS) + ".",
         "--per_device_train_batch_size 0: must be >= 1.",
         "--learning_rate -0.001: must be >= 0.0.",  # a negative number after a flag is read as its value
         "--max_steps -5: must be >= 1 (or -1, the default, to train --num_train_epochs).",
@@ -92,11 +92,17 @@ def test_every_zo_flag_reaches_the_optimizer():
     assert kwargs["carry_perturbation"] and kwargs["cuda_graphs"] is False and kwargs["signed_momentum"] is False
     assert str(kwargs["state_dtype"]) == "torch.bfloat16" and (kwargs["schedule"].T1, kwargs["schedule"].T2) == (5, 50)
     # what an optimizer takes comes from its constructor (through **kwargs to its base), so none is dropped
-    for name, cls in zo.OPTIMIZERS.items():
+    for name, cls in zo_methods.OPTIMIZERS.items():
         config = args.parse([*TRAIN, "--zo_optim", name, "--max_steps", "100"])
         kwargs = config.zo.optimizer_kwargs(100)
-        assert {"eps", "direction", "exact_restore", "keep_direction", "carry_perturbation", "cuda_graphs"} <= set(kwargs)
+        assert {"eps", "exact_restore", "keep_direction", "carry_perturbation", "cuda_graphs"} <= set(kwargs)
         assert set(kwargs) <= args.accepted_keywords(cls)
+        assert "direction" not in kwargs   # unset: the method's own (FZOO: Rademacher)
+    own = {"zo_sgd_mmt": {"mu"}, "zo_adam": {"beta1", "beta2", "adam_eps"}, "hizoo": {"alpha"}, "fzoo": {"num_directions"},
+           "lozo": {"interval"}, "lozo_m": {"interval", "beta"}, "subzero": {"interval"}}
+    for name, keys in own.items():
+        kwargs = args.parse([*TRAIN, "--zo_optim", name, "--max_steps", "100"]).zo.optimizer_kwargs(100)
+        assert keys <= set(kwargs), name
 
 
 def test_identity_holds_what_changes_a_run_and_nothing_else():
@@ -130,3 +136,23 @@ def test_help_lists_the_suite_groups_before_hugging_face_flags():
     lines = done.stdout.splitlines()
     assert lines.index(next(line for line in lines if line.startswith("Hugging Face"))) > \
         lines.index(next(line for line in lines if line.startswith("Zeroth-order")))
+
+
+def test_an_unknown_optimizer_lists_every_valid_name_and_method_flags_belong_to_their_method():
+    with pytest.raises(args.UsageError) as error:
+        args.parse([*TRAIN, "--zo_optim", "zo_sgd"])
+    assert all(name in str(error.value) for name in zo_methods.OPTIMIZERS)
+    with pytest.raises(args.UsageError, match="--zo_nu only applies with --zo_optim lozo|lozo_m"):
+        args.parse([*TRAIN, "--zo_optim", "subzero", "--zo_nu", "10"])
+    config = args.parse([*TRAIN, "--zo_optim", "lozo_m", "--zo_rank", "3", "--zo_beta1", "0.5", "--max_steps", "9"])
+    assert {k: v for k, v in config.zo.optimizer_kwargs(9).items() if k in ("rank", "interval", "beta")} == {
+        "rank": 3, "interval": 50, "beta": 0.5}
+    assert "fzoo: N+1 (9 at the default N = 8) forward passes a step" in args.ZOArguments.__dataclass_fields__[
+        "zo_optim"].metadata["help"]
+
+
+def test_an_unknown_optimizer_is_refused_with_every_available_name():
+    # one problem, naming the value and listing the registry, in its order (new methods appear without an edit here)
+    assert problems([*TRAIN, "--zo_optim", "nosuch"]) == [
+        "--zo_optim 'nosuch' is not available. Choose one of " + ", ".join(zo_methods.OPTIMIZERS) + "."]
+    assert {"lozo", "fzoo", "hizoo", "subzero"} <= set(zo_methods.OPTIMIZERS)

@@ -8,6 +8,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 import zo
+import zo_family
 from conftest import tiny_model
 from args import ZOArguments
 from adapters import adapter_of
@@ -77,7 +78,7 @@ def test_zo_step_in_trainer_equals_the_optimizer_on_the_same_batch(tmp_path):
     trainer.train()
     batch = next(iter(trainer.get_train_dataloader()))  # same sampler seed: the batch the step used
     from utils import training_loss
-    optimizer = zo.MeZO(zo.param_groups_for_model(base, 0.0), lr=1e-3, eps=1e-3, seed=0)
+    optimizer = zo_family.MeZO(zo.param_groups_for_model(base, 0.0), lr=1e-3, eps=1e-3, seed=0)
     optimizer.step(lambda: training_loss(base, batch, Objective()).float())
     for (name, a), b in zip(trained.named_parameters(), base.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)

@@ -12,8 +12,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zo  # noqa: E402
 import zo_cpu  # noqa: E402
 import zo_noise  # noqa: E402
-from zo import (AdaMUSchedule, MeZO, ZOAdaMU, anneal, param_groups_for_model,  # noqa: E402
-                sample_direction, step_seed)
+from zo import param_groups_for_model, sample_direction, step_seed  # noqa: E402
+from zo_adamu import AdaMUSchedule, ZOAdaMU, anneal  # noqa: E402
+from zo_family import MeZO  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(not zo.kernels_available(), reason="no C compiler: only the torch path exists")
 

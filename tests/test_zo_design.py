@@ -11,11 +11,15 @@ from torch import nn
 
 import zo
 import zo_cpu
+import zo_methods
 import zo_noise
 import zo_rule
 from conftest import ROOT
+from zo_adamu import ZOAdaMU
+from zo_family import MeZO
 
 CORE = ["zo_noise.py", "zo_rule.py", "zo_cpu.py", "zo_triton.py", "zo.py"]
+METHODS = ["zo_adamu.py", "zo_family.py", "zo_lowrank.py"]
 BACKENDS = ["zo_noise.py", "zo_rule.py", "zo_cpu.py", "zo_cpu_prelude.c", "zo_triton.py"]
 
 
@@ -114,15 +118,20 @@ def test_top_level_modules_import_without_cycles():
             state[m] = "done"
     for m in sorted(graph):
         visit(m, [])
-    # the chain zo_noise <- zo_rule <- {zo_cpu, zo_triton} <- zo
+    # the chain zo_noise <- zo_rule <- {zo_cpu, zo_triton} <- zo <- the methods <- zo_methods (the registry)
     assert graph["zo_noise"] == set() and graph["zo_rule"] == set()
     assert graph["zo_cpu"] <= {"zo_noise", "zo_rule"} and graph["zo_triton"] <= {"zo_noise", "zo_rule"}
     assert "zo" not in graph["zo_cpu"] | graph["zo_triton"]
+    methods = {m[:-3] for m in METHODS}
+    assert not graph["zo"] & (methods | {"zo_methods"}), "the core imports no method"
+    assert methods <= graph["zo_methods"] and "zo_methods" not in set().union(*(graph[m] for m in methods))
+    users = {m for m, deps in graph.items() if deps & methods} - methods - {"zo_methods"}
+    assert not users, f"{sorted(users)} import a method module: read the registry, zo_methods"
 
 
 def test_backends_name_no_optimizer():
     names = {ZOSignSGD.__name__, ZOSignSGD.name, ZOSignSGD.title}
-    for cls in zo.OPTIMIZERS.values():
+    for cls in zo_methods.OPTIMIZERS.values():
         names |= {cls.__name__, cls.name, cls.title}
     for file in BACKENDS:
         text = (ROOT / file).read_text()
@@ -145,20 +154,23 @@ def test_tests_of_the_core_use_public_names_only():
 
 
 def test_registry_and_declarations():
-    assert zo.OPTIMIZERS == {"mezo": zo.MeZO, "zo_adamu": zo.ZOAdaMU}
-    assert all(cls.forwards == 2 for cls in zo.OPTIMIZERS.values())
-    assert zo.MeZO.memory() == "MeZO: no memory beyond the model (inference memory)"
-    assert zo.ZOAdaMU.memory() == ("ZO-AdaMU: +1 x trainable params (momentum, in --zo_state_dtype, default the "
+    assert list(zo_methods.OPTIMIZERS) == ["mezo", "zo_adamu", "zo_sgd_sign", "zo_sgd_mmt", "zo_sgd_cons", "zo_adam",
+                                           "hizoo", "lozo", "lozo_m", "subzero", "fzoo"]
+    assert all(name == cls.name for name, cls in zo_methods.OPTIMIZERS.items())
+    forwards = {name: cls.forwards for name, cls in zo_methods.OPTIMIZERS.items()}
+    assert forwards == {**{n: 2 for n in forwards}, "zo_sgd_cons": 5, "hizoo": 3, "fzoo": 9}
+    assert MeZO.memory() == "MeZO: no memory beyond the model (inference memory)"
+    assert ZOAdaMU.memory() == ("ZO-AdaMU: +1 x trainable params (momentum, in --zo_state_dtype, default the "
                                    "parameter dtype)")
 
 
 # ------------------------------------------------------------------------------- the traced form
 def test_traces_keep_only_what_an_output_needs():
-    scalars = zo.ZOAdaMU.step_values + zo.ZOAdaMU.update_values
-    graph, out, _ = zo_rule.trace("perturb", zo.ZOAdaMU.rule, zo.ZOAdaMU.streams, zo.ZOAdaMU.buffers, scalars)
+    scalars = ZOAdaMU.step_values + ZOAdaMU.update_values
+    graph, out, _ = zo_rule.trace("perturb", ZOAdaMU.rule, ZOAdaMU.streams, ZOAdaMU.buffers, scalars)
     ops = [graph.nodes[n][0] for n in graph.order(out.values())]
     assert "sqrt" not in ops and "div" not in ops and list(out) == ["x"]   # a probe needs u, not the step
-    graph, out, _ = zo_rule.trace("update", zo.ZOAdaMU.rule, zo.ZOAdaMU.streams, zo.ZOAdaMU.buffers, scalars)
+    graph, out, _ = zo_rule.trace("update", ZOAdaMU.rule, ZOAdaMU.streams, ZOAdaMU.buffers, scalars)
     ops = [graph.nodes[n][0] for n in graph.order(out.values())]
     assert ops.count("sqrt") == 1 and sorted(out) == ["momentum", "x"]
     # hash-consing: u (used by the step, the new state and the restore) is one node
@@ -179,7 +191,7 @@ def test_rule_errors_name_the_fix():
 
 
 # ------------------------------------------------------------------------------- shards (issue 16 is not precluded)
-class Shifted(zo.MeZO):
+class Shifted(MeZO):
     """MeZO whose tensors are the slice [offset, offset + numel) of a longer flattened tensor."""
     offset = 0
 
@@ -191,7 +203,7 @@ class Shifted(zo.MeZO):
 @pytest.mark.parametrize("offset", [0, 1, 37])
 def test_a_shard_draws_its_slice_of_the_full_tensors_noise(fast, offset):
     full = torch.zeros(200)
-    opt = zo.MeZO([nn.Parameter(full.clone())], lr=0.0, eps=1.0, noise_block=16)
+    opt = MeZO([nn.Parameter(full.clone())], lr=0.0, eps=1.0, noise_block=16)
     shard = nn.Parameter(torch.zeros(100))
     sharded = Shifted([shard], lr=0.0, eps=1.0, noise_block=16, chunk_numel=32)
     sharded.offset = offset

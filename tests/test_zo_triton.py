@@ -14,7 +14,9 @@ pytest.importorskip("triton")
 
 import zo  # noqa: E402
 import zo_noise  # noqa: E402
-from zo import AdaMUSchedule, MeZO, ZOAdaMU, param_groups_for_model  # noqa: E402
+from zo import param_groups_for_model  # noqa: E402
+from zo_adamu import AdaMUSchedule, ZOAdaMU  # noqa: E402
+from zo_family import MeZO  # noqa: E402
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,56 @@
+"""The registry of ZO optimizers: --zo_optim name -> class.  The one module that imports every method (the methods
+import the core, zo; the core imports none of them); args.py, the trainer, the scripts and the benchmarks read it."""
+from __future__ import annotations
+
+from zo import ZOOptimizer
+from zo_adamu import AdaMUSchedule, ZOAdaMU
+from zo_family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
+from zo_lowrank import LOZO, LOZOM, SubZero
+
+__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "mode_defaults", "short"]
+
+OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (
+    MeZO, ZOAdaMU, ZOSGDSign, ZOSGDMMT, ZOSGDCons, ZOAdam, HiZOO, LOZO, LOZOM, SubZero, FZOO)}
+MODES = ("ft", "lora", "prefix")
+
+
+def get(name: str) -> type[ZOOptimizer]:
+    """The class of --zo_optim `name`; an unknown name is an error that lists the valid ones."""
+    try:
+        return OPTIMIZERS[name]
+    except KeyError:
+        raise ValueError(f"unknown ZO optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+
+
+def describe(name: str) -> str:
+    """One line for --help and the README: forward passes per step and the memory beyond inference."""
+    cls = get(name)
+    return f"{name}: {getattr(cls, 'forwards_note', cls.forwards)} forward passes a step; {cls.memory()}"
+
+
+def mode_defaults(name: str, mode: str) -> tuple[float, float]:
+    """(LR, ε) a method starts from in a training mode (ft, lora, prefix): its class's mode_defaults."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    return get(name).mode_defaults[mode]
+
+
+def short(x: float) -> str:
+    """A number as the scripts spell it: 1e-5, 3e-2, 1.5e-3 (the run tags keep this spelling)."""
+    mantissa, exponent = f"{x:.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+if __name__ == "__main__":   # the scripts read a method's defaults: python zo_methods.py defaults OPTIM MODE
+    import sys
+    if len(sys.argv) != 4 or sys.argv[1] != "defaults":
+        print("usage: python zo_methods.py defaults OPTIM MODE   (prints DEFAULT_LR=... DEFAULT_EPS=...)",
+              file=sys.stderr)
+        sys.exit(2)
+    optim, mode = sys.argv[2:]
+    if optim not in OPTIMIZERS or mode not in MODES:
+        print(f"unknown {'OPTIM=' + optim if optim not in OPTIMIZERS else 'MODE=' + mode} (choose from "
+              f"{' | '.join(OPTIMIZERS if optim not in OPTIMIZERS else MODES)})", file=sys.stderr)
+        sys.exit(2)
+    lr, eps = mode_defaults(optim, mode)
+    print(f"DEFAULT_LR={short(lr)}\nDEFAULT_EPS={short(eps)}")
