@@ -242,23 +242,128 @@ class GenerationOptions:
     eos_token: str = "\n"
 
 
+def _budgets(prompts: list[list[int]], options: GenerationOptions) -> list[int]:
+    """New tokens each prompt may get: --max_new_tokens, or less where the prompt leaves less room in --max_length
+    (the reference's per-example `min(max_new_tokens, max_length - len(ids))`)."""
+    return [max(0, min(options.max_new_tokens, options.max_length - len(p))) for p in prompts]
+
+
+@dataclass
+class SharedPrefix:
+    """The key/value cache of the first `length` tokens, which every prompt of an evaluation starts with (a shared
+    demonstration set), computed once and copied into each batch."""
+    length: int
+    cache: Any
+
+
+@torch.inference_mode()
+def shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int = 16) -> SharedPrefix | None:
+    """The prefix of all prompts, less one token so that every prompt keeps a token of its own (the one whose
+    logits start its generation); None when shorter than `min_length` (a BOS and a template's first words are not
+    worth a cache copy per batch)."""
+    length = _common_prefix_len(prompts) if len(prompts) > 1 else 0
+    length = min(length, min(len(p) for p in prompts) - 1)
+    if length < min_length:
+        return None
+    out = model(input_ids=torch.tensor([list(prompts[0][:length])], device=model_device(model)), use_cache=True,
+                logits_to_keep=1)
+    return SharedPrefix(length, getattr(out, _cache_name(model)))
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, tokens: TokenizerSettings, prompts: list[list[int]],
-                   options: GenerationOptions) -> list[str]:
-    """Decode continuations of left-padded prompts; each stops at the stop tokens or the budget."""
+                   options: GenerationOptions, prefix: SharedPrefix | None = None) -> list[str]:
+    """Continuations of the prompts, each stopped at a stop token or its budget, decoded without special tokens and
+    stripped. Greedy decoding runs `greedy_tokens` (batched, exact, fast; `prefix`: a cache of the prompts' common
+    start from `shared_prefix`); sampling and beam search go through Hugging Face `generate` on the left-padded
+    batch."""
+    stops = stop_token_ids(tokenizer, tokens, options.eos_token)
+    budgets = _budgets(prompts, options)
+    if options.sampling or options.num_beams > 1:
+        new_tokens = _hf_generate(model, tokens, prompts, options, stops, budgets)
+    else:
+        new_tokens = greedy_tokens(model, prompts, tokens.pad_id, stops, budgets, prefix)
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+
+def _hf_generate(model, tokens: TokenizerSettings, prompts, options: GenerationOptions, stops, budgets):
+    """Sampling and beams: `generate` on the left-padded batch, with the largest budget of the batch (a row past its
+    own budget is cut afterwards, so every row keeps the reference's per-example limit)."""
     device = model_device(model)
     ids, mask = _left_pad(prompts, tokens.pad_id, device)
-    budget = min(options.max_new_tokens, options.max_length - max(len(p) for p in prompts))
-    kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams, max_new_tokens=budget,
-                                  eos_token_id=stop_token_ids(tokenizer, tokens, options.eos_token),
-                                  pad_token_id=tokens.pad_id, num_return_sequences=1)
+    if max(budgets) == 0:
+        return [[] for _ in prompts]
+    kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams,
+                                  max_new_tokens=max(budgets), eos_token_id=stops, pad_token_id=tokens.pad_id,
+                                  num_return_sequences=1)
     if options.sampling:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
-    else:  # the model's own generation_config may carry sampling settings; greedy must stay greedy
+    else:  # the model's own generation_config may carry sampling settings; beam search must stay deterministic
         kwargs.update(temperature=None, top_p=None, top_k=None)
     output = model.generate(input_ids=ids, attention_mask=mask, position_ids=None, **kwargs)
-    new_tokens = output[:, ids.shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+    rows = []
+    for row, budget in zip(output[:, ids.shape[1]:].tolist(), budgets):
+        row = row[:budget]
+        ends = [i for i, t in enumerate(row) if t in stops]
+        rows.append(row[:ends[0] + 1] if ends else row)
+    return rows
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompts: list[list[int]], pad_id: int, stops: Sequence[int], budgets: Sequence[int],
+                  prefix: SharedPrefix | None = None) -> list[list[int]]:
+    """Greedy continuations (token ids, each ending with its stop token if it reached one) of every prompt, as
+    per-example greedy decoding would give them: the first-argmax token of each step's logits until a stop token
+    or the prompt's budget.
+
+    Why not `generate`: a batch run through `generate` keeps computing every row until the last one stops, and on a
+    CPU its per-token bookkeeping (logits processors, stopping criteria, input preparation) is a visible share of a
+    small model's step. Here the prompts are prefilled once (left-padded, explicit positions, logits only at the last
+    position), then each step feeds only the rows still generating: a row that stops leaves the batch, and its rows
+    of the key/value cache are dropped with it. With a `prefix` (every prompt starts with its tokens), its cache is
+    copied to each row and only the rest of each prompt is prefilled. The one host synchronisation per step is the
+    read of the new tokens, which deciding who stops needs anyway. Rows are independent (masks and positions per
+    row), so every token equals the per-example result up to floating-point round-off of batched kernels
+    (tests/test_generation.py).
+    """
+    generated: list[list[int]] = [[] for _ in prompts]
+    active = [i for i, budget in enumerate(budgets) if budget > 0]
+    if not active:
+        return generated
+    device = model_device(model)
+    cache_name = _cache_name(model)
+    start, cache = 0, None
+    if prefix is not None:
+        start, cache = prefix.length, copy.deepcopy(prefix.cache)
+        cache.batch_repeat_interleave(len(active))
+    ids, mask = _left_pad([prompts[i][start:] for i in active], pad_id, device)
+    positions = _positions(mask, torch.full((len(active),), start, device=device))
+    # the prefix's columns lead the mask: its tokens are real for every row
+    mask = torch.cat([mask.new_ones((len(active), start)), mask], dim=1)
+    next_position = positions[:, -1] + 1
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, position_ids=positions,
+                **{cache_name: cache})
+    cache = getattr(out, cache_name)
+    stop_set = set(stops)
+    while True:
+        new = out.logits[:, -1].argmax(-1)
+        keep = []
+        for slot, (row, token) in enumerate(zip(active, new.tolist())):
+            generated[row].append(token)
+            if token not in stop_set and len(generated[row]) < budgets[row]:
+                keep.append(slot)
+        if not keep:
+            return generated
+        if len(keep) < len(active):  # finished rows leave the batch and the cache
+            index = torch.tensor(keep, device=device)
+            cache.batch_select_indices(index)
+            mask, next_position, new = mask[index], next_position[index], new[index]
+            active = [active[slot] for slot in keep]
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
+        out = model(input_ids=new[:, None], attention_mask=mask, position_ids=next_position[:, None],
+                    use_cache=True, **{cache_name: cache})
+        cache = getattr(out, cache_name)
+        next_position = next_position + 1
 
 
 # --- the evaluator --------------------------------------------------------------------------------------------------
@@ -290,6 +395,9 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
                    for demos, sample in pairs]
         warn_truncated(prompts, settings.max_length - settings.generation.max_new_tokens, "prompts")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].sequences[0]))
+        greedy = not settings.generation.sampling and settings.generation.num_beams == 1
+        # a demonstration set shared by every example runs once for the whole evaluation
+        prefix = shared_prefix(model, [p.sequences[0] for p in prompts]) if greedy and prompts else None
         outputs: list[str] = [""] * len(prompts)
         starts = range(0, len(order), settings.batch_size)
         bar = progress(None, total=len(order), desc=f"Generating {spec.name}", unit="ex",
@@ -297,7 +405,7 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
         for start in starts:
             batch = order[start:start + settings.batch_size]
             texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in batch],
-                                   settings.generation)
+                                   settings.generation, prefix)
             for i, text in zip(batch, texts):
                 outputs[i] = text
             if settings.show_progress:
