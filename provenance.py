@@ -73,9 +73,8 @@ def collect(model, started: float) -> dict:
 
 
 def finished(record: dict, now: float | None = None) -> dict:
-    """The record with the end time and the wall time since the run started (loading the task and model, training,
-    evaluation;
-    with several train sets, from the start of the process to this set's result)."""
+    """The record with the end time and the wall time since the run started: loading the task and the model,
+    training and evaluation (with several train sets, from the first set's start to this set's result)."""
     now = time.time() if now is None else now
     done = {k: v for k, v in record.items() if k != "_started"}
     return done | {"finished_at": _stamp(now), "wall_time_s": round(now - record["_started"], 1)}
