@@ -16,8 +16,9 @@ import copy
 import inspect
 import logging
 import sys
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -272,23 +273,35 @@ def shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int = 16)
 
 @torch.inference_mode()
 def generate_batch(model, tokenizer, tokens: TokenizerSettings, prompts: list[list[int]],
-                   options: GenerationOptions, prefix: SharedPrefix | None = None) -> list[str]:
+                   options: GenerationOptions, prefix: SharedPrefix | None = None, batch_size: int | None = None,
+                   on_done: Callable[[int], None] | None = None) -> list[str]:
     """Continuations of the prompts, each stopped at a stop token or its budget, decoded without special tokens and
-    stripped. Greedy decoding runs `greedy_tokens` (batched, exact, fast; `prefix`: a cache of the prompts' common
-    start from `shared_prefix`); sampling and beam search go through Hugging Face `generate` on the left-padded
-    batch."""
+    stripped. At most `batch_size` prompts (default: all) are decoded together; `on_done(n)` is told as prompts
+    finish (progress bars). Greedy decoding runs `greedy_tokens` (exact, fast; `prefix`: a cache of the prompts'
+    common start from `shared_prefix`); sampling, beam search and models whose cache cannot be merged row by row
+    (sliding-window layers) go through Hugging Face `generate` on left-padded batches."""
     stops = stop_token_ids(tokenizer, tokens, options.eos_token)
     budgets = _budgets(prompts, options)
-    if options.sampling or options.num_beams > 1:
-        new_tokens = _hf_generate(model, tokens, prompts, options, stops, budgets)
-    else:
-        new_tokens = greedy_tokens(model, prompts, tokens.pad_id, stops, budgets, prefix)
+    size = batch_size or max(len(prompts), 1)
+    new_tokens = None
+    if not options.sampling and options.num_beams == 1:
+        try:
+            new_tokens = greedy_tokens(model, prompts, stops, budgets, prefix, size, on_done)
+        except CacheNotPoolable as error:
+            logger.info("Greedy generation through `generate`: %s", error)
+    if new_tokens is None:
+        new_tokens = []
+        for start in range(0, len(prompts), size):
+            chunk = slice(start, start + size)
+            new_tokens += _hf_generate(model, tokens, prompts[chunk], options, stops, budgets[chunk])
+            if on_done is not None:
+                on_done(len(prompts[chunk]))
     return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
 
 
 def _hf_generate(model, tokens: TokenizerSettings, prompts, options: GenerationOptions, stops, budgets):
-    """Sampling and beams: `generate` on the left-padded batch, with the largest budget of the batch (a row past its
-    own budget is cut afterwards, so every row keeps the reference's per-example limit)."""
+    """`generate` on the left-padded batch, with the largest budget of the batch (a row past its own budget is cut
+    afterwards, so every row keeps the reference's per-example limit)."""
     device = model_device(model)
     ids, mask = _left_pad(prompts, tokens.pad_id, device)
     if max(budgets) == 0:
@@ -298,7 +311,7 @@ def _hf_generate(model, tokens: TokenizerSettings, prompts, options: GenerationO
                                   num_return_sequences=1)
     if options.sampling:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
-    else:  # the model's own generation_config may carry sampling settings; beam search must stay deterministic
+    else:  # the model's own generation_config may carry sampling settings; greedy and beams stay deterministic
         kwargs.update(temperature=None, top_p=None, top_k=None)
     output = model.generate(input_ids=ids, attention_mask=mask, position_ids=None, **kwargs)
     rows = []
@@ -309,61 +322,136 @@ def _hf_generate(model, tokens: TokenizerSettings, prompts, options: GenerationO
     return rows
 
 
-@torch.inference_mode()
-def greedy_tokens(model, prompts: list[list[int]], pad_id: int, stops: Sequence[int], budgets: Sequence[int],
-                  prefix: SharedPrefix | None = None) -> list[list[int]]:
-    """Greedy continuations (token ids, each ending with its stop token if it reached one) of every prompt, as
-    per-example greedy decoding would give them: the first-argmax token of each step's logits until a stop token
-    or the prompt's budget.
+class CacheNotPoolable(ValueError):
+    """A key/value cache whose rows cannot be merged into a left-padded batch (e.g. sliding-window layers)."""
 
-    Why not `generate`: a batch run through `generate` keeps computing every row until the last one stops, and on a
-    CPU its per-token bookkeeping (logits processors, stopping criteria, input preparation) is a visible share of a
-    small model's step. Here the prompts are prefilled once (left-padded, explicit positions, logits only at the last
-    position), then each step feeds only the rows still generating: a row that stops leaves the batch, and its rows
-    of the key/value cache are dropped with it. With a `prefix` (every prompt starts with its tokens), its cache is
-    copied to each row and only the rest of each prompt is prefilled. The one host synchronisation per step is the
-    read of the new tokens, which deciding who stops needs anyway. Rows are independent (masks and positions per
-    row), so every token equals the per-example result up to floating-point round-off of batched kernels
-    (tests/test_generation.py).
+
+def _left_pad_columns(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n zero columns (positions) before a [batch, heads, positions, dim] tensor."""
+    if n == 0:
+        return x
+    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3]), x], dim=2)
+
+
+@dataclass
+class _Pool:
+    """The rows being decoded together: their merged cache, its mask over cache columns (0: padding), each row's
+    next position and last token, and which prompt each row belongs to."""
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    rows: list[int]
+
+    def add(self, other: "_Pool") -> None:
+        """Append other's rows; the shorter side's cache is padded on the left so both end at the same column."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        grow, other_grow = width - self.mask.shape[1], width - other.mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_left_pad_columns(mine.keys, grow), _left_pad_columns(theirs.keys, other_grow)])
+            mine.values = torch.cat([_left_pad_columns(mine.values, grow),
+                                     _left_pad_columns(theirs.values, other_grow)])
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (grow, 0)),
+                               torch.nn.functional.pad(other.mask, (other_grow, 0))])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.rows += other.rows
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep these rows; cache columns that are padding in every remaining row are cut off."""
+        index = torch.tensor(slots, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+        self.rows = [self.rows[s] for s in slots]
+        first = int(self.mask.any(0).int().argmax())
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def _poolable(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompts: list[list[int]], stops: Sequence[int], budgets: Sequence[int],
+                  prefix: SharedPrefix | None = None, batch_size: int | None = None,
+                  on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy continuations (token ids, each ending with its stop token if it reached one) of every prompt, as
+    per-example greedy decoding gives them: the first-argmax token of each step's logits until a stop token or the
+    prompt's budget.
+
+    Why not `generate` on padded batches: a padded prompt batch spends its prefill on padding, and the batch keeps
+    computing every row until the last one stops. Here each prompt is prefilled on its own (no padding; a prompt's
+    tokens already make the prefill matrix-matrix work; logits at the last position only; with a `prefix`, from a
+    copy of the shared prefix's cache), which gives its first token. Rows still generating join a pool of at most
+    `batch_size` rows whose caches are merged, left-padded, into one batch; each decoding step runs the whole pool
+    (one token per row: where batching pays), rows that stop leave it with their cache rows, and waiting prompts take
+    their places, so the pool stays full until the queue runs out. The one host synchronisation per step is the read
+    of the new tokens, which deciding who stops needs anyway. Rows are independent (per-row masks and positions), so
+    every token equals the per-example result up to floating-point round-off of batched kernels
+    (tests/test_generation.py). Padded cache columns are zeros under a zero mask, so no pad token is needed.
+    CacheNotPoolable: the model's cache cannot be merged row by row (the caller falls back to `generate`).
     """
     generated: list[list[int]] = [[] for _ in prompts]
-    active = [i for i, budget in enumerate(budgets) if budget > 0]
-    if not active:
-        return generated
+    queue = deque(i for i, budget in enumerate(budgets) if budget > 0)
+    limit = batch_size or max(len(queue), 1)
     device = model_device(model)
     cache_name = _cache_name(model)
-    start, cache = 0, None
-    if prefix is not None:
-        start, cache = prefix.length, copy.deepcopy(prefix.cache)
-        cache.batch_repeat_interleave(len(active))
-    ids, mask = _left_pad([prompts[i][start:] for i in active], pad_id, device)
-    positions = _positions(mask, torch.full((len(active),), start, device=device))
-    # the prefix's columns lead the mask: its tokens are real for every row
-    mask = torch.cat([mask.new_ones((len(active), start)), mask], dim=1)
-    next_position = positions[:, -1] + 1
-    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1, position_ids=positions,
-                **{cache_name: cache})
-    cache = getattr(out, cache_name)
     stop_set = set(stops)
-    while True:
-        new = out.logits[:, -1].argmax(-1)
-        keep = []
-        for slot, (row, token) in enumerate(zip(active, new.tolist())):
-            generated[row].append(token)
-            if token not in stop_set and len(generated[row]) < budgets[row]:
-                keep.append(slot)
-        if not keep:
-            return generated
-        if len(keep) < len(active):  # finished rows leave the batch and the cache
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, next_position, new = mask[index], next_position[index], new[index]
-            active = [active[slot] for slot in keep]
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-        out = model(input_ids=new[:, None], attention_mask=mask, position_ids=next_position[:, None],
-                    use_cache=True, **{cache_name: cache})
+
+    def finished(row: int, token: int) -> bool:
+        generated[row].append(token)
+        done = token in stop_set or len(generated[row]) >= budgets[row]
+        if done and on_done is not None:
+            on_done(1)
+        return done
+
+    def prefill(row: int) -> _Pool:
+        start, cache = (prefix.length, copy.deepcopy(prefix.cache)) if prefix is not None else (0, None)
+        own = prompts[row][start:]
+        out = model(input_ids=torch.tensor([own], device=device), use_cache=True, logits_to_keep=1,
+                    position_ids=torch.arange(start, start + len(own), device=device)[None], **{cache_name: cache})
         cache = getattr(out, cache_name)
-        next_position = next_position + 1
+        if not _poolable(cache):
+            raise CacheNotPoolable(f"{type(cache).__name__} with layers "
+                                   f"{sorted({type(x).__name__ for x in getattr(cache, 'layers', [])})}")
+        columns = cache.get_seq_length()  # prompt tokens, plus the prefix of a prefix-tuned model
+        return _Pool(cache, torch.ones((1, columns), dtype=torch.long, device=device),
+                     torch.tensor([start + len(own)], device=device), out.logits[:, -1].argmax(-1), [row])
+
+    pool: _Pool | None = None
+    skipped = len(prompts) - len(queue)
+    if skipped and on_done is not None:
+        on_done(skipped)
+    while queue or pool is not None:
+        while queue and (pool is None or len(pool.rows) < limit):
+            joining = prefill(queue.popleft())
+            if finished(joining.rows[0], int(joining.tokens[0])):
+                continue
+            if pool is None:
+                pool = joining
+            else:
+                pool.add(joining)
+        if pool is None:
+            break
+        pool.mask = torch.cat([pool.mask, pool.mask.new_ones((len(pool.rows), 1))], dim=1)
+        # the mask covers every cache column (a prefix-tuned model's prefix too), so the prefix hook leaves it alone
+        out = model(input_ids=pool.tokens[:, None], attention_mask=pool.mask, position_ids=pool.positions[:, None],
+                    use_cache=True, **{cache_name: pool.cache})
+        pool.cache = getattr(out, cache_name)
+        pool.positions = pool.positions + 1
+        pool.tokens = out.logits[:, -1].argmax(-1)
+        keep = [slot for slot, (row, token) in enumerate(zip(pool.rows, pool.tokens.tolist()))
+                if not finished(row, token)]
+        if not keep:
+            pool = None
+        elif len(keep) < len(pool.rows):
+            pool.keep(keep)
+    return generated
 
 
 # --- the evaluator --------------------------------------------------------------------------------------------------
@@ -398,20 +486,15 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
         greedy = not settings.generation.sampling and settings.generation.num_beams == 1
         # a demonstration set shared by every example runs once for the whole evaluation
         prefix = shared_prefix(model, [p.sequences[0] for p in prompts]) if greedy and prompts else None
-        outputs: list[str] = [""] * len(prompts)
-        starts = range(0, len(order), settings.batch_size)
         bar = progress(None, total=len(order), desc=f"Generating {spec.name}", unit="ex",
                        enabled=settings.show_progress)
-        for start in starts:
-            batch = order[start:start + settings.batch_size]
-            texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in batch],
-                                   settings.generation, prefix)
-            for i, text in zip(batch, texts):
-                outputs[i] = text
-            if settings.show_progress:
-                bar.update(len(batch))
+        texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in order], settings.generation,
+                               prefix, settings.batch_size, bar.update if settings.show_progress else None)
         if settings.show_progress:
             bar.close()
+        outputs: list[str] = [""] * len(prompts)
+        for i, text in zip(order, texts):
+            outputs[i] = text
         for i, (sample, prompt, output) in enumerate(zip(eval_samples, prompts, outputs)):
             if settings.verbose or i < 3:
                 logger.info("=== example %d ===\nPROMPT:\n%s\nGENERATED: %r  GOLD: %r", i, prompt.texts[0], output,
