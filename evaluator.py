@@ -252,7 +252,7 @@ def _budgets(prompts: list[list[int]], options: GenerationOptions) -> list[int]:
 @dataclass
 class SharedPrefix:
     """The key/value cache of the first `length` tokens, which every prompt of an evaluation starts with (a shared
-    demonstration set), computed once and copied into each batch."""
+    demonstration set), computed once and copied for each prompt."""
     length: int
     cache: Any
 
@@ -261,7 +261,7 @@ class SharedPrefix:
 def shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int = 16) -> SharedPrefix | None:
     """The prefix of all prompts, less one token so that every prompt keeps a token of its own (the one whose
     logits start its generation); None when shorter than `min_length` (a BOS and a template's first words are not
-    worth a cache copy per batch)."""
+    worth a cache copy per prompt)."""
     length = _common_prefix_len(prompts) if len(prompts) > 1 else 0
     length = min(length, min(len(p) for p in prompts) - 1)
     if length < min_length:
@@ -424,9 +424,6 @@ def greedy_tokens(model, prompts: list[list[int]], stops: Sequence[int], budgets
                      torch.tensor([start + len(own)], device=device), out.logits[:, -1].argmax(-1), [row])
 
     pool: _Pool | None = None
-    skipped = len(prompts) - len(queue)
-    if skipped and on_done is not None:
-        on_done(skipped)
     while queue or pool is not None:
         while queue and (pool is None or len(pool.rows) < limit):
             joining = prefill(queue.popleft())
@@ -451,6 +448,8 @@ def greedy_tokens(model, prompts: list[list[int]], stops: Sequence[int], budgets
             pool = None
         elif len(keep) < len(pool.rows):
             pool.keep(keep)
+    if on_done is not None and len(prompts) > sum(1 for b in budgets if b > 0):
+        on_done(sum(1 for b in budgets if b <= 0))  # prompts with no room left, never queued
     return generated
 
 
