@@ -92,6 +92,19 @@ def hf_batched_generations(model, tokenizer, tokens, task, demo_sets, samples, o
     return texts
 
 
+@torch.inference_mode()
+def prefill_only(model, tokenizer, tokens, task, demo_sets, samples, options):
+    """Each prompt's forward pass alone, as the first step of per-example generation does it: the part of the naive
+    generator's time that batching cannot shrink (a prompt's prefill is matrix-matrix work already)."""
+    template = task.spec.template()
+    device = models.model_device(model)
+    for demos, sample in zip(demo_sets, samples):
+        ids = evaluator.encode_prompt(template, task.spec.train_sep, demos, sample, tokenizer, tokens,
+                                      options.max_length, generation=True,
+                                      max_new_tokens=options.max_new_tokens).sequences[0]
+        model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+
+
 def measure_generation(model, tokenizer, tokens, task, demo_sets, samples, batch_size, max_length, max_new_tokens):
     options = evaluator.GenerationOptions(max_new_tokens=max_new_tokens, max_length=max_length)
     settings = evaluator.EvalSettings(max_length=max_length, batch_size=batch_size, generation=options)
@@ -101,7 +114,8 @@ def measure_generation(model, tokenizer, tokens, task, demo_sets, samples, batch
                                                                                   demo_sets, samples, settings)],
             "naive": lambda: naive_generations(model, tokenizer, tokens, task, demo_sets, samples, options),
             "hf_batched": lambda: hf_batched_generations(model, tokenizer, tokens, task, demo_sets, samples, options,
-                                                         batch_size)}
+                                                         batch_size),
+            "prefill": lambda: prefill_only(model, tokenizer, tokens, task, demo_sets, samples, options)}
     cpu = {}
     for name, run in runs.items():
         start, start_cpu = time.perf_counter(), time.process_time()
@@ -118,6 +132,8 @@ def measure_generation(model, tokenizer, tokens, task, demo_sets, samples, batch
               # CPU seconds of this process: what the other tenants of a shared machine do not change (as much)
               "ours_cpu_s": round(cpu["ours"], 2), "naive_cpu_s": round(cpu["naive"], 2),
               "hf_batched_cpu_s": round(cpu["hf_batched"], 2), "speedup_cpu": round(cpu["naive"] / cpu["ours"], 2),
+              # per-example prefill alone: the naive time over it bounds any speed-up that batching can bring
+              "prefill_cpu_s": round(cpu["prefill"], 2), "bound_cpu": round(cpu["naive"] / cpu["prefill"], 2),
               "agreement": 1 - len(differing) / len(samples),
               "agreement_hf_batched": sum(a == b for a, b in zip(outputs["hf_batched"], naive)) / len(samples),
               f"{metric}_ours": round(calculate_metric([Prediction(g, p) for g, p in zip(golds, ours)], metric), 4),
