@@ -477,7 +477,8 @@ def plot(groups: list[Group], select: str, folder: Path) -> tuple[list[Path], li
                         va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_xticks(range(len(chosen)), names, fontsize=8)
         ax.set_ylabel("test metric (%), mean ± std over seeds")
-        ax.set_title(f"Best configuration per method (selected by {select})")
+        ax.set_title("Best configuration per method (selected by "
+                     f"{'the dev metric' if select == 'auto' else select})")
         ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) * 1.1))
         figure.tight_layout()
         path = folder / "best_test.png"
