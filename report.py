@@ -341,7 +341,8 @@ def _num(value: float | None) -> str:
 # --- curves and plots ----------------------------------------------------------------------------------------------
 
 def trainer_state(run: Run) -> dict | None:
-    """The run folder's trainer_state.json (written when training ends), else its newest checkpoint's."""
+    """The run folder's trainer_state.json (written when training ends) or its newest checkpoint's, whichever logged
+    more (a rerun that only re-evaluates a finished run may leave a shorter state in the folder)."""
     run_dir = run.data.get("run_dir")
     if not run_dir:
         return None
@@ -351,13 +352,16 @@ def trainer_state(run: Run) -> dict | None:
     candidates = [folder / "trainer_state.json"]
     checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                          key=lambda p: -int(p.name.split("-")[-1])) if folder.is_dir() else []
-    candidates += [p / "trainer_state.json" for p in checkpoints]
+    candidates += [p / "trainer_state.json" for p in checkpoints[:1]]
+    states = []
     for candidate in candidates:
         try:
-            return json.loads(candidate.read_text())
+            state = json.loads(candidate.read_text())
         except (OSError, ValueError):
             continue
-    return None
+        if isinstance(state, dict):
+            states.append(state)
+    return max(states, key=lambda s: len(s.get("log_history") or []), default=None)
 
 
 def forwards_per_step(config: dict) -> int:

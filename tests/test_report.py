@@ -146,6 +146,9 @@ def test_curves_come_from_the_run_folder_and_a_checkpoint_when_it_has_no_state(t
     a, b = (report.Run(path, json.loads(path.read_text())) for path in (a, b))
     assert report.curves(a, "eval_accuracy") == {"loss": [(10, 0.9), (20, 0.7)], "dev": [(10, 0.6), (20, 0.7)]}
     assert report.curves(b, "eval_accuracy") == {"loss": [(10, 1.0)], "dev": [(20, 0.5)]}
+    # a shorter state in the run folder (a rerun that only re-evaluated) does not hide the checkpoint's history
+    (tmp_path / "output" / "b" / "trainer_state.json").write_text(json.dumps({"log_history": []}))
+    assert report.curves(b, "eval_accuracy") == {"loss": [(10, 1.0)], "dev": [(20, 0.5)]}
     assert report.forwards_per_step(a.config) == 2 and report.forwards_per_step({"trainer": "regular"}) == 1
 
 
