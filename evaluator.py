@@ -16,8 +16,9 @@ import copy
 import inspect
 import logging
 import sys
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -243,26 +244,219 @@ class GenerationOptions:
     eos_token: str = "\n"
 
 
+def _budgets(prompts: list[list[int]], options: GenerationOptions) -> list[int]:
+    """New tokens each prompt may get: --max_new_tokens, or less where the prompt leaves less room in --max_length
+    (the reference's per-example `min(max_new_tokens, max_length - len(ids))`)."""
+    return [max(0, min(options.max_new_tokens, options.max_length - len(p))) for p in prompts]
+
+
+@dataclass
+class SharedPrefix:
+    """The key/value cache of the first `length` tokens, which every prompt of an evaluation starts with (a shared
+    demonstration set), computed once and copied for each prompt."""
+    length: int
+    cache: Any
+
+
+@torch.inference_mode()
+def shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int = 16) -> SharedPrefix | None:
+    """The prefix of all prompts, less one token so that every prompt keeps a token of its own (the one whose
+    logits start its generation); None when shorter than `min_length` (a BOS and a template's first words are not
+    worth a cache copy per prompt)."""
+    length = _common_prefix_len(prompts) if len(prompts) > 1 else 0
+    length = min(length, min(len(p) for p in prompts) - 1)
+    if length < min_length:
+        return None
+    out = model(input_ids=torch.tensor([list(prompts[0][:length])], device=model_device(model)), use_cache=True,
+                logits_to_keep=1)
+    return SharedPrefix(length, getattr(out, _cache_name(model)))
+
+
 @torch.inference_mode()
 def generate_batch(model, tokenizer, tokens: TokenizerSettings, prompts: list[list[int]],
-                   options: GenerationOptions) -> list[str]:
-    """Decode continuations of left-padded prompts; each stops at the stop tokens or the budget."""
+                   options: GenerationOptions, prefix: SharedPrefix | None = None, batch_size: int | None = None,
+                   on_done: Callable[[int], None] | None = None) -> list[str]:
+    """Continuations of the prompts, each stopped at a stop token or its budget, decoded without special tokens and
+    stripped. At most `batch_size` prompts (default: all) are decoded together; `on_done(n)` is told as prompts
+    finish (progress bars). Greedy decoding runs `greedy_tokens` (exact, fast; `prefix`: a cache of the prompts'
+    common start from `shared_prefix`); sampling, beam search and models whose cache cannot be merged row by row
+    (sliding-window layers) go through Hugging Face `generate` on left-padded batches."""
+    stops = stop_token_ids(tokenizer, tokens, options.eos_token)
+    budgets = _budgets(prompts, options)
+    size = batch_size or max(len(prompts), 1)
+    new_tokens = None
+    # sharded weights: every forward is a collective, and the pool's forwards depend on when rows stop, which the
+    # ranks must agree on step by step; generate's synced steps guarantee that
+    if not options.sampling and options.num_beams == 1 and not parallel.is_sharded(model):
+        try:
+            new_tokens = greedy_tokens(model, prompts, stops, budgets, prefix, size, on_done)
+        except CacheNotPoolable as error:
+            logger.info("Greedy generation through `generate`: %s", error)
+    if new_tokens is None:
+        new_tokens = []
+        for start in range(0, len(prompts), size):
+            chunk = slice(start, start + size)
+            new_tokens += _hf_generate(model, tokens, prompts[chunk], options, stops, budgets[chunk])
+            if on_done is not None:
+                on_done(len(prompts[chunk]))
+    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+
+
+def _hf_generate(model, tokens: TokenizerSettings, prompts, options: GenerationOptions, stops, budgets):
+    """`generate` on the left-padded batch, with the largest budget of the batch (a row past its own budget is cut
+    afterwards, so every row keeps the reference's per-example limit)."""
     device = model_device(model)
     ids, mask = _left_pad(prompts, tokens.pad_id, device)
-    budget = min(options.max_new_tokens, options.max_length - max(len(p) for p in prompts))
-    kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams, max_new_tokens=budget,
-                                  eos_token_id=stop_token_ids(tokenizer, tokens, options.eos_token),
-                                  pad_token_id=tokens.pad_id, num_return_sequences=1,
+    if max(budgets) == 0:
+        return [[] for _ in prompts]
+    kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams,
+                                  max_new_tokens=max(budgets), eos_token_id=stops, pad_token_id=tokens.pad_id,
+                                  num_return_sequences=1,
                                   # FSDP2 shards: every forward is a collective, so ranks that finish early keep
                                   # stepping until all have finished
                                   synced_gpus=parallel.is_sharded(model))
     if options.sampling:
         kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
-    else:  # the model's own generation_config may carry sampling settings; greedy must stay greedy
+    else:  # the model's own generation_config may carry sampling settings; greedy and beams stay deterministic
         kwargs.update(temperature=None, top_p=None, top_k=None)
     output = model.generate(input_ids=ids, attention_mask=mask, position_ids=None, **kwargs)
-    new_tokens = output[:, ids.shape[1]:]
-    return [tokenizer.decode(row, skip_special_tokens=True).strip() for row in new_tokens]
+    rows = []
+    for row, budget in zip(output[:, ids.shape[1]:].tolist(), budgets):
+        row = row[:budget]
+        ends = [i for i, t in enumerate(row) if t in stops]
+        rows.append(row[:ends[0] + 1] if ends else row)
+    return rows
+
+
+class CacheNotPoolable(ValueError):
+    """A key/value cache whose rows cannot be merged into a left-padded batch (e.g. sliding-window layers)."""
+
+
+def _left_pad_columns(x: torch.Tensor, n: int) -> torch.Tensor:
+    """n zero columns (positions) before a [batch, heads, positions, dim] tensor."""
+    if n == 0:
+        return x
+    return torch.cat([x.new_zeros(x.shape[0], x.shape[1], n, x.shape[3]), x], dim=2)
+
+
+@dataclass
+class _Pool:
+    """The rows being decoded together: their merged cache, its mask over cache columns (0: padding), each row's
+    next position and last token, and which prompt each row belongs to."""
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    rows: list[int]
+
+    def add(self, other: "_Pool") -> None:
+        """Append other's rows; the shorter side's cache is padded on the left so both end at the same column."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        grow, other_grow = width - self.mask.shape[1], width - other.mask.shape[1]
+        for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            mine.keys = torch.cat([_left_pad_columns(mine.keys, grow), _left_pad_columns(theirs.keys, other_grow)])
+            mine.values = torch.cat([_left_pad_columns(mine.values, grow),
+                                     _left_pad_columns(theirs.values, other_grow)])
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (grow, 0)),
+                               torch.nn.functional.pad(other.mask, (other_grow, 0))])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.rows += other.rows
+
+    def keep(self, slots: list[int]) -> None:
+        """Keep these rows; cache columns that are padding in every remaining row are cut off."""
+        index = torch.tensor(slots, device=self.mask.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+        self.rows = [self.rows[s] for s in slots]
+        first = int(self.mask.any(0).int().argmax())
+        if first > 0:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+
+
+def _poolable(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+@torch.inference_mode()
+def greedy_tokens(model, prompts: list[list[int]], stops: Sequence[int], budgets: Sequence[int],
+                  prefix: SharedPrefix | None = None, batch_size: int | None = None,
+                  on_done: Callable[[int], None] | None = None) -> list[list[int]]:
+    """Greedy continuations (token ids, each ending with its stop token if it reached one) of every prompt, as
+    per-example greedy decoding gives them: the first-argmax token of each step's logits until a stop token or the
+    prompt's budget.
+
+    Why not `generate` on padded batches: a padded prompt batch spends its prefill on padding, and the batch keeps
+    computing every row until the last one stops. Here each prompt is prefilled on its own (no padding; a prompt's
+    tokens already make the prefill matrix-matrix work; logits at the last position only; with a `prefix`, from a
+    copy of the shared prefix's cache), which gives its first token. Rows still generating join a pool of at most
+    `batch_size` rows whose caches are merged, left-padded, into one batch; each decoding step runs the whole pool
+    (one token per row: where batching pays), rows that stop leave it with their cache rows, and waiting prompts take
+    their places, so the pool stays full until the queue runs out. The one host synchronisation per step is the read
+    of the new tokens, which deciding who stops needs anyway. Rows are independent (per-row masks and positions), so
+    every token equals the per-example result up to floating-point round-off of batched kernels
+    (tests/test_generation.py). Padded cache columns are zeros under a zero mask, so no pad token is needed.
+    CacheNotPoolable: the model's cache cannot be merged row by row (the caller falls back to `generate`).
+    """
+    generated: list[list[int]] = [[] for _ in prompts]
+    queue = deque(i for i, budget in enumerate(budgets) if budget > 0)
+    limit = batch_size or max(len(queue), 1)
+    device = model_device(model)
+    cache_name = _cache_name(model)
+    stop_set = set(stops)
+
+    def finished(row: int, token: int) -> bool:
+        generated[row].append(token)
+        done = token in stop_set or len(generated[row]) >= budgets[row]
+        if done and on_done is not None:
+            on_done(1)
+        return done
+
+    def prefill(row: int) -> _Pool:
+        start, cache = (prefix.length, copy.deepcopy(prefix.cache)) if prefix is not None else (0, None)
+        own = prompts[row][start:]
+        out = model(input_ids=torch.tensor([own], device=device), use_cache=True, logits_to_keep=1,
+                    position_ids=torch.arange(start, start + len(own), device=device)[None], **{cache_name: cache})
+        cache = getattr(out, cache_name)
+        if not _poolable(cache):
+            raise CacheNotPoolable(f"{type(cache).__name__} with layers "
+                                   f"{sorted({type(x).__name__ for x in getattr(cache, 'layers', [])})}")
+        columns = cache.get_seq_length()  # prompt tokens, plus the prefix of a prefix-tuned model
+        return _Pool(cache, torch.ones((1, columns), dtype=torch.long, device=device),
+                     torch.tensor([start + len(own)], device=device), out.logits[:, -1].argmax(-1), [row])
+
+    pool: _Pool | None = None
+    while queue or pool is not None:
+        while queue and (pool is None or len(pool.rows) < limit):
+            joining = prefill(queue.popleft())
+            if finished(joining.rows[0], int(joining.tokens[0])):
+                continue
+            if pool is None:
+                pool = joining
+            else:
+                pool.add(joining)
+        if pool is None:
+            break
+        pool.mask = torch.cat([pool.mask, pool.mask.new_ones((len(pool.rows), 1))], dim=1)
+        # the mask covers every cache column (a prefix-tuned model's prefix too), so the prefix hook leaves it alone
+        out = model(input_ids=pool.tokens[:, None], attention_mask=pool.mask, position_ids=pool.positions[:, None],
+                    use_cache=True, **{cache_name: pool.cache})
+        pool.cache = getattr(out, cache_name)
+        pool.positions = pool.positions + 1
+        pool.tokens = out.logits[:, -1].argmax(-1)
+        keep = [slot for slot, (row, token) in enumerate(zip(pool.rows, pool.tokens.tolist()))
+                if not finished(row, token)]
+        if not keep:
+            pool = None
+        elif len(keep) < len(pool.rows):
+            pool.keep(keep)
+    if on_done is not None and len(prompts) > sum(1 for b in budgets if b > 0):
+        on_done(sum(1 for b in budgets if b <= 0))  # prompts with no room left, never queued
+    return generated
 
 
 # --- the evaluator --------------------------------------------------------------------------------------------------
@@ -294,20 +488,18 @@ def predict(model, tokenizer, tokens: TokenizerSettings, task, demo_sets: list[l
                    for demos, sample in pairs]
         warn_truncated(prompts, settings.max_length - settings.generation.max_new_tokens, "prompts")
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].sequences[0]))
-        outputs: list[str] = [""] * len(prompts)
-        starts = range(0, len(order), settings.batch_size)
+        greedy = not settings.generation.sampling and settings.generation.num_beams == 1
+        # a demonstration set shared by every example runs once for the whole evaluation
+        prefix = shared_prefix(model, [p.sequences[0] for p in prompts]) if greedy and prompts else None
         bar = progress(None, total=len(order), desc=f"Generating {spec.name}", unit="ex",
                        enabled=settings.show_progress)
-        for start in starts:
-            batch = order[start:start + settings.batch_size]
-            texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in batch],
-                                   settings.generation)
-            for i, text in zip(batch, texts):
-                outputs[i] = text
-            if settings.show_progress:
-                bar.update(len(batch))
+        texts = generate_batch(model, tokenizer, tokens, [prompts[i].sequences[0] for i in order], settings.generation,
+                               prefix, settings.batch_size, bar.update if settings.show_progress else None)
         if settings.show_progress:
             bar.close()
+        outputs: list[str] = [""] * len(prompts)
+        for i, text in zip(order, texts):
+            outputs[i] = text
         for i, (sample, prompt, output) in enumerate(zip(eval_samples, prompts, outputs)):
             if settings.verbose or i < 3:
                 logger.info("=== example %d ===\nPROMPT:\n%s\nGENERATED: %r  GOLD: %r", i, prompt.texts[0], output,

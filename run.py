@@ -19,6 +19,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ import evaluator
 from adapters import ADAPTERS
 import models
 import parallel
+import provenance
 import runs
 import tasks
 import trainer_zo
@@ -122,6 +124,7 @@ def preflight(config: arguments.RunConfig) -> Plan:
 
 def execute(config: arguments.RunConfig, plan: Plan) -> int:
     task_args, hf = config.task, config.hf
+    started = time.time()
     set_seed(hf.seed)
     task = tasks.load_task(task_args.task_name, task_args.data_dir, task_args.hub_dataset)
     notices = [task.warning] if task.warning else []
@@ -146,7 +149,7 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
             temperature=evaluation.temperature, num_beams=evaluation.num_beams, top_p=evaluation.top_p,
             top_k=evaluation.top_k, max_length=config.model.max_length, eos_token=evaluation.eos_token))
     base = {"config": config.as_dict(), "run_id": config.run_id(), "data_source": task.source,
-            "clipped": clipped}
+            "clipped": clipped, "provenance": provenance.collect(model, started)}
 
     if config.training:
         for set_index, train_samples in enumerate(train_sets):
@@ -160,7 +163,9 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
                 return interrupted
             if result is not None:
                 metrics, records, sizes = result
-                finish(config, metrics, records, base | {"train_set_seed": seed, "sizes": sizes},
+                # run_dir: where report.py finds the run's training curves (trainer_state.json)
+                finish(config, metrics, records, base | {"train_set_seed": seed, "sizes": sizes,
+                                                         "run_dir": str(plan.resume[set_index].folder)},
                        f"trainset{set_index}", plan.num_sets, notices)
     elif task_args.train_set_seed is not None or task_args.num_train_sets is not None:
         for set_index, train_samples in enumerate(train_sets):
@@ -271,6 +276,7 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
             logger.warning("%s: stopped after step %d with a complete checkpoint in %s. Resume with:\n  %s", name,
                            trainer.state.global_step, resume.folder, resume_command(config))
             return None, 128 + trainer.interrupted
+        trainer.save_state()  # the whole log history in the run folder: report.py draws its curves from it
     if config.train.save_model:
         save_trained_model(config, trainer, resume.folder)
     return evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
@@ -330,6 +336,9 @@ def finish(config: arguments.RunConfig, metrics: dict, records: list[dict], extr
     summary = [json.dumps(metrics), f"{extra['sizes']['eval']} eval examples", f"data {extra['data_source']}"]
     if config.evaluation.final_eval and config.hf.process_index == 0:
         path = runs.result_path(config, suffix, extra["sizes"], num_sets)
+        extra = extra | {"provenance": provenance.finished(extra["provenance"])}
+        if "run_dir" in extra:  # relative to the result file, so a results folder can be moved with its runs
+            extra["run_dir"] = os.path.relpath(Path(extra["run_dir"]).absolute(), path.absolute().parent)
         path = runs.write_result(path, metrics | extra | {"predictions": records}, config.run_id())
         summary.append(f"wrote {path}")
     summary += [f"NOTE {n}" for n in notices]

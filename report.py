@@ -1,0 +1,554 @@
+"""Tables and plots from a folder of result files: the best configuration of every method, chosen on the dev set.
+
+    python report.py                                  # every result under result/, as a Markdown table
+    python report.py result/grid --csv best.csv --plot result/grid/plots --all
+
+Result files (run.py's, found recursively; checkpoint folders are not searched) are grouped by task, model, mode
+(ft, lora, prefix, head, probe; icl without training) and optimizer. Within a group, a *configuration* is everything
+that defines a run (its identity, args.py) except its seeds (--seed, --train_set_seed, --data_seed) and its --tag
+(the scripts write the seed into the tag); the runs of one configuration are its seeds. Each group's configuration
+with the highest mean of the selection metric is reported, with the test metric as mean ± sample standard deviation
+over its seeds, in percent.
+
+Selection uses a dev metric (`--select dev_accuracy`; the default `auto` is dev_ + the group's test metric), because a
+configuration picked on the test set reports an optimistic test number. Selecting on a test metric is refused unless
+`--allow_test_selection` is given. A configuration without the selection metric (a run without --num_dev) cannot be
+chosen; a group whose only configuration lacks it is reported as it is, marked "only configuration".
+
+`--plot DIR` (needs matplotlib: `pip install matplotlib`) writes, per group, the training loss and the dev metric
+against steps and against training forward passes, one line per configuration (mean over seeds; band: min-max), from
+the trainer_state.json in each run's folder (the result file's run_dir), and best_test.png: the selected configuration's
+test metric per method. The same logged values reach TensorBoard with `--report_to tensorboard`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from metrics import VALID_METRICS
+
+SEED_FLAGS = ("seed", "train_set_seed", "data_seed")
+IGNORED_FLAGS = SEED_FLAGS + ("tag",)
+SKIPPED_NAMES = {"trainer_state.json", "run_config.json", "checkpoint_complete.json", "config.json",
+                 "generation_config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json"}
+MATPLOTLIB_MISSING = ("--plot needs matplotlib, an optional extra of this suite: install it with "
+                      "`pip install matplotlib` (the table above needs nothing more). No plots were written.")
+
+
+class ReportError(ValueError):
+    """A bad request (the message names the value and the fix); exit status 2."""
+
+
+@dataclass
+class Run:
+    path: Path
+    data: dict
+
+    @property
+    def config(self) -> dict:
+        return self.data["config"]
+
+    @property
+    def test_metric(self) -> str | None:
+        return next((m for m in VALID_METRICS if isinstance(self.data.get(m), (int, float))), None)
+
+    @property
+    def seed(self) -> str:
+        """The train-set seed, or "train-set seed/trainer seed" where the two differ (mezo.sh keeps --seed 42)."""
+        train_set, trainer = self.data.get("train_set_seed", self.config.get("train_set_seed")), self.config.get("seed")
+        if train_set is None or trainer is None or train_set == trainer:
+            return str(train_set if train_set is not None else trainer if trainer is not None else "")
+        return f"{train_set}/{trainer}"
+
+    def metric(self, name: str) -> float | None:
+        value = self.data.get(name)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+@dataclass
+class Configuration:
+    key: tuple
+    runs: list[Run] = field(default_factory=list)
+    label: str = ""
+
+    def values(self, metric: str) -> list[float]:
+        return [v for v in (r.metric(metric) for r in self.runs) if v is not None]
+
+
+@dataclass
+class Group:
+    task: str
+    model: str
+    mode: str
+    optimizer: str
+    configurations: list[Configuration] = field(default_factory=list)
+    best: Configuration | None = None
+    why: str = ""          # how the best was chosen, or why none was
+
+    @property
+    def name(self) -> str:
+        return f"{self.task} {self.model} {self.mode} {self.optimizer}"
+
+    @property
+    def test_metric(self) -> str:
+        return next((r.test_metric for c in self.configurations for r in c.runs if r.test_metric), "accuracy")
+
+
+# --- reading -------------------------------------------------------------------------------------------------------
+
+def find_results(folders: list[Path]) -> tuple[list[Run], list[str]]:
+    """Every result file under the folders, and a note for each JSON that looked like one but could not be read."""
+    runs, notes = [], []
+    for folder in folders:
+        if not folder.exists():
+            raise ReportError(f"{folder} does not exist; pass the folder that holds the result files (run.py writes "
+                              f"them to result/, grid.sh to its OUT folder).")
+        paths = [folder] if folder.is_file() else sorted(folder.rglob("*.json"))
+        for path in paths:
+            if path.name in SKIPPED_NAMES or path.name.startswith(".") or \
+                    any(part.startswith("checkpoint-") for part in path.parts):
+                continue
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                notes.append(f"skipped {path}: {error}")
+                continue
+            if isinstance(data, dict) and isinstance(data.get("config"), dict) and "run_id" in data:
+                runs.append(Run(path, data))
+    return runs, notes
+
+
+def identity_flags() -> set[str] | None:
+    """Flags that define a run (args.py); None where args.py cannot be imported (then every recorded flag counts)."""
+    try:
+        import dataclasses
+
+        import args
+    except ImportError:
+        return None
+    names = set()
+    for _, cls in args.GROUPS:
+        for f in dataclasses.fields(cls):
+            suite = f.metadata.get("suite")
+            if f.init and (suite["identity"] if suite is not None else f.name not in args.HF_NOT_IDENTITY):
+                names.add(f.name)
+    return names
+
+
+def mode_of(config: dict) -> str:
+    """As args.RunConfig.mode, from a recorded configuration."""
+    if config.get("trainer", "none") == "none":
+        return "icl"
+    for flag, mode in (("lora", "lora"), ("prefix_tuning", "prefix"), ("head_tuning", "head"),
+                       ("linear_probing", "probe")):
+        if config.get(flag):
+            return mode
+    return "ft"
+
+
+def optimizer_of(config: dict) -> str:
+    trainer = config.get("trainer", "none")
+    if trainer == "zo":
+        return config.get("zo_optim", "mezo")
+    if trainer == "regular":
+        return str(config.get("optim", "adamw")).replace("OptimizerNames.", "")
+    return "none"
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    flags = identity_flags()
+    groups: dict[tuple, Group] = {}
+    for run in runs:
+        config = run.config
+        model = Path(str(config.get("model_name", "?")).rstrip("/")).name
+        gkey = (config.get("task_name", "?"), model, mode_of(config), optimizer_of(config))
+        group = groups.setdefault(gkey, Group(*gkey))
+        ckey = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()
+                            if k not in IGNORED_FLAGS and (flags is None or k in flags)))
+        configuration = next((c for c in group.configurations if c.key == ckey), None)
+        if configuration is None:
+            configuration = Configuration(ckey)
+            group.configurations.append(configuration)
+        configuration.runs.append(run)
+    for group in groups.values():
+        label_configurations(group)
+    return sorted(groups.values(), key=lambda g: (g.task, g.model, g.mode, g.optimizer))
+
+
+SHORT = {"learning_rate": "lr", "zo_eps": "eps", "per_device_train_batch_size": "bs", "max_steps": "steps",
+         "num_train": "ntrain", "num_dev": "ndev", "num_eval": "neval"}
+
+
+def _value_text(text: str) -> str:
+    value = json.loads(text)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def label_configurations(group: Group) -> None:
+    """Name each configuration by the flags that differ within its group (always its LR, and ε for ZO)."""
+    keys = [dict(c.key) for c in group.configurations]
+    varying = sorted({k for d in keys for k in d if len({d.get(k) for d in keys}) > 1})
+    zo_runs = any(json.loads(d.get("trainer", '"none"')) == "zo" for d in keys)
+    always = ["learning_rate"] + (["zo_eps"] if zo_runs else [])
+    if group.mode == "icl":
+        always = ["num_train"]
+    shown = always + [k for k in varying if k not in always]
+    for configuration, values in zip(group.configurations, keys):
+        configuration.label = " ".join(f"{SHORT.get(k, k)}={_value_text(values[k])}" for k in shown if k in values)
+    group.configurations.sort(key=lambda c: c.label)
+
+
+# --- selection -----------------------------------------------------------------------------------------------------
+
+def selection_metric(select: str, group: Group) -> str:
+    return f"dev_{group.test_metric}" if select == "auto" else select
+
+
+def check_selection(select: str, allow_test: bool, runs: list[Run]) -> None:
+    if select == "auto" or select.startswith("dev_"):
+        return
+    test_metrics = sorted({r.test_metric for r in runs if r.test_metric})
+    if allow_test:
+        return
+    dev = ", ".join(f"dev_{m}" for m in test_metrics) or "dev_accuracy"
+    raise ReportError(f"--select {select} is not a dev metric: choosing configurations on the test set makes the "
+                      f"reported test numbers optimistic. Select on a dev metric ({dev}; runs need --num_dev to "
+                      f"have one), or pass --allow_test_selection to do it knowingly.")
+
+
+def select_best(group: Group, metric: str) -> None:
+    scored = [(statistics.fmean(c.values(metric)), len(c.values(metric)), c) for c in group.configurations
+              if c.values(metric)]
+    if scored:
+        best = scored[0]
+        for candidate in scored[1:]:  # the highest mean; ties: more seeds, then the first label (they are sorted)
+            if candidate[:2] > best[:2]:
+                best = candidate
+        group.best = best[2]
+        group.why = f"best mean {metric} of {len(scored)} configuration{'s' * (len(scored) > 1)}"
+        missing = len(group.configurations) - len(scored)
+        if missing:
+            group.why += f"; {missing} without {metric} not considered"
+    elif len(group.configurations) == 1:
+        group.best = group.configurations[0]
+        group.why = f"only configuration (no {metric})"
+    else:
+        group.why = (f"no configuration has {metric}; {len(group.configurations)} configurations left unranked "
+                     f"(train with --num_dev, or --select another metric)")
+
+
+# --- output --------------------------------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def percent(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def seeds_text(configuration: Configuration) -> str:
+    seeds = sorted(r.seed for r in configuration.runs)
+    return f"{len(seeds)} (seeds {', '.join(seeds)})" if seeds and all(seeds) else str(len(seeds))
+
+
+def markdown_table(groups: list[Group], select: str) -> str:
+    lines = ["| task | model | mode | optimizer | metric | best configuration | selected by | dev | test | runs | "
+             "configurations |", "|" + "---|" * 11]
+    for g in groups:
+        metric = selection_metric(select, g)
+        c = g.best
+        if c is None:
+            runs = sum(len(x.runs) for x in g.configurations)
+            lines.append(f"| {g.task} | {g.model} | {g.mode} | {g.optimizer} | {g.test_metric} | – | {g.why} | – | "
+                         f"– | {runs} | {len(g.configurations)} |")
+            continue
+        selected_by = metric if g.why.startswith("best") else g.why
+        lines.append(f"| {g.task} | {g.model} | {g.mode} | {g.optimizer} | {g.test_metric} | {c.label or '–'} | "
+                     f"{selected_by} | {percent(c.values(metric))} | {percent(c.values(g.test_metric))} | "
+                     f"{seeds_text(c)} | {len(g.configurations)} |")
+    return "\n".join(lines)
+
+
+def all_configurations_table(groups: list[Group], select: str) -> str:
+    lines = ["| task | model | mode | optimizer | configuration | dev | test | runs | selected |", "|" + "---|" * 9]
+    for g in groups:
+        metric = selection_metric(select, g)
+        for c in g.configurations:
+            lines.append(f"| {g.task} | {g.model} | {g.mode} | {g.optimizer} | {c.label or '–'} | "
+                         f"{percent(c.values(metric))} | {percent(c.values(g.test_metric))} | {seeds_text(c)} | "
+                         f"{'yes' if c is g.best else ''} |")
+    return "\n".join(lines)
+
+
+def provenance_summary(runs: list[Run]) -> str:
+    """Which code versions and devices produced the runs (one line each), so a mixed table is visible as such."""
+    commits, devices = {}, {}
+    for run in runs:
+        record = run.data.get("provenance") or {}
+        commit = str(record.get("git_commit", "not recorded"))[:10] + (" (dirty)" if record.get("git_dirty") else "")
+        commits[commit] = commits.get(commit, 0) + 1
+        device = str(record.get("device", "not recorded"))
+        devices[device] = devices.get(device, 0) + 1
+    return f"Code: {_counted(commits)}. Devices: {_counted(devices)}."
+
+
+def _counted(counts: dict[str, int]) -> str:
+    return "; ".join(f"{k} ({v} run{'s' * (v > 1)})" for k, v in sorted(counts.items()))
+
+
+def write_csv(path: Path, groups: list[Group], select: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["task", "model", "mode", "optimizer", "configuration", "selected_by", "select_metric",
+                         "select_mean", "select_std", "test_metric", "test_mean", "test_std", "runs", "seeds",
+                         "configurations", "wall_time_s_mean", "result_files"])
+        for g in groups:
+            c = g.best
+            metric = selection_metric(select, g)
+            if c is None:
+                writer.writerow([g.task, g.model, g.mode, g.optimizer, "", g.why, metric, "", "", g.test_metric, "",
+                                 "", sum(len(x.runs) for x in g.configurations), "", len(g.configurations), "", ""])
+                continue
+            dev_mean, dev_std = mean_std(c.values(metric))
+            test_mean, test_std = mean_std(c.values(g.test_metric))
+            walls = [r.data.get("provenance", {}).get("wall_time_s") for r in c.runs]
+            walls = [w for w in walls if isinstance(w, (int, float))]
+            writer.writerow([g.task, g.model, g.mode, g.optimizer, c.label, g.why, metric, _num(dev_mean),
+                             _num(dev_std), g.test_metric, _num(test_mean), _num(test_std), len(c.runs),
+                             " ".join(sorted(r.seed for r in c.runs)), len(g.configurations),
+                             _num(statistics.fmean(walls) if walls else None),
+                             " ".join(str(r.path) for r in c.runs)])
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+# --- curves and plots ----------------------------------------------------------------------------------------------
+
+def trainer_state(run: Run) -> dict | None:
+    """The run folder's trainer_state.json (written when training ends) or its newest checkpoint's, whichever logged
+    more (a rerun that only re-evaluates a finished run may leave a shorter state in the folder)."""
+    run_dir = run.data.get("run_dir")
+    if not run_dir:
+        return None
+    folder = Path(run_dir)
+    if not folder.is_absolute():
+        folder = run.path.parent / folder
+    candidates = [folder / "trainer_state.json"]
+    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                         key=lambda p: -int(p.name.split("-")[-1])) if folder.is_dir() else []
+    candidates += [p / "trainer_state.json" for p in checkpoints[:1]]
+    states = []
+    for candidate in candidates:
+        try:
+            state = json.loads(candidate.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(state, dict):
+            states.append(state)
+    return max(states, key=lambda s: len(s.get("log_history") or []), default=None)
+
+
+def forwards_per_step(config: dict) -> int:
+    """Training forward passes per optimizer step and accumulated batch: the ZO optimizer's own count (its `forwards`
+    attribute; two-point estimators take 2), 1 for first-order training (which also runs a backward)."""
+    accumulation = int(config.get("gradient_accumulation_steps") or 1)
+    if config.get("trainer") != "zo":
+        return accumulation
+    try:
+        import zo
+        forwards = getattr(zo.OPTIMIZERS.get(config.get("zo_optim")), "forwards", 2)
+    except ImportError:
+        forwards = 2
+    return int(forwards) * accumulation
+
+
+def curves(run: Run, dev_key: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) pairs of the training loss and the dev metric logged during training."""
+    state = trainer_state(run)
+    if state is None:
+        return {}
+    loss, dev = [], []
+    for entry in state.get("log_history", []):
+        step = entry.get("step")
+        if step is None:
+            continue
+        if isinstance(entry.get("loss"), (int, float)):
+            loss.append((step, float(entry["loss"])))
+        if isinstance(entry.get(dev_key), (int, float)):
+            dev.append((step, float(entry[dev_key])))
+    return {"loss": loss, "dev": dev}
+
+
+def _mean_curve(series: list[list[tuple[int, float]]]):
+    """Mean, min and max over the runs at the steps every run logged."""
+    series = [s for s in series if s]
+    if not series:
+        return None
+    steps = sorted(set.intersection(*(set(step for step, _ in s) for s in series)))
+    if not steps:
+        return None
+    values = [[dict(s)[step] for s in series] for step in steps]
+    return steps, [statistics.fmean(v) for v in values], [min(v) for v in values], [max(v) for v in values]
+
+
+def import_pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display on servers and batch jobs
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _file_name(*parts: str) -> str:
+    return "-".join("".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in p) for p in parts) + ".png"
+
+
+def plot(groups: list[Group], select: str, folder: Path) -> tuple[list[Path], list[str]]:
+    """PNG files written and notes on runs without curves. ImportError without matplotlib."""
+    plt = import_pyplot()
+    folder.mkdir(parents=True, exist_ok=True)
+    written, notes = [], []
+    for g in groups:
+        metric = selection_metric(select, g)
+        dev_key = "eval_" + metric[len("dev_"):] if metric.startswith("dev_") else "eval_" + metric
+        figure, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+        drawn = False
+        for c in g.configurations:
+            per_run = [curves(r, dev_key) for r in c.runs]
+            missing = [r.path.name for r, cv in zip(c.runs, per_run) if not cv]
+            if missing:
+                notes.append(f"{g.name} {c.label}: no trainer_state.json for {', '.join(missing)} (run_dir missing "
+                             f"or moved)")
+            scale = forwards_per_step(c.runs[0].config)
+            best = c is g.best
+            for row, (kind, title) in enumerate((("loss", "training loss"), ("dev", f"dev {metric[4:] or metric}"))):
+                curve = _mean_curve([cv.get(kind, []) for cv in per_run])
+                if curve is None:
+                    continue
+                steps, mean, low, high = curve
+                drawn_runs = sum(bool(cv.get(kind)) for cv in per_run)
+                runs = f"n={drawn_runs}" + (f" of {len(c.runs)}" if drawn_runs < len(c.runs) else "")
+                label = f"{c.label or 'run'} ({runs})" + (" selected" if best else "")
+                for col, x in enumerate((steps, [s * scale for s in steps])):
+                    ax = axes[row][col]
+                    line, = ax.plot(x, mean, marker="o" if kind == "dev" else None, markersize=3,
+                                    linewidth=2.4 if best else 1.3, label=label)
+                    if len(c.runs) > 1:
+                        ax.fill_between(x, low, high, alpha=0.15, color=line.get_color())
+                    ax.set_ylabel(title)
+                    ax.set_xlabel("optimizer step" if col == 0 else "training forward passes")
+                    ax.grid(alpha=0.3)
+                drawn = True
+        if not drawn:
+            plt.close(figure)
+            notes.append(f"{g.name}: no curves to plot")
+            continue
+        for row in axes:
+            for ax in row:
+                if ax.get_lines():
+                    ax.legend(fontsize=7)
+        figure.suptitle(f"{g.task} · {g.model} · {g.mode} · {g.optimizer} (mean over seeds; band: min–max)")
+        figure.tight_layout()
+        path = folder / _file_name(g.task, g.model, g.mode, g.optimizer, "curves")
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    chosen = [g for g in groups if g.best is not None and g.best.values(g.test_metric)]
+    if chosen:
+        figure, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(chosen) + 2), 4.5))
+        means = [100 * statistics.fmean(g.best.values(g.test_metric)) for g in chosen]
+        errors = [100 * (mean_std(g.best.values(g.test_metric))[1] or 0.0) for g in chosen]
+        names = [f"{g.task}\n{g.mode} {g.optimizer}" + (f"\n{g.model}" if len({x.model for x in chosen}) > 1 else "")
+                 for g in chosen]
+        bars = ax.bar(range(len(chosen)), means, yerr=errors, capsize=4, color="#4c72b0")
+        for bar, g, m in zip(bars, chosen, means):
+            ax.annotate(f"{m:.1f}\nn={len(g.best.runs)}", (bar.get_x() + bar.get_width() / 2, m), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+        ax.set_xticks(range(len(chosen)), names, fontsize=8)
+        ax.set_ylabel("test metric (%), mean ± std over seeds")
+        ax.set_title("Best configuration per method (selected by "
+                     f"{'the dev metric' if select == 'auto' else select})")
+        ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) * 1.1))
+        figure.tight_layout()
+        path = folder / "best_test.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+    return written, notes
+
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="*", type=Path, default=[Path("result")],
+                        help="folders (searched recursively) or result files; default: result/")
+    parser.add_argument("--select", default="auto",
+                        help="metric that picks each group's configuration: auto (dev_ + the task metric), or a name "
+                             "such as dev_accuracy or dev_f1")
+    parser.add_argument("--allow_test_selection", action="store_true",
+                        help="allow --select with a test metric (optimistic test numbers; off by default)")
+    parser.add_argument("--csv", type=Path, help="also write the table of best configurations to this CSV file")
+    parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG curves and a bar chart here "
+                                                                  "(needs matplotlib)")
+    parser.add_argument("--all", action="store_true", help="also list every configuration, not only the best")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    try:
+        runs, notes = find_results(options.folders)
+        if not runs:
+            raise ReportError(f"No result files under {', '.join(map(str, options.folders))}. run.py writes them to "
+                              f"result/ (or --result_file), grid.sh to its OUT folder; pass that folder.")
+        check_selection(options.select, options.allow_test_selection, runs)
+    except ReportError as error:
+        print(f"report.py: {error}", file=sys.stderr)
+        return 2
+    groups = group_runs(runs)
+    for g in groups:
+        select_best(g, selection_metric(options.select, g))
+    print(f"{len(runs)} result files, {len(groups)} groups. Selected by "
+          f"{'dev_<task metric>' if options.select == 'auto' else options.select} (mean over seeds); dev and test in "
+          f"%, mean ± sample std over seeds.\n")
+    print(markdown_table(groups, options.select))
+    if options.all:
+        print("\nEvery configuration:\n")
+        print(all_configurations_table(groups, options.select))
+    print("\n" + provenance_summary(runs))
+    if options.csv:
+        write_csv(options.csv, groups, options.select)
+        print(f"wrote {options.csv}")
+    status = 0
+    if options.plot:
+        try:
+            written, plot_notes = plot(groups, options.select, options.plot)
+        except ImportError:
+            print(f"report.py: {MATPLOTLIB_MISSING}", file=sys.stderr)
+            written, plot_notes, status = [], [], 1
+        notes += plot_notes
+        for path in written:
+            print(f"wrote {path}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
