@@ -215,8 +215,15 @@ class ZOArguments:
                       only_with=_methods("lozo", "lozo_m"))
     zo_T: int = flag(2000, "SubZero: steps T between subspace refreshes (new U, V).", low=1,
                      only_with=_methods("subzero"))
-    zo_num_directions: int = flag(8, "FZOO: one-sided directions N a step (N+1 forward passes).", low=2,
-                                  only_with=_methods("fzoo"))
+    zo_num_directions: int | None = flag(
+        None, "Directions a step (default: the optimizer's, 8 for fzoo, 1 for the others). Two-point methods probe "
+              "each on the step's batch (2 forward passes each) and apply the mean of their updates; fzoo: one-sided "
+              "directions N (N+1 forward passes).", low=1, only_with=ZO)
+    zo_parallel: str = flag(
+        "data", "With several processes: data (each rank probes the step's directions on its shard of the batch; the "
+                 "losses are all-reduced) or directions (every rank takes the whole batch and probes "
+                 "--zo_num_directions / world of the directions; the (direction, g) pairs are all-reduced).",
+        choices=("data", "directions"), only_with=ZO)
     zo_exact_restore: str = flag(
         "auto", "Keep a copy of the weights during a step so probes restore them exactly: auto (16-bit weights "
                 "only, where rounding drift is large), always (fp32 too; one parameter-sized buffer) or never "
@@ -240,6 +247,10 @@ class ZOArguments:
     def optimizer_class(self):
         return zo_methods.get(self.zo_optim)
 
+    def num_directions(self) -> int:
+        """Directions a step: --zo_num_directions, or the optimizer's default."""
+        return self.zo_num_directions or self.optimizer_class().default_directions
+
     def optimizer_kwargs(self, max_steps: int) -> dict:
         """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed), built
         from these flags; only those the optimizer takes are passed."""
@@ -247,7 +258,7 @@ class ZOArguments:
             eps=lambda: self.zo_eps, mu=lambda: self.zo_mu, beta1=lambda: self.zo_beta1, beta=lambda: self.zo_beta1,
             beta2=lambda: self.zo_beta2, adam_eps=lambda: self.zo_adam_eps, alpha=lambda: self.zo_alpha,
             interval=lambda: self.zo_T if self.zo_optim == "subzero" else self.zo_nu,
-            num_directions=lambda: self.zo_num_directions,
+            num_directions=lambda: self.num_directions(),
             exact_restore=lambda: {"auto": None, "always": True, "never": False}[self.zo_exact_restore],
             keep_direction=lambda: self.zo_keep_direction, carry_perturbation=lambda: self.zo_carry_perturbation,
             cuda_graphs=lambda: self.zo_cuda_graphs, signed_momentum=lambda: self.zo_signed_momentum,
@@ -726,10 +737,35 @@ def check(config: RunConfig) -> list[str]:
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
             problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
                             "already costs one noise sweep per step); drop one of them.")
+        problems += direction_problems(config)
         if hf.deepspeed:
             problems.append("--deepspeed wraps the optimizer step in DeepSpeed's engine, which a ZO step does not "
                             "use; shard the weights with --fsdp full_shard instead (ZO sweeps each rank's shard).")
     problems += fsdp_problems(config)
+    return problems
+
+
+def direction_problems(config: RunConfig) -> list[str]:
+    """--zo_num_directions within the optimizer's bounds; --zo_parallel directions splits them evenly over ranks."""
+    zo_args = config.zo
+    if zo_args.zo_optim not in zo_methods.OPTIMIZERS:
+        return []  # reported as an unavailable choice
+    cls, q = zo_args.optimizer_class(), zo_args.num_directions()
+    problems = []
+    if q < cls.min_directions:
+        problems.append(f"--zo_num_directions {q}: {zo_args.zo_optim} needs at least {cls.min_directions}.")
+    if cls.max_directions is not None and q > cls.max_directions:
+        problems.append(f"--zo_num_directions {q}: {zo_args.zo_optim} probes {cls.max_directions} direction a step; "
+                        f"drop --zo_num_directions (or choose a two-point method such as mezo).")
+    if zo_args.zo_parallel == "directions":
+        world = parallel.launched_world_size()
+        if q % world:
+            low, high = world * max(1, q // world), world * (q // world + 1)
+            problems.append(f"--zo_parallel directions: --zo_num_directions {q} does not split over {world} "
+                            f"processes; use a multiple of {world} (e.g. {low} or {high}).")
+        if config.fsdp:
+            problems.append("--zo_parallel directions perturbs a different direction on every rank, so each needs "
+                            "the whole model; drop --fsdp (or keep it with --zo_parallel data).")
     return problems
 
 

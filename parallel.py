@@ -12,6 +12,9 @@ one the Hugging Face Trainer's setup initialises: NCCL on GPUs, gloo on CPUs).
 * `is_sharded(model)` / `reshard(model)`: whether the weights are FSDP2 shards, and putting each module back in its
   sharded state after a forward (the root module keeps its gathered weights after a forward; a ZO perturbation of
   the shards would not reach them).
+* `directions_of_rank(q)` / `share_directions(optimizer, q)`: direction parallelism, where every rank probes its
+  block of a step's q directions on the same batch, and the (direction, g) sums are all-reduced so every rank
+  records the others' and applies all q updates (3 numbers and a count per direction cross the network).
 * `max_over_ranks(value)`: the largest of an int over the ranks (a signal received by one process stops all of them
   at the same step).
 """
@@ -56,6 +59,38 @@ def mean_over_ranks(loss: torch.Tensor, weight: float) -> torch.Tensor:
     parts = parts.to(_device_for_collectives())
     dist.all_reduce(parts)
     return (parts[0] / parts[1]).to(loss.device, torch.promote_types(loss.dtype, torch.float32))
+
+
+def directions_of_rank(q: int) -> range:
+    """This rank's contiguous block of a step's q directions (all of them in one process); q divides evenly (args)."""
+    rank, size = world()
+    per = q // size
+    return range(rank * per, (rank + 1) * per)
+
+
+def share_directions(optimizer, q: int) -> None:
+    """Every rank ends with the measurements of all q directions of this step: each rank's own (from its probes)
+    and the others' (recorded).  One all-reduce of [q, 4] float64 values, where each direction's row is non-zero on
+    the one rank that probed it; adding zeros is exact, so a recorded direction equals the probed one bit for bit."""
+    if not initialised():
+        return
+    own = optimizer.measurements()
+    table = torch.zeros((q, 4), dtype=torch.float64)
+    for direction, (g, lp, lm, probes) in own.items():
+        table[direction] = torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in (g, lp, lm, probes)])
+    table = table.to(_device_for_collectives())
+    dist.all_reduce(table)
+    table = table.cpu()
+    like = next(iter(own.values()))[0] if own else torch.tensor(0.0)
+    for direction in range(q):
+        if direction in own:
+            continue
+        g, lp, lm, probes = table[direction].tolist()
+        if probes < 1:
+            raise RuntimeError(f"direction {direction} of this step was probed by no rank; every rank must probe "
+                               f"its block (directions_of_rank)")
+        optimizer.record_direction(direction, *(torch.tensor(x, dtype=like.dtype, device=like.device)
+                                                for x in (g, lp, lm)), probes=int(probes))
 
 
 def max_over_ranks(value: int) -> int:

@@ -62,9 +62,13 @@ def describe(config) -> str:
     parts = [trainer, config.mode, f"lr{_number(hf.learning_rate)}"]
     if config.train.trainer == "zo":
         parts.append(f"eps{_number(config.zo.zo_eps)}")
+        if config.zo.zo_num_directions is not None:
+            parts.append(f"dirs{config.zo.zo_num_directions}")
     parts.append(f"steps{hf.max_steps}" if hf.max_steps > 0 else f"ep{_number(hf.num_train_epochs)}")
     # the global batch: what a step averages over, however it is split into processes and micro-batches
-    batch = hf.per_device_train_batch_size * hf.gradient_accumulation_steps * parallel.launched_world_size()
+    batch = hf.per_device_train_batch_size * hf.gradient_accumulation_steps
+    if config.zo.zo_parallel == "data":  # direction parallelism gives every rank the same batch
+        batch *= parallel.launched_world_size()
     parts += [f"bs{batch}", f"seed{hf.seed}"]
     return "-".join(parts)
 

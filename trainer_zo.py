@@ -2,10 +2,12 @@
 
 `SuiteTrainer` computes the suite's losses (utils.training_loss), evaluates the dev set by the task metric, and on
 SIGTERM, SIGINT or SIGUSR1 finishes the step, saves a complete checkpoint and stops (`interrupted` says which signal).
-`ZOTrainer` replaces the backward pass by two seeded, in-place probes of a `zo.ZOOptimizer` and lets the optimizer
-update at the accumulation boundary. The public hooks `compute_loss`, `training_step`, `create_optimizer`, `evaluate`,
-`save_model`, `log` and `train` are overridden, so the HF training loop, schedulers, logging, checkpointing and resume
-are untouched. Three private methods are extended (each calls the original for everything it does not handle):
+`ZOTrainer` replaces the backward pass by seeded, in-place probes of a `zo.ZOOptimizer` (of each of the step's
+directions; with --zo_parallel directions, of this rank's share of them on the whole batch, the rest exchanged before
+the update) and lets the optimizer update at the accumulation boundary. The public hooks `compute_loss`,
+`training_step`, `create_optimizer`, `evaluate`, `save_model`, `log`, `train` and `get_train_dataloader` are
+overridden, so the HF training loop, schedulers, logging, checkpointing and resume are untouched. Three private
+methods are extended (each calls the original for everything it does not handle):
 * `_load_from_checkpoint` and `_load_best_model`: checkpoints of prefix-tuned runs hold the prefix only, and HF's two
   loaders know only full weights and peft's `PeftModel` adapters (which is how LoRA checkpoints are saved and loaded,
   by HF itself); there is no public hook for either load (adapters.py says who loads what).
@@ -225,6 +227,26 @@ class ZOTrainer(SuiteTrainer):
         self._consecutive_skips = 0
         self._skips_seen = 0
         self.add_callback(_ZOLogCallback(self))
+        self.by_directions = zo_args.zo_parallel == "directions" and parallel.initialised()
+        self.num_directions = zo_args.num_directions()
+        # the directions this process probes on each batch
+        self.directions = parallel.directions_of_rank(self.num_directions) if self.by_directions \
+            else range(self.num_directions)
+        if self.by_directions:
+            self.add_callback(_ShareDirections(self))
+
+    def get_train_dataloader(self):
+        """Direction parallelism: every rank takes the whole batch (the one process's batches, in its order), so the
+        sampler shard accelerate adds is made a passthrough, as transformers does for its rank-aware samplers."""
+        loader = super().get_train_dataloader()
+        if self.by_directions:
+            shard = getattr(loader, "batch_sampler", None)
+            if shard is None or not hasattr(shard, "num_processes"):
+                raise RuntimeError(f"--zo_parallel directions: the training data loader's batch sampler "
+                                   f"({type(shard).__name__}) is not accelerate's shard; cannot give every rank the "
+                                   f"whole batch")
+            shard.num_processes, shard.process_index = 1, 0
+        return loader
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -244,13 +266,15 @@ class ZOTrainer(SuiteTrainer):
             with self.compute_loss_context_manager():
                 loss = training_loss(model, inputs, self.objective)
         parallel.reshard(model)  # FSDP2: the next perturbation must reach what the next forward gathers
+        if self.by_directions:
+            return loss  # the whole batch on every rank: nothing to combine
         return parallel.mean_over_ranks(loss, loss_weight(inputs, self.objective))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Probes run in eval mode (dropout off) so both see the same function of the parameters.
         model.eval()
         inputs = self._prepare_inputs(inputs)
-        loss_plus, _ = self._zo_optimizer.probe(lambda: self._probe_loss(model, inputs))
+        loss_plus = self._zo_optimizer.probe_directions(lambda: self._probe_loss(model, inputs), self.directions)
         return loss_plus.detach() / self.current_gradient_accumulation_steps
 
     @property
@@ -313,6 +337,16 @@ class ZOTrainer(SuiteTrainer):
             raise RuntimeError(f"{self._consecutive_skips} ZO steps in a row had a non-finite loss or projected "
                                f"gradient; the run diverged. Lower --learning_rate or --zo_eps, or load the weights "
                                f"in fp32/bf16 instead of fp16.")
+
+
+class _ShareDirections(TrainerCallback):
+    """Direction parallelism: before each update, every rank gets the measurements of all the step's directions."""
+
+    def __init__(self, trainer: ZOTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        parallel.share_directions(self.trainer._zo_optimizer, self.trainer.num_directions)
 
 
 class _ZOLogCallback(TrainerCallback):

@@ -154,6 +154,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     name = "zo"
     title = "ZO"
     forwards = 2                      # forward passes per step (one probe)
+    default_directions = 1            # directions probed per step unless told (--zo_num_directions)
+    min_directions = 1
+    max_directions: int | None = None  # None: any number (a method whose probe is tied to one direction says 1)
     mode_defaults: dict[str, tuple[float, float]] = {}   # training mode (ft, lora, prefix) -> (LR, ε) to start from
     streams: tuple[str, ...] = ()     # noise streams per tensor (stream i of tensor `index` is zo_noise's stream i)
     buffers: tuple[str, ...] = ()     # per-parameter state, one element per parameter element
@@ -680,8 +683,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def probe(self, closure, direction: int = 0):
         """Evaluate closure() at θ+εu and θ-εu for direction `direction` of this step (0: the step's own seed);
-        accumulate g=(ℓ+-ℓ-)/(2ε) for it.  Several probes of one direction average (gradient accumulation); probes of
-        several directions are each applied by step() (see apply_directions)."""
+        accumulate g=(ℓ+-ℓ-)/(2ε) for it.  Probes of one direction average (gradient accumulation); step() applies
+        each direction's mean (probe_directions probes several on one batch)."""
         self._to_direction(direction)
         eps = self.param_groups[0]["eps"]
         try:
@@ -703,27 +706,42 @@ class ZOOptimizer(torch.optim.Optimizer):
         try:
             self._perturb(1 - self._offset)
             lp = torch.as_tensor(closure()).detach()
-            self._perturb(-self._offset)
+            self._sweep("restore", -self._offset)  # from the stash if any: the next direction starts at θ exactly
+            self._offset = 0
         except BaseException:
             self._abort()
             raise
         lp = lp.to(torch.promote_types(lp.dtype, torch.float32))
         return self._record(direction, (lp - center) / self.param_groups[0]["eps"], lp, center)[0]
 
-    def record_direction(self, direction: int, projected_grad, loss_plus=float("nan"), loss_minus=float("nan")):
-        """Hand in the projected gradient of direction `direction` of this step measured elsewhere (another rank,
-        same batch, same seed): step() applies it like a probed one.  Direction parallelism: each rank probes its own
-        directions, gathers every (direction, g) pair (measured_directions) and records the others' here."""
+    @torch.no_grad()
+    def probe_directions(self, closure, directions):
+        """probe() each of these directions of this step on the closure's batch; returns the mean ℓ+."""
+        losses = [self.probe(closure, direction=q)[0] for q in directions]
+        return torch.stack(losses).mean()
+
+    def record_direction(self, direction: int, projected_grad, loss_plus=float("nan"), loss_minus=float("nan"),
+                         probes: int = 1):
+        """Hand in direction `direction` of this step measured elsewhere (another rank, same batch and seed): sums
+        over `probes` probes as `measurements` gives them, so step() applies it bit for bit as the probed one."""
         if direction in self._measured:
             raise ValueError(f"direction {direction} of this step was already measured here; record each direction "
                              "once (probe it or record it)")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes={probes!r}: the number of probes the sums cover, an int >= 1")
         if not self._begun:
             self._begin_step()
         self._record(direction, projected_grad, loss_plus, loss_minus)
+        self._measured[direction] = (*self._measured[direction][:3], probes)
+        self._n_probes += probes - 1
+
+    def measurements(self) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """{direction: (sum of g, sum of ℓ+, sum of ℓ-, probes)} of this step so far: what record_direction takes."""
+        return dict(sorted(self._measured.items()))
 
     def measured_directions(self) -> dict[int, torch.Tensor]:
         """{direction: projected gradient} of this step so far (the mean over its probes)."""
-        return {q: g / n for q, (g, _, _, n) in sorted(self._measured.items())}
+        return {q: g / n for q, (g, _, _, n) in self.measurements().items()}
 
     def _abort(self):
         # the closure failed: put θ back so an exception never leaves the model perturbed
@@ -786,10 +804,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         glob = self._global_state()
         glob["zo_skipped"] = glob["zo_skipped"] + skipped.to(glob["zo_skipped"].device, torch.int64)
         glob["zo_step"] = t + 1
-        n = sum(m[3] for m in self._measured.values())
+        measured = self.measurements().values()  # in direction order, the same on every rank
+        n = sum(m[3] for m in measured)
         self.last_projected_grad = g
-        self.last_loss_plus = sum(m[1] for m in self._measured.values()) / n
-        self.last_loss_minus = sum(m[2] for m in self._measured.values()) / n
+        self.last_loss_plus = sum(m[1] for m in measured) / n
+        self.last_loss_minus = sum(m[2] for m in measured) / n
         self.last_schedule = self.schedule_values(t)
         self._reset_step()
 

@@ -155,6 +155,7 @@ class ZOSGDCons(MeZO):
 
     name, title = "zo_sgd_cons", "ZO-SGD-Cons"
     forwards = 5
+    max_directions = 1   # the candidates are judged along the one probed direction
     mode_defaults = ZO_BENCH
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
@@ -235,6 +236,7 @@ class HiZOO(ZOOptimizer):
 
     name, title = "hizoo", "HiZOO"
     forwards = 3
+    max_directions = 1   # the paper updates Σ once a step, from one direction's curvature
     streams = ("z",)
     buffers = ("hessian",)
     buffer_init = {"hessian": 1.0}
@@ -285,6 +287,7 @@ class FZOO(MeZO):
 
     name, title = "fzoo", "FZOO"
     forwards = 9
+    default_directions, min_directions = 8, 2   # σ is the spread of the directions' losses
     forwards_note = "N+1 (9 at the default N = 8)"
     mode_defaults = {mode: (lr * eps, eps) for mode, (lr, eps) in MEZO_PAPER.items()}
 
@@ -295,21 +298,27 @@ class FZOO(MeZO):
                              "their losses)")
         self.num_directions = num_directions
         self.forwards = num_directions + 1
-        self.local_directions = range(num_directions)   # direction parallelism: the ones this process probes
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
 
     @torch.no_grad()
     def probe(self, closure, direction: int | None = None):
-        """ℓ0 and the one-sided probes of this process's directions on one batch; returns (mean ℓ_i, ℓ0)."""
+        """ℓ0 and the one-sided probes of every direction (or of `direction`) on one batch; returns (mean ℓ_i, ℓ0)."""
+        directions = range(self.num_directions) if direction is None else [direction]
+        return self.probe_directions(closure, directions), self._center[0] / self._center[1]
+
+    @torch.no_grad()
+    def probe_directions(self, closure, directions):
+        """ℓ0 once, then the one-sided probe of each direction (direction parallelism: a rank's share of them, each
+        rank measuring the same ℓ0 on the same batch); returns the mean ℓ_i."""
         l0 = self.center_loss(closure)
-        directions = self.local_directions if direction is None else [direction]
         for q in directions:
             self.probe_one_sided(closure, q, l0)
-        return torch.stack([self._measured[q][1] / self._measured[q][3] for q in directions]).mean(), l0
+        return torch.stack([self._measured[q][1] / self._measured[q][3] for q in directions]).mean()
 
     def _sigma(self) -> torch.Tensor:
         if self._sigma_cache is None:
-            losses = torch.stack([lp / n for _, lp, _, n in self._measured.values()]).to(torch.float64)
+            # in direction order: ranks that probed different directions first must sum in the same order
+            losses = torch.stack([lp / n for _, lp, _, n in self.measurements().values()]).to(torch.float64)
             self._sigma_cache = losses.std()
         return self._sigma_cache
 

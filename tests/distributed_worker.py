@@ -40,6 +40,9 @@ def main():
     parser.add_argument("--optimizer", default="mezo")
     parser.add_argument("--mode", choices=("ft", "lora", "prefix", "head"), default="ft")
     parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--zo_parallel", choices=("data", "directions"), default="data")
+    parser.add_argument("--directions", type=int, default=None)
+    parser.add_argument("--exact_restore", choices=("auto", "always", "never"), default="auto")
     opts = parser.parse_args()
     torch.set_num_threads(1)
     hf = arguments.HFArguments(output_dir=os.path.join(opts.out, "run"), per_device_train_batch_size=opts.batch,
@@ -56,7 +59,8 @@ def main():
         config = arguments.parse(["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0",
                                   {"lora": "--lora", "prefix": "--prefix_tuning", "head": "--head_tuning"}[opts.mode]])
         model = ADAPTERS[opts.mode].apply(model, config)
-    zo_args = arguments.ZOArguments(zo_optim=opts.optimizer, zo_eps=1e-3)
+    zo_args = arguments.ZOArguments(zo_optim=opts.optimizer, zo_eps=1e-3, zo_parallel=opts.zo_parallel,
+                                    zo_num_directions=opts.directions, zo_exact_restore=opts.exact_restore)
     trainer = trainer_zo.ZOTrainer(model=model, args=hf, train_dataset=ListDataset(records()),
                                    data_collator=TrainCollator(0), objective=Objective(), zo_args=zo_args,
                                    task_eval=trainer_zo.TaskEval(None, [], None, None, None))

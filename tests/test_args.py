@@ -156,3 +156,26 @@ def test_an_unknown_optimizer_is_refused_with_every_available_name():
     assert problems([*TRAIN, "--zo_optim", "nosuch"]) == [
         "--zo_optim 'nosuch' is not available. Choose one of " + ", ".join(zo_methods.OPTIMIZERS) + "."]
     assert {"lozo", "fzoo", "hizoo", "subzero"} <= set(zo_methods.OPTIMIZERS)
+
+
+def test_directions_are_checked_against_the_optimizer_and_the_launch(monkeypatch):
+    assert args.parse([*TRAIN]).zo.num_directions() == 1
+    assert args.parse([*TRAIN, "--zo_optim", "fzoo"]).zo.num_directions() == 8
+    assert args.parse([*TRAIN, "--zo_optim", "fzoo", "--zo_num_directions", "3"]).zo.optimizer_kwargs(10)[
+        "num_directions"] == 3
+    assert "--zo_num_directions 1: fzoo needs at least 2" in "\n".join(
+        problems([*TRAIN, "--zo_optim", "fzoo", "--zo_num_directions", "1"]))
+    for name in ("hizoo", "zo_sgd_cons"):
+        assert f"--zo_num_directions 2: {name} probes 1 direction a step" in "\n".join(problems(
+            [*TRAIN, "--zo_optim", name, "--zo_num_directions", "2"]))
+    import parallel
+    monkeypatch.setattr(parallel, "launched_world_size", lambda: 2)  # a torchrun launch of 2, seen by the checks
+    text = "\n".join(problems([*TRAIN, "--zo_parallel", "directions", "--zo_num_directions", "3"]))
+    assert "--zo_num_directions 3 does not split over 2 processes; use a multiple of 2 (e.g. 2 or 4)" in text
+    text = "\n".join(problems([*TRAIN, "--zo_parallel", "directions", "--zo_num_directions", "4",
+                               "--fsdp", "full_shard", "--save_strategy", "no"]))
+    assert "each needs the whole model; drop --fsdp" in text
+    config = args.parse([*TRAIN, "--zo_parallel", "directions", "--zo_num_directions", "4"])
+    assert config.zo.zo_parallel == "directions"
+    assert "--zo_parallel" in "\n".join(
+        problems(["--trainer", "regular", "--num_train", "8", "--train_set_seed", "0", "--zo_parallel", "directions"]))

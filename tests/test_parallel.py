@@ -78,6 +78,26 @@ def test_every_mode_keeps_the_ranks_identical_with_gradient_accumulation(tmp_pat
     torch.testing.assert_close(torch.tensor(two[0]["losses"]), torch.tensor(one[0]["losses"]), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["mezo", "zo_adamu", "fzoo"])
+def test_direction_parallelism_equals_one_process_probing_every_direction(tmp_path, tiny_llama_dir, optimizer):
+    """2 ranks probe 2 of 4 directions each on the same batch and exchange the (direction, g) sums: every rank ends
+    where one process probing all 4 ends, bit for bit (exact restore: each direction's probes start from θ itself in
+    the one process too, so every loss is the same computation)."""
+    common = ("--batch", "2", "--accumulation", "2", "--steps", "3", "--optimizer", optimizer, "--directions", "4",
+              "--exact_restore", "always")
+    two = worker(tmp_path, tiny_llama_dir, "two", 2, *common, "--zo_parallel", "directions")
+    one = worker(tmp_path, tiny_llama_dir, "one", 1, *common)
+    a, b, whole = two[0]["params"], two[1]["params"], one[0]["params"]
+    assert a.keys() == b.keys() == whole.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the ranks drifted apart"
+    assert all(torch.equal(a[k], whole[k]) for k in a), "direction parallelism left the one-process run"
+    assert two[0]["projected_grads"] == one[0]["projected_grads"]
+    # and the directions did move the weights: the run differs from one direction a step
+    single = worker(tmp_path, tiny_llama_dir, "single", 1, *common[:-4], "--directions",
+                    "2" if optimizer == "fzoo" else "1", "--exact_restore", "always")
+    assert not all(torch.equal(a[k], single[0]["params"][k]) for k in a)
+
+
 def test_zo_on_fsdp2_shards_equals_the_unsharded_run(tmp_path, tiny_llama_dir):
     sharded = worker(tmp_path, tiny_llama_dir, "sharded", 2, "--fsdp")
     plain = worker(tmp_path, tiny_llama_dir, "plain", 2)
