@@ -14,7 +14,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 MODEL=${MODEL:-smollm2-135m}
 TASK=${TASK:-SST2}
-OPTIMS=${OPTIMS:-mezo}           # --zo_optim names (python -c "import zo; print(list(zo.OPTIMIZERS))")
+OPTIMS=${OPTIMS:-mezo}           # --zo_optim names (python -c "import zo_methods; print(list(zo_methods.OPTIMIZERS))")
 MODES=${MODES:-ft}               # ft | lora | prefix | head
 LRS=${LRS:-1e-5}
 EPSS=${EPSS:-1e-3}

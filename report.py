@@ -365,17 +365,18 @@ def trainer_state(run: Run) -> dict | None:
 
 
 def forwards_per_step(config: dict) -> int:
-    """Training forward passes per optimizer step and accumulated batch: the ZO optimizer's own count (its `forwards`
-    attribute; two-point estimators take 2), 1 for first-order training (which also runs a backward)."""
+    """Training forward passes per optimizer step and accumulated batch: the ZO optimizer's count for its directions
+    (zo_methods.forward_passes; a two-point probe takes 2 a direction), 1 for first-order training (which also runs a
+    backward)."""
     accumulation = int(config.get("gradient_accumulation_steps") or 1)
     if config.get("trainer") != "zo":
         return accumulation
-    try:
-        import zo
-        forwards = getattr(zo.OPTIMIZERS.get(config.get("zo_optim")), "forwards", 2)
-    except ImportError:
-        forwards = 2
-    return int(forwards) * accumulation
+    import zo_methods
+    name = config.get("zo_optim") or "mezo"
+    if name not in zo_methods.OPTIMIZERS:
+        raise SystemExit(f"report.py: a result names --zo_optim {name!r}, which this version does not know "
+                         f"({', '.join(zo_methods.OPTIMIZERS)}); report it with the code that produced it")
+    return zo_methods.forward_passes(name, config.get("zo_num_directions")) * accumulation
 
 
 def curves(run: Run, dev_key: str) -> dict[str, list[tuple[int, float]]]:

@@ -154,8 +154,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     name = "zo"
     title = "ZO"
     forwards = 2                      # forward passes per step (one probe)
-    default_directions = 1            # directions probed per step unless told (--zo_num_directions)
-    min_directions = 1
+    default_directions, min_directions = 1, 1   # directions a step unless told (--zo_num_directions), the fewest
+    forwards_per_direction = 2        # what one more direction a step costs (a two-point probe)
     max_directions: int | None = None  # None: any number (a method whose probe is tied to one direction says 1)
     mode_defaults: dict[str, tuple[float, float]] = {}   # training mode (ft, lora, prefix) -> (LR, ε) to start from
     streams: tuple[str, ...] = ()     # noise streams per tensor (stream i of tensor `index` is zo_noise's stream i)

@@ -288,6 +288,7 @@ class FZOO(MeZO):
     name, title = "fzoo", "FZOO"
     forwards = 9
     default_directions, min_directions = 8, 2   # σ is the spread of the directions' losses
+    forwards_per_direction = 1                  # one-sided probes around one shared ℓ0
     forwards_note = "N+1 (9 at the default N = 8)"
     mode_defaults = {mode: (lr * eps, eps) for mode, (lr, eps) in MEZO_PAPER.items()}
 

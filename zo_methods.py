@@ -7,7 +7,7 @@ from zo_adamu import AdaMUSchedule, ZOAdaMU
 from zo_family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 from zo_lowrank import LOZO, LOZOM, SubZero
 
-__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "mode_defaults", "short"]
+__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "forward_passes", "mode_defaults", "short"]
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (
     MeZO, ZOAdaMU, ZOSGDSign, ZOSGDMMT, ZOSGDCons, ZOAdam, HiZOO, LOZO, LOZOM, SubZero, FZOO)}
@@ -26,6 +26,13 @@ def describe(name: str) -> str:
     """One line for --help and the README: forward passes per step and the memory beyond inference."""
     cls = get(name)
     return f"{name}: {getattr(cls, 'forwards_note', cls.forwards)} forward passes a step; {cls.memory()}"
+
+
+def forward_passes(name: str, num_directions: int | None = None) -> int:
+    """Training forward passes a step of --zo_optim `name` with `num_directions` directions (default: its own)."""
+    cls = get(name)
+    extra = (num_directions or cls.default_directions) - cls.default_directions
+    return cls.forwards + extra * cls.forwards_per_direction
 
 
 def mode_defaults(name: str, mode: str) -> tuple[float, float]:

@@ -59,6 +59,7 @@ def worker(opts) -> None:
     import tasks
     import utils
     import zo
+    import zo_methods
     from args import HFArguments
     torch.set_num_threads(opts.threads)
     hf = HFArguments(output_dir="/tmp/scale", use_cpu=not torch.cuda.is_available(), report_to="none")
@@ -83,7 +84,7 @@ def worker(opts) -> None:
     batch = {k: v.to(hf.device) if torch.is_tensor(v) else v
              for k, v in utils.TrainCollator(tokens.pad_id, pad_to_multiple_of=1)(rows).items()}
     objective = utils.Objective()
-    optimizer = zo.MeZO(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
+    optimizer = zo_methods.get("mezo")(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
 
     def closure():
         loss = utils.training_loss(model, batch, objective)

@@ -204,3 +204,15 @@ def test_fsdp_needs_several_processes():
     with pytest.raises(args.UsageError, match="--fsdp shards the model over the processes of a launch"):
         args.parse(["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--fsdp", "full_shard",
                     "--save_strategy", "no"])
+
+
+def test_scaling_benchmark_runs_every_mode_and_reports_its_json(tiny_llama_dir):
+    data = shared_data_or_skip()
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "scale.py"), "--model", str(tiny_llama_dir),
+                           "--procs", "1,2", "--batch", "1", "--seq", "16", "--steps", "1"],
+                          env=environment(ZO_DATA_DIR=str(data)), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["procs"] == [1, 2] and set(report["modes"]) == {"dp", "fsdp"}
+    assert len(report["examples_per_s"]) == len(report["efficiency"]) == 2 and report["efficiency"][0] == 1.0
+    assert all(r["examples_per_s"] > 0 for mode in report["modes"].values() for r in mode["runs"])
