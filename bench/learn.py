@@ -6,8 +6,9 @@
     python bench/learn.py --task RTE --mode lora --method hizoo --forwards 400   # steps = 400 // 3 forwards a step
 
 --method is adam or any --zo_optim (zo_methods.OPTIMIZERS).  Without --lr/--eps: for MeZO and ZO-AdaMU the settings
-the README's SST2 grids chose (or, where a grid's pick diverged, its stable point) and MeZO's ε for the mode (full
-1e-3, LoRA 1e-2, prefix 1e-1); for the other ZO methods their registry defaults for the mode (zo_methods.mode_defaults).
+the SST2 grids of docs/results.md chose (or, where a grid's pick diverged, its stable point) and MeZO's ε for the
+mode (full 1e-3, LoRA 1e-2, prefix 1e-1); for the other ZO methods their registry defaults for the mode
+(zo_methods.mode_defaults).
 --forwards F sets the steps to F // (the method's forward passes a step): the way to compare methods at one budget.
 
 Data: 1,000 train and 500 dev examples drawn as run.py does (train_set_seed), test examples from the validation split.
@@ -42,8 +43,8 @@ import run  # noqa: E402
 import tasks  # noqa: E402
 import zo_methods  # noqa: E402
 
-# The LR each SST2 grid in the README chose (ZO-AdaMU LoRA: its stable 1e-3, since the chosen 3e-3 diverged later);
-# Adam's are the single runs of the README's first-order table. ε is MeZO's for the mode.
+# The LR each SST2 grid of docs/results.md chose (ZO-AdaMU LoRA: its stable 1e-3, since the chosen 3e-3 diverged later);
+# Adam's are the single runs of the first-order table there. ε is MeZO's for the mode.
 DEFAULT_LR = {"adam": {"ft": 1e-5, "lora": 1e-4, "prefix": 1e-2},
               "mezo": {"ft": 3e-5, "lora": 1e-3, "prefix": 3e-2},
               "zo_adamu": {"ft": 3e-5, "lora": 1e-3, "prefix": 3e-2}}
