@@ -431,6 +431,11 @@ def main():
     if unknown:
         parser.error(f"--optimizers: unknown {unknown}; choose from all, {', '.join(zo_methods.OPTIMIZERS)}")
     args.optimizers = [n for n in names if n not in ("mezo", "zo_adamu")]
+    for name in args.optimizers:  # a method that refuses these settings says so now, not after the model loads
+        try:
+            make_optimizer(name, torch.nn.Linear(2, 2), args)
+        except ValueError as error:
+            parser.error(f"--optimizers {name} with --exact_restore {args.exact_restore}: {error}")
     if args.memory_child:
         return memory_child(args)
 
