@@ -155,6 +155,25 @@ def test_a_killed_two_process_run_resumes_to_the_same_end(tmp_path, tiny_llama_d
         (killed / "result").glob("*.json")).name  # named by the global batch
 
 
+def test_run_py_splits_directions_over_the_ranks_and_refuses_an_uneven_split(tmp_path, tiny_llama_dir):
+    data = shared_data_or_skip()
+    common = ["--zo_parallel", "directions", "--max_steps", "2", "--save_strategy", "no"]
+    uneven = subprocess.run(launcher(2) + [str(ROOT / "run.py"), *run_args(tiny_llama_dir, *common),
+                                           "--zo_num_directions", "3"],
+                            cwd=tmp_path, env=environment(ZO_DATA_DIR=str(data)), capture_output=True, text=True,
+                            timeout=600)
+    assert uneven.returncode != 0 and "--zo_num_directions 3 does not split over 2 processes" in uneven.stderr
+    assert "Loading weights" not in uneven.stderr and not (tmp_path / "result").exists()
+    done = subprocess.run(launcher(2) + [str(ROOT / "run.py"), *run_args(tiny_llama_dir, *common),
+                                         "--zo_num_directions", "4"],
+                          cwd=tmp_path, env=environment(ZO_DATA_DIR=str(data)), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    [result] = (tmp_path / "result").glob("*.json")
+    # every rank took the whole batch: the global batch is one rank's 2 examples, and the name records 4 directions
+    assert "-dirs4-" in result.name and "-bs2-" in result.name, result.name
+
+
 def test_ranks_that_disagree_stop_before_anything_loads(tmp_path, tiny_llama_dir):
     data = shared_data_or_skip()
     script = tmp_path / "per_rank.sh"  # each rank gets another seed, as a badly written launch script would do
