@@ -227,6 +227,7 @@ class ZOTrainer(SuiteTrainer):
         self._consecutive_skips = 0
         self._skips_seen = 0
         self.add_callback(_ZOLogCallback(self))
+        # the Trainer's accelerator, set up above, has initialised the process group of a torchrun launch
         self.by_directions = zo_args.zo_parallel == "directions" and parallel.initialised()
         self.num_directions = zo_args.num_directions()
         # the directions this process probes on each batch
