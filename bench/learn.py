@@ -94,7 +94,7 @@ def main():
     opts = parser.parse_args()
     if opts.threads:
         torch.set_num_threads(opts.threads)
-    per_step = 1 if opts.method == "adam" else zo_methods.get(opts.method).forwards
+    per_step = 1 if opts.method == "adam" else zo_methods.forward_passes(opts.method)
     if opts.forwards is not None and (opts.steps is not None or opts.forwards < per_step):
         parser.error(f"--forwards {opts.forwards}: give it without --steps, and at least {per_step} (the forward "
                      f"passes of one {opts.method} step)")
@@ -170,7 +170,9 @@ def main():
                                    if f"eval_{metric}" in entry]
     final = test_metric(trainer.model)
     optimizer = getattr(trainer, "_zo_optimizer", None)
-    per_step = (optimizer.forwards if optimizer is not None else 1) * config.hf.gradient_accumulation_steps
+    # the trainer probes --zo_num_directions directions a step (from --extra), which the optimizer alone does not know
+    forwards = zo_methods.forward_passes(opts.method, config.zo.zo_num_directions) if optimizer is not None else 1
+    per_step = forwards * config.hf.gradient_accumulation_steps
     held = optimizer.memory_buffers() if optimizer is not None else {
         name: sum(v.numel() for s in getattr(trainer.optimizer, "optimizer", trainer.optimizer).state.values()
                   for k, v in s.items()

@@ -495,7 +495,7 @@ def main():
         # every optimizer in one table: its forwards a step, the step against those forwards and against two
         report["optimizers"] = {"mezo": {"forwards": 2}, "zo_adamu": {"forwards": 2}}
         for name in args.optimizers:
-            forwards = zo_methods.get(name).forwards
+            forwards = zo_methods.forward_passes(name)
             report["optimizers"][name] = {
                 "forwards": forwards, "step_over_2fwd": round(median[f"S_{name}"] / (2 * F), 4),
                 "step_over_forwards": round(median[f"S_{name}"] / (forwards * F), 4),
