@@ -172,8 +172,7 @@ def _methods(*names: str) -> tuple:
     return ("zo.zo_optim", names)
 
 
-_OPTIM_HELP = "ZO optimizer (forward passes a step; memory beyond inference): " + "; ".join(
-    zo_methods.describe(name) for name in zo_methods.OPTIMIZERS) + "."
+_OPTIM_HELP = f"ZO optimizer (forward passes a step; memory beyond inference): {zo_methods.describe_all()}."
 
 
 @dataclass
@@ -215,10 +214,7 @@ class ZOArguments:
                       only_with=_methods("lozo", "lozo_m"))
     zo_T: int = flag(2000, "SubZero: steps T between subspace refreshes (new U, V).", low=1,
                      only_with=_methods("subzero"))
-    zo_num_directions: int | None = flag(
-        None, "Directions a step (default: the optimizer's, 8 for fzoo, 1 for the others). Two-point methods probe "
-              "each on the step's batch (2 forward passes each) and apply the mean of their updates; fzoo: one-sided "
-              "directions N (N+1 forward passes).", low=1, only_with=ZO)
+    zo_num_directions: int | None = flag(None, zo_methods.directions_help(), low=1, only_with=ZO)
     zo_parallel: str = flag(
         "data", "With several processes: data (each rank probes the step's directions on its shard of the batch; the "
                  "losses are all-reduced) or directions (every rank takes the whole batch and probes "
@@ -349,6 +345,9 @@ class Parser(HfArgumentParser):
 
     def error(self, message):
         raise UsageError([message])
+
+    def format_help(self) -> str:  # the table keeps its lines (argparse reflows an epilog)
+        return f"{super().format_help()}\n{zo_methods.defaults_table()}\n"
 
 
 def _with_metadata(original: dataclasses.Field, metadata: dict) -> dataclasses.Field:
@@ -754,9 +753,10 @@ def direction_problems(config: RunConfig) -> list[str]:
     problems = []
     if q < cls.min_directions:
         problems.append(f"--zo_num_directions {q}: {zo_args.zo_optim} needs at least {cls.min_directions}.")
-    if cls.max_directions is not None and q > cls.max_directions:
-        problems.append(f"--zo_num_directions {q}: {zo_args.zo_optim} probes {cls.max_directions} direction a step; "
-                        f"drop --zo_num_directions (or choose a two-point method such as mezo).")
+    (limit, why), several = cls.direction_bound(), ", ".join(zo_methods.taking_several_directions())
+    if limit is not None and q > limit:
+        problems.append(f"--zo_num_directions {q}: {zo_args.zo_optim} probes {limit} direction a step ({why}); drop "
+                        f"it, or use a method that averages several ({several}).")
     if zo_args.zo_parallel == "directions":
         world = parallel.launched_world_size()
         if q % world:

@@ -17,6 +17,8 @@ one the Hugging Face Trainer's setup initialises: NCCL on GPUs, gloo on CPUs).
   records the others' and applies all q updates (3 numbers and a count per direction cross the network).
 * `max_over_ranks(value)`: the largest of an int over the ranks (a signal received by one process stops all of them
   at the same step).
+* `local_part(p)` / `shard_offset(p)`: the part of a (possibly FSDP2-sharded) tensor this process holds, and where
+  it starts in the flattened full tensor.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 
 def initialised() -> bool:
@@ -156,3 +159,25 @@ def reshard(model) -> None:
 def barrier() -> None:
     if initialised():
         dist.barrier()
+
+
+def local_part(p: torch.Tensor) -> torch.Tensor:
+    """The part of p this process holds and sweeps: a DTensor's local shard (FSDP2), else p itself."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def shard_offset(p: "DTensor") -> int:
+    """Element offset of this rank's shard in the flattened full tensor. Only dimension-0 sharding over a 1-D mesh is
+    a contiguous run of the flattened tensor (what FSDP2's fully_shard produces); anything else is refused."""
+    from torch.distributed.tensor import Replicate, Shard
+    placements = tuple(p.placements)
+    if all(isinstance(pl, Replicate) for pl in placements):
+        return 0
+    if len(placements) != 1 or placements[0] != Shard(0):
+        raise ValueError(f"ZO sweeps a shard as one run of the flattened tensor, which needs dimension-0 sharding on a "
+                         f"1-D device mesh (FSDP2's fully_shard); this parameter is placed {placements}. Shard with "
+                         f"--fsdp (full_shard), or train without sharding.")
+    rows, ranks = p.shape[0], p.device_mesh.size(0)
+    per_rank = -(-rows // ranks)  # torch.chunk: every chunk but the last holds ceil(rows / ranks) rows
+    start = min(per_rank * p.device_mesh.get_local_rank(0), rows)
+    return start * (p.numel() // rows if rows else 0)

@@ -1,4 +1,4 @@
-"""Zeroth-order optimizers as torch.optim.Optimizer subclasses: MeZO (ZO-SGD) and ZO-AdaMU, and the protocol they share.
+"""The core of the zeroth-order optimizers (torch.optim.Optimizer subclasses): the protocol every method shares.
 
 An element-wise ZO method is one small class: its noise `streams`, its per-parameter state `buffers`, its per-step
 scalars (`step_values`, known when the step begins; `update_values`, derived from the projected gradient g after the
@@ -46,10 +46,11 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+import parallel
 import zo_noise
 import zo_rule
+from parallel import local_part
 from zo_noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
 from zo_rule import Rule
 
@@ -89,28 +90,6 @@ def kernel_builds() -> list[dict]:
     """The C kernel libraries loaded in this process: {"library", "seconds", "cached"} (compile time, reported
     apart from the steps)."""
     return list(_cpu().BUILDS)
-
-
-def _local(p: torch.Tensor) -> torch.Tensor:
-    """The part of p this process holds and sweeps: a DTensor's local shard (FSDP2), else p itself."""
-    return p.to_local() if isinstance(p, DTensor) else p
-
-
-def shard_offset(p: "DTensor") -> int:
-    """Element offset of this rank's shard in the flattened full tensor. Only dimension-0 sharding over a 1-D mesh is
-    a contiguous run of the flattened tensor (what FSDP2's fully_shard produces); anything else is refused."""
-    from torch.distributed.tensor import Replicate, Shard
-    placements = tuple(p.placements)
-    if all(isinstance(pl, Replicate) for pl in placements):
-        return 0
-    if len(placements) != 1 or placements[0] != Shard(0):
-        raise ValueError(f"ZO sweeps a shard as one run of the flattened tensor, which needs dimension-0 sharding on a "
-                         f"1-D device mesh (FSDP2's fully_shard); this parameter is placed {placements}. Shard with "
-                         f"--fsdp (full_shard), or train without sharding.")
-    rows, ranks = p.shape[0], p.device_mesh.size(0)
-    per_rank = -(-rows // ranks)  # torch.chunk: every chunk but the last holds ceil(rows / ranks) rows
-    start = min(per_rank * p.device_mesh.get_local_rank(0), rows)
-    return start * (p.numel() // rows if rows else 0)
 
 
 def _compute_dtype(dtype):
@@ -156,8 +135,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     forwards = 2                      # forward passes per step (one probe)
     default_directions, min_directions = 1, 1   # directions a step unless told (--zo_num_directions), the fewest
     forwards_per_direction = 2        # what one more direction a step costs (a two-point probe)
-    max_directions: int | None = None  # None: any number (a method whose probe is tied to one direction says 1)
-    mode_defaults: dict[str, tuple[float, float]] = {}   # training mode (ft, lora, prefix) -> (LR, ε) to start from
+    max_directions: int | None = None  # None: any number, unless the method keeps state (direction_bound)
+    max_directions_why = ""            # and why not more, where a method sets it
+    mode_defaults: dict = {}          # training mode (ft, lora, prefix) -> zo_family.ModeDefault (LR, ε, source)
     streams: tuple[str, ...] = ()     # noise streams per tensor (stream i of tensor `index` is zo_noise's stream i)
     buffers: tuple[str, ...] = ()     # per-parameter state, one element per parameter element
     buffer_note = "in the parameter dtype"
@@ -202,6 +182,19 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # -- what a method declares
     @classmethod
+    def direction_bound(cls) -> tuple[int | None, str]:
+        """The most directions a step (None: any) and why.  Q directions apply one after another, which averages Q
+        estimates only for a method without state: one with state would advance it Q times a step (and probe direction
+        q with the state before the step, but update it from what direction q-1 wrote), so it takes one."""
+        if cls.max_directions is not None:
+            return cls.max_directions, cls.max_directions_why
+        state = cls.buffers + cls.extra_state
+        if state:
+            return 1, (f"its direction or update reads its optimizer state ({', '.join(state)}), which several "
+                       "directions a step would advance once per direction")
+        return None, ""
+
+    @classmethod
     def memory(cls) -> str:
         """The memory this method adds to inference, for --help and the logs."""
         if not cls.buffers:
@@ -237,9 +230,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The noise position of the first element this process holds of p: 0 for a whole tensor; for a shard of a
         DTensor (FSDP2 shards dimension 0 over the ranks) its offset in the flattened full tensor, so a sharded run
         draws exactly the unsharded run's directions."""
-        if not isinstance(p, DTensor):
+        if not isinstance(p, parallel.DTensor):
             return 0
-        return shard_offset(p)
+        return parallel.shard_offset(p)
 
     # -- validation / bookkeeping
     def add_param_group(self, group):
@@ -360,7 +353,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """p's state buffer `name`, flat, created as zeros on first use."""
         st = self.state[p]
         if name not in st:
-            st[name] = torch.full_like(_local(p), self.buffer_init.get(name, 0.0), dtype=self.buffer_dtype(p),
+            st[name] = torch.full_like(local_part(p), self.buffer_init.get(name, 0.0), dtype=self.buffer_dtype(p),
                                        memory_format=torch.contiguous_format)
         return st[name].view(-1)
 
@@ -392,7 +385,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _kept_noise(self, p) -> list[torch.Tensor]:
         kept = self._kept.get(p)
         if kept is None:
-            kept = self._kept[p] = [torch.empty(_local(p).numel(), dtype=torch.float32, device=p.device)
+            kept = self._kept[p] = [torch.empty(local_part(p).numel(), dtype=torch.float32, device=p.device)
                                     for _ in self.streams]
         return kept
 
@@ -472,7 +465,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for index, group_index, group, p in self._entries():
             if not p.requires_grad:
                 continue  # frozen after construction: untouched, index kept so other directions don't shift
-            data = _local(p).detach()
+            data = local_part(p).detach()
             contiguous = data.is_contiguous()
             flat = (data if contiguous else data.contiguous()).view(-1)
             if not self._elementwise(p):
@@ -566,7 +559,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Which tensors the fused kernels sweep and whether the sweeps can be captured as CUDA graphs (all fused,
         contiguous, on one CUDA device), cached per layout: which tensors are trainable, where and how they and
         their state buffers are stored, whether fast paths are on."""
-        key = (self.fast_paths, tuple((_local(p).data_ptr(), p.device, p.requires_grad, _local(p).is_contiguous(),
+        key = (self.fast_paths, tuple((local_part(p).data_ptr(), p.device, p.requires_grad, local_part(p).is_contiguous(),
                                        tuple(self.state[p][b].data_ptr() for b in self.buffers
                                              if b in self.state.get(p, {}))) for p in self._params()))
         if self._layout is None or self._layout.key != key:
@@ -575,7 +568,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             every = trainable if trainable and len(fused) == len(trainable) else None
             devices = tuple(dict.fromkeys(p.device for p in fused))
             graphable = (every is not None and len(devices) == 1 and devices[0].type == "cuda"
-                         and all(_local(p).is_contiguous() for p in every))
+                         and all(local_part(p).is_contiguous() for p in every))
             self._layout = _Layout(key, every, devices, graphable)
         return self._layout
 
@@ -641,8 +634,14 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._kept_ready = False  # a kept direction holds the noise of one direction only
         self._direction = q
 
+    def _check_direction(self, q: int):
+        limit, why = self.direction_bound()
+        if limit is not None and q >= limit:
+            raise ValueError(f"{self.title} takes {limit} direction(s) a step ({why}); direction {q} refused")
+
     def _to_direction(self, q: int):
         """Before probing direction q: return to θ from another direction's perturbation (one sweep)."""
+        self._check_direction(q)
         if not self._begun:
             self._begin_step()
         if q != self._direction:
@@ -729,6 +728,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                              "once (probe it or record it)")
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes={probes!r}: the number of probes the sums cover, an int >= 1")
+        self._check_direction(direction)
         if not self._begun:
             self._begin_step()
         self._record(direction, projected_grad, loss_plus, loss_minus)
@@ -762,8 +762,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def step(self, closure=None):
         """Optional probe(closure), then the update.  One direction: the update fused with the restore (one sweep).
         Several: back to θ, then direction by direction in increasing order, the method's update of that direction
-        with its g and lr/Q (weight decay λ·lr/Q), so MeZO's Q-direction step is θ - lr·mean_q(g_q·u_q).  A method
-        with state updates it once per direction.  Returns mean ℓ+."""
+        with its g and lr/Q (weight decay λ·lr/Q), so MeZO's Q-direction step is θ - lr·mean_q(g_q·u_q) (only methods
+        without state take several: direction_bound).  Returns mean ℓ+."""
         if closure is not None:
             self.probe(closure)
         if not self._measured:

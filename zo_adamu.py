@@ -10,6 +10,7 @@ import torch
 
 import zo_rule
 from zo import NOISE_BLOCK, Rule, ZOOptimizer
+from zo_family import ModeDefault
 
 __all__ = ["anneal", "AdaMUSchedule", "AdaMUScalars", "ZOAdaMU"]
 
@@ -99,8 +100,10 @@ class ZOAdaMU(ZOOptimizer):
     step_values = AdaMUScalars._fields + ("sigma",)
     update_values = ("coef", "sign_g")
     _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-    # the ZO-AdaMU paper's best values per mode (Appendix B)
-    mode_defaults = {"ft": (1e-4, 1e-3), "prefix": (1e-4, 1e-2), "lora": (1e-2, 1e-1)}
+    # the ZO-AdaMU paper's best values per mode, as printed (its LoRA and prefix rows look swapped against MeZO's)
+    mode_defaults = {"ft": ModeDefault(1e-4, 1e-3, "ZO-AdaMU paper, Appendix B, Table 3 (best of its grid)"),
+                     "prefix": ModeDefault(1e-4, 1e-2, "ZO-AdaMU paper, Appendix B, Table 3 (best of its grid)"),
+                     "lora": ModeDefault(1e-2, 1e-1, "ZO-AdaMU paper, Appendix B, Table 3 (best of its grid)")}
 
     def __init__(self, params, lr=1e-4, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, schedule: AdaMUSchedule | None = None,

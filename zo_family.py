@@ -10,16 +10,37 @@ decay (decoupled: θ·(1-ηλ), applied by the core; every method here defaults 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 import zo_rule
 from zo import NOISE_BLOCK, Rule, ZOOptimizer
 
-__all__ = ["MeZO", "ZOSGDSign", "ZOSGDMMT", "ZOSGDCons", "ZOAdam", "HiZOO", "FZOO"]
+__all__ = ["ModeDefault", "MeZO", "ZOSGDSign", "ZOSGDMMT", "ZOSGDCons", "ZOAdam", "HiZOO", "FZOO"]
 
-# The values of MeZO's paper per mode (LR, ε): the starting point where a method's authors publish none for a mode.
-MEZO_PAPER = {"ft": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
+class ModeDefault(NamedTuple):
+    """The (LR, ε) a method starts from in one training mode, and where the values come from (a paper's table, the
+    authors' script, or "ours, because ...")."""
+    lr: float
+    eps: float
+    source: str
+
+
+
+# MeZO's recommended (LR, ε) per mode for OPT-13B (its large-model README grids; the top LR of each), also the
+# starting point of a method whose authors publish none for a mode (borrowed() says so in the source).
+MEZO_PAPER = {
+    "ft": ModeDefault(1e-6, 1e-3, "MeZO README grid LR {1e-6, 1e-7}, ε 1e-3; its author calls 1e-6 generally best"),
+    "lora": ModeDefault(1e-4, 1e-2, "MeZO README LoRA grid LR {1e-4, 5e-5}, ε 1e-2: its top"),
+    "prefix": ModeDefault(1e-2, 1e-1, "MeZO README prefix grid LR {1e-2, 1e-3}, ε 1e-1: its top"),
+}
+
+
+def borrowed(defaults: dict, who: str) -> dict:
+    """`defaults` restated as the starting point of a method whose authors publish no value for those modes."""
+    return {mode: d._replace(source=f"borrowed, as {who} publish none for this mode: {d.source}")
+            for mode, d in defaults.items()}
 
 
 def _f64(value, like: torch.Tensor) -> torch.Tensor:
@@ -33,8 +54,7 @@ class MeZO(ZOOptimizer):
     title = "MeZO"
     streams = ("z",)
     update_values = ("coef",)
-    # mezo.sh's long-standing defaults (the same for every mode)
-    mode_defaults = {"ft": (1e-5, 1e-3), "lora": (1e-5, 1e-3), "prefix": (1e-5, 1e-3)}
+    mode_defaults = MEZO_PAPER
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
@@ -48,18 +68,29 @@ class MeZO(ZOOptimizer):
         return {"coef": -(g * group["lr"])}
 
 
-# ZO-Bench publishes LR/ε grids per mode (zo-bench/sweeps), not single values: our defaults are points of those grids.
-ZO_BENCH = {"ft": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-5, 1e-3)}
+def zo_bench(method: str, lora: tuple, prefix: tuple) -> dict:
+    """ZO-Bench publishes LR / ε grids per method and mode (zo-bench/sweeps/SST2_opt-1.3b: OPT-1.3B on SST2), not the
+    values it picked: our default is MeZO's value where the method's grid holds it, else the grid's top.  `lora` and
+    `prefix`: (LR, ε, the grid as the sweep files give it).  No full-parameter grids were published for these
+    methods: MeZO's value, borrowed."""
+    defaults = {"ft": borrowed(MEZO_PAPER, "ZO-Bench's sweeps")["ft"]}
+    for mode, (lr, eps, grid) in (("lora", lora), ("prefix", prefix)):
+        picked = "MeZO's value, in it" if (lr, eps) == MEZO_PAPER[mode][:2] else "its top"
+        defaults[mode] = ModeDefault(lr, eps, f"ZO-Bench sweeps SST2_opt-1.3b, {method}, {mode} grid {grid}: {picked}")
+    return defaults
 
 
 class ZOSGDSign(MeZO):
-    """ZO-SGD-Sign (ZO-Bench, Zhang et al. ICML 2024, after signSGD; Liu et al. 2019): the sign of the ZO gradient
-    estimate ĝ = g·z, element by element:   θ <- θ - η·sign(g·z) = θ - η·sign(g)·sign(z).
-    The authors' code (zo-bench/trainer.py, "signOpt_orig") steps along sign(g)·z instead (MeZO with |g| replaced by
-    1), and keeps the paper's form commented out ("signOpt_mul_sign"); we follow the paper.  No state."""
+    """ZO-SGD-Sign (ZO-Bench, Zhang et al. ICML 2024, after signSGD; Liu et al. 2019), as the paper states it: the
+    sign of the ZO gradient estimate ĝ = g·z, element by element:   θ <- θ - η·sign(g·z) = θ - η·sign(g)·sign(z).
+    No state.  Where the authors' code (ZO-Bench/ZO-LLM zo-bench/trainer.py, zo_step) departs: it writes sign(g)·z
+    (not sign(g·z); the paper's form is commented out as "signOpt_mul_sign") into .grad and steps whatever optimizer
+    the run was given, and none of its published sweeps passes --optimizer, so their ZO-SGD-Sign runs stepped
+    Hugging Face's default AdamW on sign(g)·z: an Adam-like method, not signSGD.  We follow the paper."""
 
     name, title = "zo_sgd_sign", "ZO-SGD-Sign"
-    mode_defaults = ZO_BENCH
+    mode_defaults = zo_bench("trainer zo_sign_opt", (1e-4, 1e-2, "LR {1e-3 .. 1e-6}, ε {1e-2, 1e-3, 1e-4}"),
+                             (1e-2, 1e-1, "LR {1e-2, 1e-3, 1e-4}, ε 1e-1"))
 
     @staticmethod
     def rule(noise, state, s):
@@ -79,7 +110,8 @@ class ZOSGDMMT(ZOOptimizer):
     buffers = ("momentum_buffer",)
     step_values = ("mu",)
     update_values = ("g", "neg_lr")
-    mode_defaults = {**ZO_BENCH, "prefix": (1e-4, 1e-3)}
+    mode_defaults = zo_bench("trainer zo_sgd, momentum 0.9", (1e-4, 1e-2, "LR {1e-3 .. 1e-6}, ε {1e-2, 1e-3, 1e-4}"),
+                             (1e-2, 1e-1, "LR {1e-2, 1e-3, 1e-4}, ε 1e-1"))
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, mu=0.9, **kw):
@@ -103,16 +135,21 @@ class ZOSGDMMT(ZOOptimizer):
 class ZOAdam(ZOOptimizer):
     """ZO-Adam (ZO-Bench): Adam on the ZO gradient estimate ĝ = g·z, as torch.optim.Adam in the authors' code:
         m <- β1·m + (1-β1)·ĝ,  v <- β2·v + (1-β2)·ĝ²,
-        θ <- θ - η/(1-β1^t) · m / (√v/√(1-β2^t) + ϵ),   t = 1, 2, ... (steps, not directions)
-    β1 = 0.9, β2 = 0.999, ϵ = 1e-8 (torch's defaults, which the authors keep).  Their Adam has no weight decay; ours is
-    the core's decoupled λ (0 by default, so the two agree).  State: m and v, two buffers."""
+        θ <- θ - η/(1-β1^n) · m / (√v/√(1-β2^n) + ϵ),   n = 1, 2, ... the updates applied so far, this one included
+    β1 = 0.9, β2 = 0.999, ϵ = 1e-8 (torch's defaults, which the authors keep).  n counts applied updates as torch's
+    Adam counts its own step() calls: a step skipped for a non-finite loss neither moves m, v nor advances n (it is
+    step count minus skipped steps, read on the device: no host synchronisation).  The authors' code never skips (a
+    non-finite loss reaches Adam as a non-finite gradient); skipping is this suite's rule for every method.  Their
+    Adam has no weight decay; ours is the core's decoupled λ (0 by default, so the two agree).  State: m and v, two
+    buffers."""
 
     name, title = "zo_adam", "ZO-Adam"
     streams = ("z",)
     buffers = ("exp_avg", "exp_avg_sq")
-    step_values = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "sqrt_bc2", "adam_eps")
-    update_values = ("g", "step_size")
-    mode_defaults = ZO_BENCH
+    step_values = ("beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "adam_eps")
+    update_values = ("g", "step_size", "sqrt_bc2")
+    mode_defaults = zo_bench("trainer zo_adam", (1e-4, 1e-2, "LR {1e-4, 1e-5, 1e-6}, ε {1e-2 .. 1e-5}"),
+                             (1e-4, 1e-3, "LR {1e-4 .. 1e-8}, ε {1e-3, 1e-4, 1e-5}"))
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, beta1=0.9, beta2=0.999, adam_eps=1e-8, **kw):
@@ -134,20 +171,25 @@ class ZOAdam(ZOOptimizer):
 
     def values_at(self, t):
         return {"beta1": self.beta1, "one_minus_beta1": 1.0 - self.beta1, "beta2": self.beta2,
-                "one_minus_beta2": 1.0 - self.beta2, "sqrt_bc2": math.sqrt(1.0 - self.beta2 ** (t + 1)),
-                "adam_eps": self.adam_eps}
+                "one_minus_beta2": 1.0 - self.beta2, "adam_eps": self.adam_eps}
 
     def values_from_g(self, g, group):
-        bc1 = 1.0 - self.beta1 ** (self.step_count + 1)
-        return {"g": g, "step_size": _f64(-group["lr"] / bc1, g)}
+        n = (self.step_count - self.skipped_steps).to(g.device, torch.float64) + 1   # this update, if applied
+        bc1 = 1.0 - torch.pow(_f64(self.beta1, g), n)
+        sqrt_bc2 = torch.sqrt(1.0 - torch.pow(_f64(self.beta2, g), n))
+        return {"g": g, "step_size": -group["lr"] / bc1, "sqrt_bc2": sqrt_bc2}
 
 
 class ZOSGDCons(MeZO):
-    """ZO-SGD-Cons (ZO-Bench, "conservative"): after the two-point probe, the candidates θ - η·g·z and θ + η·g·z are
-    evaluated on the same batch and the step goes to the lowest of L(θ), L(θ-ηgz), L(θ+ηgz) (weight decay included in
-    the candidates, as in the authors' update_params); a candidate is taken only where its loss is strictly below
-    L(θ), so a step never raises the probe loss.  Ties go to θ, then to θ-ηgz (the authors' code breaks some ties
-    toward θ+ηgz).  5 forward passes a step: L(θ), ℓ+, ℓ-, and the two candidates.
+    """ZO-SGD-Cons (ZO-Bench, "conservative"), as the paper states it: after the two-point probe, the SGD candidates
+    θ - η·g·z and θ + η·g·z are evaluated on the same batch and the step goes to the lowest of L(θ), L(θ-ηgz),
+    L(θ+ηgz); a candidate is taken only where its loss is strictly below L(θ), so a step never raises the probe loss.
+    Ties go to θ, then to θ-ηgz.  The candidates carry the core's decoupled weight decay λ (0 by default).  5 forward
+    passes a step: L(θ), ℓ+, ℓ-, and the two candidates.
+    Where the authors' code (zo-bench/trainer.py, zo_conserv_step) departs: its candidates are optimizer steps on
+    ±ĝ, and as none of its published sweeps passes --optimizer that optimizer is Hugging Face's default AdamW (so the
+    candidates are Adam steps, with AdamW's own weight decay, and going from θ-ηĝ to θ+ηĝ is a third Adam step, not an
+    exact reflection); ties keep θ+ηĝ, and L(θ-ηĝ) = L(θ) accepts θ-ηĝ.
     Exactness: every candidate is built from a stash of θ (exact_restore is on for every tensor: +1 x params), and a
     rejection copies the stash back, so a rejected step leaves θ bit for bit; the accepted candidate is the evaluated
     weights bit for bit.  One probe per step (the candidates are judged on its batch; ZO-Bench refuses gradient
@@ -156,7 +198,8 @@ class ZOSGDCons(MeZO):
     name, title = "zo_sgd_cons", "ZO-SGD-Cons"
     forwards = 5
     max_directions = 1   # the candidates are judged along the one probed direction
-    mode_defaults = ZO_BENCH
+    mode_defaults = zo_bench("trainer zo_conserv", (1e-4, 1e-2, "LR {1e-4 .. 1e-7}, ε {1e-2, 1e-3, 1e-4}"),
+                             (1e-3, 1e-2, "LR {1e-3 .. 1e-6}, ε {1e-2, 1e-3, 1e-4}"))
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, **kw):
@@ -179,7 +222,8 @@ class ZOSGDCons(MeZO):
 
     @torch.no_grad()
     def probe(self, closure, direction: int = 0):
-        if self._n_probes or direction != 0:
+        self._check_direction(direction)
+        if self._n_probes:
             raise ValueError("ZO-SGD-Cons judges its candidates on the batch of its one probe: one probe of direction "
                              "0 per step (use --gradient_accumulation_steps 1)")
         l0 = self.center_loss(closure)
@@ -226,13 +270,15 @@ class HiZOO(ZOOptimizer):
         probes at θ ± ε·z/√Σ and L(θ):  ℓ+, ℓ-, ℓ0 (3 forward passes),  g = (ℓ+ - ℓ-)/(2ε)
         Σ <- (1-α)·Σ + α·|ℓ+ + ℓ- - 2ℓ0|/(2ε²) · Σ·z²
         θ <- θ - η·(g·z/√Σ_new + λθ)
-    as the authors' code (trainer.py, zo_Hessian_step_update) computes it: the update uses the new Σ, the probes the
-    old one.  The paper writes the preconditioner as Σ^{1/2} with Σ an inverse-Hessian estimate; the code keeps the
-    Hessian estimate and divides by its root, the same thing for a diagonal; we follow the code.  The code's extra
-    forward after the update (only logged) is not made.  α (--zo_hizoo_alpha): the code's default schedule is
-    "constant0" (α = 0: Σ stays 1 and HiZOO is MeZO with a wasted forward); its README's example uses 1e-8, our
-    default.  Σ stays positive: α ∈ [0, 1), the estimate is ≥ 0, and a step with a non-finite loss is skipped whole.
-    State: Σ, one buffer."""
+    as the authors' code (Yanjun-Zhao/HiZOO trainer.py, zo_Hessian_step_update) computes it: the update uses the new
+    Σ, the probes the old one.  The paper writes the preconditioner as Σ^{1/2} with Σ an inverse-Hessian estimate; the
+    code keeps the Hessian estimate and divides by its root, the same thing for a diagonal; we follow the code.
+    Departures from the code: its fourth forward after the update (only logged) is not made; it evaluates α and the LR
+    once per epoch, we take them constant; its weight decay reaches every trainable parameter while ours, the suite's
+    parameter groups, exempts biases and normalisation weights (no difference at λ = 0, the default here and in the
+    authors' scripts).  α (--zo_alpha): the code's default schedule is "constant0" (α = 0: Σ stays 1 and HiZOO is
+    MeZO with a wasted forward); its README's example uses 1e-8, our default.  Σ stays positive: α ∈ [0, 1), the
+    estimate is ≥ 0, and a step with a non-finite loss is skipped whole.  State: Σ, one buffer."""
 
     name, title = "hizoo", "HiZOO"
     forwards = 3
@@ -242,7 +288,8 @@ class HiZOO(ZOOptimizer):
     buffer_init = {"hessian": 1.0}
     step_values = ("one_minus_alpha",)
     update_values = ("alpha_h", "coef")
-    mode_defaults = {**MEZO_PAPER, "ft": (1e-6, 1e-3)}   # ft: the authors' README; others: MeZO's
+    mode_defaults = {**borrowed(MEZO_PAPER, "HiZOO's authors"),
+                     "ft": ModeDefault(1e-6, 1e-3, "HiZOO's README example (OPT, full parameters)")}
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, alpha=1e-8, **kw):
@@ -281,16 +328,19 @@ class FZOO(MeZO):
         θ <- θ - η/σ · (1/N)·Σ_i g_i·u_i     (N+1 forward passes a step)
     Direction i is the core's direction i of the step (seed zo_noise.direction_seed), applied by the core's
     several-direction update (each with η/N) with coef -η/N·g_i/σ.  A step whose σ is 0 or not finite is skipped.
-    The authors' repository (dkmiyan/FZOO) was not reachable here; the formula is the paper's as summarised in its
-    abstract and by third parties, and N = 8 and the LR defaults (MeZO's LR times ε, which gives the normalised step a
-    MeZO-sized magnitude when σ ≈ ε·|∇L|) are ours, not the authors'."""
+    We follow the paper.  The authors' code (DKmiyan/FZOO trainer.py) departs in two constants: its σ is the
+    population std (N in the denominator, not N-1: σ smaller by √((N-1)/N), 0.935 at N = 8), and its step
+    lr·Σ_i (ℓ_i - ℓ0)/(N·σ)·u_i has no 1/ε, so its LR is our η/ε; it also measures ℓ0 after the N probes (the same θ).
+    N = 8 as theirs (run.py, fzoo.sh).  Defaults: their fzoo.sh's LR 1e-5 (for every mode) converted to η = 1e-5·ε."""
 
     name, title = "fzoo", "FZOO"
     forwards = 9
     default_directions, min_directions = 8, 2   # σ is the spread of the directions' losses
     forwards_per_direction = 1                  # one-sided probes around one shared ℓ0
     forwards_note = "N+1 (9 at the default N = 8)"
-    mode_defaults = {mode: (lr * eps, eps) for mode, (lr, eps) in MEZO_PAPER.items()}
+    mode_defaults = {mode: ModeDefault(1e-5 * d.eps, d.eps, f"FZOO's fzoo.sh: LR 1e-5 in its code's units (no 1/ε), "
+                                                            f"η = 1e-5·ε; ε: MeZO's for the mode ({d.source})")
+                     for mode, d in MEZO_PAPER.items()}
 
     def __init__(self, params, lr=1e-9, eps=1e-3, weight_decay=0.0, seed=0, direction="rademacher",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, num_directions=8, **kw):

@@ -21,8 +21,9 @@ import math
 import torch
 
 import zo_noise
-from zo import NOISE_BLOCK, Rule, ZOOptimizer, _cpu, _local
-from zo_family import MEZO_PAPER
+from parallel import local_part
+from zo import NOISE_BLOCK, Rule, ZOOptimizer, _cpu
+from zo_family import MEZO_PAPER, ModeDefault, borrowed
 
 __all__ = ["LOZO", "LOZOM", "SubZero"]
 
@@ -81,7 +82,7 @@ class _LowRank(ZOOptimizer):
 
     def _rows(self, p, n) -> tuple[int, int]:
         """(first row, rows) of the part of p this process holds."""
-        offset, local = self.noise_offset(p), _local(p).numel()
+        offset, local = self.noise_offset(p), local_part(p).numel()
         if offset % n or local % n:
             raise ValueError(f"{self.title}: this shard of a {tuple(p.shape)} tensor starts at element {offset} and "
                              f"holds {local}, not whole rows of its {n}-wide matrix view; shard on dimension 0")
@@ -94,7 +95,7 @@ class _LowRank(ZOOptimizer):
             if not p.requires_grad or self._elementwise(p):
                 continue
             m, n = self.matrix_shape(p)
-            data = _local(p).detach()
+            data = local_part(p).detach()
             row0, rows = self._rows(p, n)
             x = data.view(rows, n) if data.is_contiguous() else data.reshape(rows, n).contiguous()
             stash = self._stashes(p) and (kind != "update" or self._restoring)
@@ -129,12 +130,19 @@ class LOZO(_LowRank):
     """LOZO (Chen et al., ICLR 2025, arXiv 2410.07698; optsuite/LOZO): for each weight matrix W (m x n) the direction
     is U·Vᵀ, U (m x r) drawn fresh every step, V (n x r) redrawn every ν steps (`interval`):
         g = (L(W + εUVᵀ) - L(W - εUVᵀ))/(2ε),   W <- W - η·(g·U·Vᵀ + λW)
-    vectors: MeZO's z.  As the authors' code (LOZOtrainer.py): no 1/r scaling.  V is not stored: it is regenerated
-    from the seed of its refresh step.  Defaults: r = 2, ν = 50 and, in full fine-tuning, η = 1e-6, ε = 1e-3 (the
-    authors' README for OPT); LoRA / prefix values are MeZO's (the authors publish none).  No state."""
+    vectors: MeZO's z.  We follow the paper: the update moves along the U·Vᵀ that was probed, at every step.  No
+    1/r scaling, as the authors' code.  V is not stored: it is regenerated from the seed of its refresh step.
+    Where the authors' code (optsuite/LOZO large_models/LOZOtrainer.py, lowrank_zo_perturb_parameters and
+    lowrank_zo_update) departs: it redraws the update's factors from the step's seed drawing U only, so at a refresh
+    step (every ν steps, step 0 included), where the probe drew V before U, the update's U comes from the stream
+    positions the probe used for V (and every later tensor's noise shifts): it updates along a direction it did not
+    probe.  Its weight decay skips parameters by name (bias, layer norm); ours by module type (the same set).
+    Defaults: r = 2, ν = 50 (run_lozo.py) and, in full fine-tuning, η = 1e-6, ε = 1e-3 (the README's OPT table, LR
+    {1e-6, 1e-7}); LoRA / prefix values are MeZO's (the authors publish none).  No state."""
 
     name, title = "lozo", "LOZO"
-    mode_defaults = {**MEZO_PAPER, "ft": (1e-6, 1e-3)}
+    mode_defaults = {**borrowed(MEZO_PAPER, "LOZO's authors"),
+                     "ft": ModeDefault(1e-6, 1e-3, "LOZO's README (OPT-13B, full parameters)")}
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, rank=2, interval=50, **kw):
@@ -159,9 +167,11 @@ class LOZOM(LOZO):
     """LOZO-M (the momentum variant of LOZO): the momentum of a matrix lives in factor space, M (m x r):
         M <- β·M + (1-β)·g·U,   W <- W - η·(M·Vᵀ + λW)
     and where V is redrawn (every ν steps) M is first carried into the new basis, M <- β·M·V_oldᵀ·V_new/n + (1-β)·g·U;
-    the first step sets M = g·U.  Vectors keep a full momentum m <- β·m + (1-β)·g·z (m = g·z at the first step).  As
-    the authors' code (medium_models/src/LOZOtrainer.py, lowrank_zo_update_momentum).  β = 0.9 (their default).
-    State: M per matrix (m x r) and m per vector element."""
+    the first step sets M = g·U.  Vectors keep a full momentum m <- β·m + (1-β)·g·z (m = g·z at the first step).  The
+    formulas are the authors' code's (optsuite/LOZO medium_models/src/LOZOtrainer.py, the RoBERTa-sized models: the
+    large-model code has no LOZO-M), including the carry's 1/n; we depart from it where LOZO does (above: one U per
+    step, probed and applied).  β = 0.9: their lozo.sh (their run_lozo.py's own default is 0.7).  Defaults for LR / ε
+    are LOZO's.  State: M per matrix (m x r) and m per vector element."""
 
     name, title = "lozo_m", "LOZO-M"
     buffers = ("momentum",)
@@ -225,7 +235,7 @@ class SubZero(_LowRank):
     η = 1e-3, ε = 1e-2, r = 24, T = 1000)."""
 
     name, title = "subzero", "SubZero"
-    mode_defaults = MEZO_PAPER
+    mode_defaults = borrowed(MEZO_PAPER, "SubZero's authors")
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, rank=8, interval=2000, **kw):

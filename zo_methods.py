@@ -7,7 +7,8 @@ from zo_adamu import AdaMUSchedule, ZOAdaMU
 from zo_family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 from zo_lowrank import LOZO, LOZOM, SubZero
 
-__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "forward_passes", "mode_defaults", "short"]
+__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "describe_all", "forward_passes", "mode_defaults",
+           "default_source", "defaults_table", "taking_several_directions", "directions_help", "short"]
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (
     MeZO, ZOAdaMU, ZOSGDSign, ZOSGDMMT, ZOSGDCons, ZOAdam, HiZOO, LOZO, LOZOM, SubZero, FZOO)}
@@ -28,6 +29,27 @@ def describe(name: str) -> str:
     return f"{name}: {getattr(cls, 'forwards_note', cls.forwards)} forward passes a step; {cls.memory()}"
 
 
+def taking_several_directions() -> list[str]:
+    """The methods that take --zo_num_directions > 1."""
+    return [name for name, cls in OPTIMIZERS.items() if cls.direction_bound()[0] != 1]
+
+
+def directions_help() -> str:
+    """--zo_num_directions' help: what Q means for each method, from the registry."""
+    one = [name for name in OPTIMIZERS if name not in taking_several_directions()]
+    averaged = [name for name in taking_several_directions() if get(name).forwards_per_direction == 2]
+    own = [f"{name} (N one-sided directions around one L(θ), N+1 forward passes; default "
+           f"{get(name).default_directions}, at least {get(name).min_directions})"
+           for name in taking_several_directions() if name not in averaged]
+    return (f"Directions Q a step. {', '.join(averaged)}: Q two-point estimates on the step's batch (2 forward passes "
+            f"each), the update θ - lr·mean_q(g_q·u_q) (default 1). {'; '.join(own)}. One direction only: "
+            f"{', '.join(one)} (their optimizer state, or their probe, belongs to one direction a step).")
+
+
+def describe_all() -> str:
+    return "; ".join(map(describe, OPTIMIZERS))
+
+
 def forward_passes(name: str, num_directions: int | None = None) -> int:
     """Training forward passes a step of --zo_optim `name` with `num_directions` directions (default: its own)."""
     cls = get(name)
@@ -39,7 +61,22 @@ def mode_defaults(name: str, mode: str) -> tuple[float, float]:
     """(LR, ε) a method starts from in a training mode (ft, lora, prefix): its class's mode_defaults."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
-    return get(name).mode_defaults[mode]
+    default = get(name).mode_defaults[mode]
+    return default.lr, default.eps
+
+
+def default_source(name: str, mode: str) -> str:
+    """Where the (LR, ε) of mode_defaults(name, mode) come from."""
+    mode_defaults(name, mode)
+    return get(name).mode_defaults[mode].source
+
+
+def defaults_table() -> str:
+    """Every method's starting (LR, ε) per mode with its source: one line each (run.py --help shows it)."""
+    return ("ZO optimizers: the (LR, ε) each starts from per mode (mezo.sh and grid.sh use them where LR / EPS are not "
+            "given), and where they come from:\n" + "\n".join(
+                f"  {name} {mode}: LR {short(d.lr)}, ε {short(d.eps)} ({d.source})"
+                for name, cls in OPTIMIZERS.items() for mode, d in cls.mode_defaults.items()))
 
 
 def short(x: float) -> str:

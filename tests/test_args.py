@@ -165,11 +165,20 @@ def test_directions_are_checked_against_the_optimizer_and_the_launch(monkeypatch
         "num_directions"] == 3
     assert "--zo_num_directions 1: fzoo needs at least 2" in "\n".join(
         problems([*TRAIN, "--zo_optim", "fzoo", "--zo_num_directions", "1"]))
-    for name in ("hizoo", "zo_sgd_cons"):
+    # a method whose direction or update reads its state takes one direction, in either parallel mode
+    for name in ("hizoo", "zo_sgd_cons", "zo_adamu", "zo_sgd_mmt", "zo_adam", "lozo_m"):
         assert f"--zo_num_directions 2: {name} probes 1 direction a step" in "\n".join(problems(
             [*TRAIN, "--zo_optim", name, "--zo_num_directions", "2"]))
     import parallel
     monkeypatch.setattr(parallel, "launched_world_size", lambda: 2)  # a torchrun launch of 2, seen by the checks
+    for name in ("zo_adamu", "zo_sgd_mmt", "zo_adam", "lozo_m"):
+        text = "\n".join(problems([*TRAIN, "--zo_optim", name, "--zo_parallel", "directions",
+                                   "--zo_num_directions", "2"]))
+        assert f"--zo_num_directions 2: {name} probes 1 direction a step (its direction or update reads" in text
+    help_text = args.Parser().format_help()
+    assert "One direction only: zo_adamu, zo_sgd_mmt, zo_sgd_cons, zo_adam, hizoo, lozo_m" in " ".join(
+        help_text.split())
+    assert "mezo lora: LR 1e-4, ε 1e-2 (MeZO README LoRA grid" in help_text
     text = "\n".join(problems([*TRAIN, "--zo_parallel", "directions", "--zo_num_directions", "3"]))
     assert "--zo_num_directions 3 does not split over 2 processes; use a multiple of 2 (e.g. 2 or 4)" in text
     text = "\n".join(problems([*TRAIN, "--zo_parallel", "directions", "--zo_num_directions", "4",

@@ -78,7 +78,7 @@ def test_every_mode_keeps_the_ranks_identical_with_gradient_accumulation(tmp_pat
     torch.testing.assert_close(torch.tensor(two[0]["losses"]), torch.tensor(one[0]["losses"]), rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("optimizer", ["mezo", "zo_adamu", "fzoo"])
+@pytest.mark.parametrize("optimizer", ["mezo", "lozo", "fzoo"])
 def test_direction_parallelism_equals_one_process_probing_every_direction(tmp_path, tiny_llama_dir, optimizer):
     """2 ranks probe 2 of 4 directions each on the same batch and exchange the (direction, g) sums: every rank ends
     where one process probing all 4 ends, bit for bit (exact restore: each direction's probes start from θ itself in

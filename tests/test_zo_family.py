@@ -319,6 +319,55 @@ def test_every_optimizer_declares_forwards_memory_and_defaults():
         assert isinstance(cls.forwards, int) and cls.forwards >= 2, name
         assert cls.memory().startswith(cls.title + ":"), name
         assert set(cls.mode_defaults) == set(zo_methods.MODES), name
+        for mode in zo_methods.MODES:   # every default says where it comes from
+            assert len(zo_methods.default_source(name, mode)) > 20, (name, mode)
         assert name in zo_methods.describe(name)
     with pytest.raises(ValueError, match="choose from mezo, zo_adamu, "):
         zo_methods.get("zo_sgd")
+
+
+def test_zo_adam_bias_correction_counts_applied_updates_not_skipped_steps():
+    """torch's Adam counts its own step() calls; a ZO step skipped for a non-finite loss is no update, so the first
+    applied update after it is Adam's first step: lr·ĝ/(|ĝ|+ϵ) per element, whatever came before."""
+    f = tiny()[3]
+    model, _, loss, _ = tiny()
+    opt = ZOAdam(list(model.parameters()), lr=LR, eps=EPS, exact_restore=True)
+    opt.step(lambda: torch.tensor(float("nan")))
+    assert int(opt.skipped_steps) == 1 and opt.step_count == 1
+    assert_params(model, start())
+    opt.step(loss)
+    th = start()
+    zs = [noise(1, i, p) for i, p in enumerate(th)]
+    g, _, _ = two_point(f, th, zs)
+    want = [p - LR * (0.1 * g * z / 0.1) / ((0.001 * (g * z) ** 2).sqrt() / math.sqrt(0.001) + 1e-8)
+            for p, z in zip(th, zs)]
+    assert_params(model, want)
+
+
+@pytest.mark.parametrize("name", ["zo_adamu", "zo_sgd_mmt", "zo_adam", "lozo_m", "hizoo", "zo_sgd_cons"])
+def test_methods_with_state_refuse_a_second_direction(name):
+    """Q directions a step apply one after another: a method whose direction or update reads its state would probe
+    direction q with the state before the step and update it from the state that direction q-1 wrote (ZO-AdaMU), or
+    advance its momentum Q times a step (MMT, Adam, LOZO-M).  Such a method takes one direction, here and remotely."""
+    cls = zo_methods.get(name)
+    assert cls.direction_bound()[0] == 1 and name not in zo_methods.taking_several_directions()
+    model, _, loss, _ = tiny()
+    opt = cls(list(model.parameters()), lr=LR, eps=EPS, exact_restore=True)
+    with pytest.raises(ValueError, match="direction 1 refused"):
+        opt.probe(loss, direction=1)
+    with pytest.raises(ValueError, match="direction 1 refused"):
+        opt.record_direction(1, torch.tensor(0.5))
+    assert set(zo_methods.taking_several_directions()) == {"mezo", "zo_sgd_sign", "lozo", "subzero", "fzoo"}
+
+
+
+def test_mezo_starts_from_its_papers_values_in_every_mode():
+    """MeZO's large-model README grids (OPT-13B): full parameters LR {1e-6, 1e-7} ε 1e-3, prefix {1e-2, 1e-3} ε 1e-1,
+    LoRA {1e-4, 5e-5} ε 1e-2; the default is each grid's top, and the methods that borrow MeZO's values get the same."""
+    want = {"ft": (1e-6, 1e-3), "lora": (1e-4, 1e-2), "prefix": (1e-2, 1e-1)}
+    for mode, values in want.items():
+        assert zo_methods.mode_defaults("mezo", mode) == values
+        for name in ("hizoo", "lozo", "subzero"):
+            if "borrowed" in zo_methods.default_source(name, mode):
+                assert zo_methods.mode_defaults(name, mode) == values, (name, mode)
+    assert "MeZO README" in zo_methods.default_source("mezo", "lora")
