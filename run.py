@@ -162,10 +162,11 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
             if interrupted is not None:
                 return interrupted
             if result is not None:
-                metrics, records, sizes = result
+                metrics, records, sizes, training = result
                 # run_dir: where report.py finds the run's training curves (trainer_state.json)
                 finish(config, metrics, records, base | {"train_set_seed": seed, "sizes": sizes,
-                                                         "run_dir": str(plan.resume[set_index].folder)},
+                                                         "run_dir": str(plan.resume[set_index].folder),
+                                                         **({"training": training} if training else {})},
                        f"trainset{set_index}", plan.num_sets, notices)
     elif task_args.train_set_seed is not None or task_args.num_train_sets is not None:
         for set_index, train_samples in enumerate(train_sets):
@@ -246,15 +247,16 @@ def build_trainer(config: arguments.RunConfig, task, model, tokenizer, tokens, t
 def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, task, model, tokenizer, tokens,
                        train_samples, eval_samples, settings):
     """Train on one train set (dev carved from its tail), then evaluate test and dev without demonstrations.
-    Returns ((metrics, records, sizes) or None without a final evaluation, the exit status of an interrupted run or
-    None)."""
+    Returns ((metrics, records, sizes, training record or None) or None without a final evaluation, the exit status
+    of an interrupted run or None)."""
     train_samples, dev_samples = split_dev(config, train_samples)
     if config.train.linear_probing:
         objective = utils.Objective(only_option=True)
         records = utils.build_train_records(task, train_samples, tokenizer, tokens, objective, config.model.max_length)
         fit_probe(config, model, utils.ListDataset(records), tokens, resume.folder)
-        return evaluate_after_training(config, task, model, tokenizer, tokens, train_samples, dev_samples,
-                                       eval_samples, settings), None
+        result = evaluate_after_training(config, task, model, tokenizer, tokens, train_samples, dev_samples,
+                                         eval_samples, settings)
+        return (None if result is None else (*result, None)), None
     for problem in resume.skipped:
         logger.warning("Skipping a checkpoint that cannot be resumed from: %s", problem)
     if config.hf.process_index == 0:
@@ -279,8 +281,10 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
         trainer.save_state()  # the whole log history in the run folder: report.py draws its curves from it
     if config.train.save_model:
         save_trained_model(config, trainer, resume.folder)
-    return evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
-                                   eval_samples, settings), None
+    global_step = trainer.state.global_step or (runs.checkpoint_step(resume.checkpoint) if resume.checkpoint else 0)
+    result = evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
+                                     eval_samples, settings)
+    return (None if result is None else (*result, trainer.clock.record(global_step))), None
 
 
 def resume_command(config: arguments.RunConfig) -> str:

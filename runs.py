@@ -129,6 +129,14 @@ def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint-N folder was saved at (N)."""
+    match = _CHECKPOINT.match(Path(checkpoint).name)
+    if match is None:
+        raise ValueError(f"{checkpoint} is not a checkpoint-N folder")
+    return int(match.group(1))
+
+
 def checkpoint_problem(checkpoint: Path) -> str | None:
     """Why a checkpoint cannot be resumed from (naming the file), or None if it is complete and loadable."""
     marker = checkpoint / MARKER

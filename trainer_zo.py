@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +95,33 @@ class StopOnSignal(TrainerCallback):
         self._previous = {}
 
 
+class TrainingClock(TrainerCallback):
+    """What the training of this process cost: the seconds spent inside optimizer steps (from on_step_begin to
+    on_step_end: the forward passes, backward or probes, and the update; not the dev evaluations or checkpoints in
+    between) and the training forward passes they ran, counted where they run."""
+
+    def __init__(self):
+        self.step_seconds, self.steps, self.forwards, self._begun = 0.0, 0, 0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._begun = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._begun is not None:
+            self.step_seconds += time.perf_counter() - self._begun
+            self.steps, self._begun = self.steps + 1, None
+
+    def record(self, global_step: int) -> dict:
+        """The training record of a result file; `global_step` is the run's (resumed steps included)."""
+        peak = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}   # Linux: KiB
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            peak["peak_cuda_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+        per_forward = self.step_seconds / self.forwards if self.forwards else None
+        return {"global_step": global_step, "steps_this_process": self.steps,
+                "forward_passes_this_process": self.forwards, "step_seconds_this_process": round(self.step_seconds, 2),
+                "seconds_per_forward": round(per_forward, 4) if per_forward is not None else None, **peak}
+
+
 class SuiteTrainer(Trainer):
     def __init__(self, *args, objective: Objective, task_eval: TaskEval, **kwargs):
         super().__init__(*args, **kwargs)
@@ -102,6 +131,8 @@ class SuiteTrainer(Trainer):
         self.loss_is_scaled_for_ga = False
         self.stop_on_signal = StopOnSignal()
         self.add_callback(self.stop_on_signal)
+        self.clock = TrainingClock()
+        self.add_callback(self.clock)
 
     @property
     def interrupted(self) -> int | None:
@@ -118,6 +149,10 @@ class SuiteTrainer(Trainer):
         tied = _tied_names(self.model)
         load_result.missing_keys[:] = [k for k in load_result.missing_keys if k not in tied]
         super()._issue_warnings_after_load(load_result)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.clock.forwards += 1   # one training forward, and its backward
+        return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss = training_loss(model, inputs, self.objective)
@@ -261,6 +296,7 @@ class ZOTrainer(SuiteTrainer):
     def _probe_loss(self, model, inputs) -> torch.Tensor:
         """The probe loss of the global batch: with several processes (data-parallel ZO) each rank's loss of its
         shard, combined over the ranks by what each averages over, so every rank finds the same projected gradient."""
+        self.clock.forwards += 1
         if self.objective.non_diff:
             loss = non_diff_loss(model, inputs, self.task_eval)
         else:

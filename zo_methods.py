@@ -85,16 +85,42 @@ def short(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-if __name__ == "__main__":   # the scripts read a method's defaults: python zo_methods.py defaults OPTIM MODE
+USAGE = """usage: python zo_methods.py COMMAND
+  defaults OPTIM MODE      DEFAULT_LR=... and DEFAULT_EPS=... of a method in a training mode (ft, lora, prefix)
+  forwards OPTIM [Q]       training forward passes a step of a method (with Q directions a step)
+  list                     the --zo_optim names"""
+
+
+def main(argv: list[str]) -> int:
+    """The scripts' view of the registry (mezo.sh, grid.sh)."""
     import sys
-    if len(sys.argv) != 4 or sys.argv[1] != "defaults":
-        print("usage: python zo_methods.py defaults OPTIM MODE   (prints DEFAULT_LR=... DEFAULT_EPS=...)",
-              file=sys.stderr)
-        sys.exit(2)
-    optim, mode = sys.argv[2:]
-    if optim not in OPTIMIZERS or mode not in MODES:
-        print(f"unknown {'OPTIM=' + optim if optim not in OPTIMIZERS else 'MODE=' + mode} (choose from "
-              f"{' | '.join(OPTIMIZERS if optim not in OPTIMIZERS else MODES)})", file=sys.stderr)
-        sys.exit(2)
-    lr, eps = mode_defaults(optim, mode)
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    shapes = {"defaults": (2,), "forwards": (1, 2), "list": (0,)}
+    if command not in shapes or len(rest) not in shapes[command]:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if command == "list":
+        print(" ".join(OPTIMIZERS))
+        return 0
+    optim = rest[0]
+    if optim not in OPTIMIZERS:
+        print(f"unknown OPTIM={optim} (choose from {' | '.join(OPTIMIZERS)})", file=sys.stderr)
+        return 2
+    if command == "forwards":
+        q = rest[1] if len(rest) > 1 else None
+        if q is not None and not (q.isdigit() and int(q) >= 1):
+            print(f"--zo_num_directions {q}: need a positive integer", file=sys.stderr)
+            return 2
+        print(forward_passes(optim, int(q) if q else None))
+        return 0
+    if rest[1] not in MODES:
+        print(f"unknown MODE={rest[1]} (choose from {' | '.join(MODES)})", file=sys.stderr)
+        return 2
+    lr, eps = mode_defaults(optim, rest[1])
     print(f"DEFAULT_LR={short(lr)}\nDEFAULT_EPS={short(eps)}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main(sys.argv[1:]))

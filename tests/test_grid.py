@@ -89,3 +89,36 @@ def test_a_run_stopped_by_a_signal_stops_the_grid(tmp_path, tiny_llama_dir):
     assert "rerun the same command to continue" in rest and rest.count(": running") == 0
     assert not list((tmp_path / "grid").glob("*.json"))
     assert list((tmp_path / "grid" / "output").glob("*/checkpoint-*/checkpoint_complete.json"))
+
+
+def test_a_forward_budget_gives_each_method_its_steps_and_locked_runs_are_left_to_their_grid(tmp_path, tiny_llama_dir):
+    """FORWARDS=6: MeZO (2 forward passes a step) runs 3 steps, HiZOO (3) 2, Adam (one forward and one backward) 6;
+    LRS_<optim> gives one method its own list, and JOBS=2 runs two at a time.  A configuration whose lock another
+    grid holds is skipped and named, and the grid exits 1 until it has every result."""
+    import fcntl
+    env = environment(tmp_path, tiny_llama_dir, OPTIMS="mezo hizoo adam", MODES="lora", FORWARDS="6",
+                      EVAL_FORWARDS="3", JOBS="2", LRS="1e-3", LRS_mezo="1e-3 1e-4", EPSS="1e-2")
+    out = tmp_path / "grid"
+    (out / "locks").mkdir(parents=True)
+    held = "SST2-" + tiny_llama_dir.name + "-mezo-lora-lr1e-4-eps1e-2-seed0-steps3-bs4-n16-4-4-x"
+    # the extra flags' hash is part of the name: find it the way grid.sh computes it
+    extra = subprocess.run(["bash", "-c", "printf '%s\\0' --report_to none --disable_tqdm true | cksum | cut -d' ' -f1"],
+                           capture_output=True, text=True).stdout.strip()
+    with open(out / "locks" / f"{held}{extra}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        done = grid(tmp_path, env)
+    assert done.returncode == 1 and f"{held}{extra}: running in another grid, skipped" in done.stdout, done.stderr
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert [n.split("-lora-")[0].rsplit("-", 1)[1] + " " + n.split("-seed0-")[1].split("-")[0] for n in names] == [
+        "adam steps6", "hizoo steps2", "mezo steps3"], names
+    assert any("-adam-lora-lr1e-3-seed0-" in n and "-eps" not in n for n in names)
+    import json
+    for path in out.glob("*.json"):
+        record = json.loads(path.read_text())
+        training, config = record["training"], record["config"]
+        assert training["global_step"] == config["max_steps"] == int(path.name.split("-steps")[1].split("-")[0])
+        want = 1 if config["trainer"] == "regular" else {"mezo": 2, "hizoo": 3}[config["zo_optim"]]
+        assert training["forward_passes_this_process"] == want * training["global_step"]
+        assert config["eval_steps"] == 3 // want and training["peak_rss_mb"] > 0
+    again = grid(tmp_path, env)   # the lock is free now: the missing run, alone
+    assert again.returncode == 0 and again.stdout.count(": running") == 1, again.stderr
