@@ -15,6 +15,21 @@ configuration picked on the test set reports an optimistic test number. Selectin
 `--allow_test_selection` is given. A configuration without the selection metric (a run without --num_dev) cannot be
 chosen; a group whose only configuration lacks it is reported as it is, marked "only configuration".
 
+Ties on the selection metric go to the configuration with more seeds, then to the lower final dev loss (the last
+eval_loss its runs logged), then to the first label; the table says when a tie was broken.
+
+Each row also shows what the selected configuration cost and how it went: the gain over zero-shot (an ICL result with
+--num_train 0 for the same task and model, found in the same folders), optimizer steps, training forward passes
+(steps x the method's forward passes a step; first-order rows count a forward and a backward per step), seconds per
+training forward pass and peak memory (from the result's "training" record), its dev curve (mean over seeds at each
+evaluation), and flags: "diverged" (a non-finite training loss, or a last logged loss above 1.5x the lowest one),
+"edge: lowest LR" / "edge: highest LR" (the selected LR is an end of the group's LR grid: extend the grid), and for a
+group, "moved nothing" (every configuration's test metric equals zero-shot).  Configurations that lost are listed with
+the same columns by --all.
+
+Results of different code (git commit, or a dirty checkout) are not mixed in one table: report.py refuses, naming the
+commits, unless --allow_mixed_code is given, which marks each row with its code.
+
 `--plot DIR` (needs matplotlib: `pip install matplotlib`) writes, per group, the training loss and the dev metric
 against steps and against training forward passes, one line per configuration (mean over seeds; band: min-max), from
 the trainer_state.json in each run's folder (the result file's run_dir), and best_test.png: the selected configuration's
@@ -26,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -40,6 +56,9 @@ SKIPPED_NAMES = {"trainer_state.json", "run_config.json", "checkpoint_complete.j
                  "special_tokens_map.json"}
 MATPLOTLIB_MISSING = ("--plot needs matplotlib, an optional extra of this suite: install it with "
                       "`pip install matplotlib` (the table above needs nothing more). No plots were written.")
+
+
+DIVERGED_RATIO = 1.5   # a last logged training loss above this multiple of the lowest one marks a divergence
 
 
 class ReportError(ValueError):
@@ -71,6 +90,16 @@ class Run:
         value = self.data.get(name)
         return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
+    @property
+    def code(self) -> str:
+        """The code that produced the run: its git commit (10 characters), "+dirty" for a modified checkout."""
+        record = self.data.get("provenance") or {}
+        return str(record.get("git_commit", "not recorded"))[:10] + ("+dirty" if record.get("git_dirty") else "")
+
+    def training(self, name: str) -> float | None:
+        value = (self.data.get("training") or {}).get(name)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
 
 @dataclass
 class Configuration:
@@ -91,6 +120,7 @@ class Group:
     configurations: list[Configuration] = field(default_factory=list)
     best: Configuration | None = None
     why: str = ""          # how the best was chosen, or why none was
+    tie: str = ""          # which configurations tied with the best, and what broke the tie
 
     @property
     def name(self) -> str:
@@ -223,16 +253,37 @@ def check_selection(select: str, allow_test: bool, runs: list[Run]) -> None:
                       f"have one), or pass --allow_test_selection to do it knowingly.")
 
 
+def final_dev_loss(configuration: Configuration) -> float | None:
+    """The mean over runs of the last eval_loss each logged (None where a run logged none)."""
+    losses = []
+    for run in configuration.runs:
+        state = trainer_state(run)
+        logged = [e["eval_loss"] for e in (state or {}).get("log_history", []) if isinstance(e.get("eval_loss"),
+                                                                                           (int, float))]
+        if not logged:
+            return None
+        losses.append(float(logged[-1]))
+    return statistics.fmean(losses) if losses else None
+
+
 def select_best(group: Group, metric: str) -> None:
     scored = [(statistics.fmean(c.values(metric)), len(c.values(metric)), c) for c in group.configurations
               if c.values(metric)]
     if scored:
-        best = scored[0]
-        for candidate in scored[1:]:  # the highest mean; ties: more seeds, then the first label (they are sorted)
-            if candidate[:2] > best[:2]:
-                best = candidate
-        group.best = best[2]
+        top = max(score[:2] for score in scored)   # the highest mean, then more seeds
+        tied = [c for mean, n, c in scored if (mean, n) == top]
+        best = tied[0]   # labels are sorted: the first label, unless the dev loss tells them apart
+        if len(tied) > 1:
+            losses = [final_dev_loss(c) for c in tied]
+            if all(loss is not None for loss in losses):
+                best = tied[losses.index(min(losses))]
+        group.best = best
         group.why = f"best mean {metric} of {len(scored)} configuration{'s' * (len(scored) > 1)}"
+        if len(tied) > 1:
+            others = ", ".join(c.label for c in tied if c is not best)
+            broken = "the lower final dev loss" if all(final_dev_loss(c) is not None for c in tied) else "label order"
+            group.tie = f"tied with {others}, broken by {broken}"
+            group.why += "; " + group.tie
         missing = len(group.configurations) - len(scored)
         if missing:
             group.why += f"; {missing} without {metric} not considered"
@@ -242,6 +293,97 @@ def select_best(group: Group, metric: str) -> None:
     else:
         group.why = (f"no configuration has {metric}; {len(group.configurations)} configurations left unranked "
                      f"(train with --num_dev, or --select another metric)")
+
+
+# --- what a configuration cost and how it went ---------------------------------------------------------------------
+
+def zero_shot(groups: list[Group]) -> dict[tuple[str, str], Configuration]:
+    """(task, model) -> the zero-shot configuration (an ICL result with --num_train 0), where the folders hold one."""
+    found = {}
+    for g in groups:
+        if g.mode != "icl":
+            continue
+        for c in g.configurations:
+            if all(int(r.config.get("num_train") or 0) == 0 for r in c.runs) and c.values(g.test_metric):
+                found[(g.task, g.model)] = c
+    return found
+
+
+def learning_rate(configuration: Configuration) -> float | None:
+    value = configuration.runs[0].config.get("learning_rate")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def diverged(configuration: Configuration) -> bool:
+    """A run of the configuration logged a non-finite training loss, or ended above DIVERGED_RATIO x its lowest."""
+    for run in configuration.runs:
+        losses = [v for _, v in curves(run, "eval_loss").get("loss", [])]
+        if losses and (not all(map(math.isfinite, losses)) or losses[-1] > DIVERGED_RATIO * min(losses)):
+            return True
+    return False
+
+
+def skipped_steps(run: Run) -> int:
+    """ZO steps skipped for a non-finite loss, as the run's log last counted them."""
+    logged = [e["skipped_steps"] for e in (trainer_state(run) or {}).get("log_history", [])
+              if isinstance(e.get("skipped_steps"), (int, float))]
+    return int(logged[-1]) if logged else 0
+
+
+def flags(group: Group, configuration: Configuration, mixed_code: bool) -> list[str]:
+    marks = ["diverged"] if diverged(configuration) else []
+    rates = sorted({lr for lr in map(learning_rate, group.configurations) if lr is not None})
+    lr = learning_rate(configuration)
+    if configuration is group.best and len(rates) > 1 and lr in (rates[0], rates[-1]):
+        marks.append(f"edge: {'lowest' if lr == rates[0] else 'highest'} LR")
+    skipped = [skipped_steps(r) for r in configuration.runs]
+    if any(skipped):
+        marks.append(f"{int(max(skipped))} steps skipped")
+    if mixed_code:
+        marks.append("code " + "/".join(sorted({r.code for r in configuration.runs})))
+    return marks
+
+
+def moved_nothing(group: Group, reference: Configuration | None) -> bool:
+    """Every configuration's test metric equals zero-shot's (to 0.05 points): the method changed no prediction."""
+    if reference is None or group.mode == "icl":
+        return False
+    base = statistics.fmean(reference.values(group.test_metric))
+    means = [statistics.fmean(c.values(group.test_metric)) for c in group.configurations
+             if c.values(group.test_metric)]
+    return bool(means) and all(abs(m - base) < 5e-4 for m in means)
+
+
+def cost(configuration: Configuration) -> dict[str, str]:
+    """Steps, training forward passes, seconds per forward pass and peak memory of a configuration (mean over its
+    runs; memory: the largest)."""
+    config = configuration.runs[0].config
+    steps = [r.training("global_step") for r in configuration.runs]
+    steps = [s for s in steps if s is not None] or [float(config.get("max_steps") or 0)]
+    step = statistics.fmean(steps)
+    per_step = forwards_per_step(config)
+    forwards = f"{step * per_step:.0f}" + (" (+ as many backward)" if config.get("trainer") == "regular" else "")
+    per_forward = [v for v in (r.training("seconds_per_forward") for r in configuration.runs) if v is not None]
+    peak = [v for v in (r.training("peak_rss_mb") for r in configuration.runs) if v is not None]
+    cuda = [v for v in (r.training("peak_cuda_allocated_mb") for r in configuration.runs) if v is not None]
+    memory = (f"{max(peak):.0f}" if peak else "–") + (f" (CUDA {max(cuda):.0f})" if cuda else "")
+    return {"steps": f"{step:.0f}", "forwards": forwards,
+            "per_forward": f"{statistics.fmean(per_forward):.2f}" if per_forward else "–", "memory": memory}
+
+
+def dev_curve(configuration: Configuration, metric: str) -> str:
+    """The dev metric at each evaluation during training, mean over the runs, in %."""
+    key = "eval_" + metric[len("dev_"):] if metric.startswith("dev_") else "eval_" + metric
+    curve = _mean_curve([curves(r, key).get("dev", []) for r in configuration.runs])
+    return ", ".join(f"{100 * v:.1f}" for v in curve[1]) if curve else "–"
+
+
+def gain(group: Group, configuration: Configuration, reference: Configuration | None) -> str:
+    if reference is None or group.mode == "icl" or not configuration.values(group.test_metric):
+        return "–"
+    delta = statistics.fmean(configuration.values(group.test_metric)) - statistics.fmean(
+        reference.values(group.test_metric))
+    return f"{100 * delta:+.1f}"
 
 
 # --- output --------------------------------------------------------------------------------------------------------
@@ -264,33 +406,63 @@ def seeds_text(configuration: Configuration) -> str:
     return f"{len(seeds)} (seeds {', '.join(seeds)})" if seeds and all(seeds) else str(len(seeds))
 
 
-def markdown_table(groups: list[Group], select: str) -> str:
+COST_HEADER = "Δ zero-shot | steps | forward passes | s / forward | peak RSS MB | dev curve | flags |"
+
+
+def _cost_cells(g: Group, c: Configuration, metric: str, reference, mixed_code: bool, group_flags=()) -> str:
+    spent = cost(c)
+    marks = flags(g, c, mixed_code) + list(group_flags)
+    return (f" {gain(g, c, reference)} | {spent['steps']} | {spent['forwards']} | {spent['per_forward']} | "
+            f"{spent['memory']} | {dev_curve(c, metric)} | {'; '.join(marks)} |")
+
+
+def markdown_table(groups: list[Group], select: str, mixed_code: bool = False) -> str:
+    references = zero_shot(groups)
     lines = ["| task | model | mode | optimizer | metric | best configuration | selected by | dev | test | runs | "
-             "configurations |", "|" + "---|" * 11]
+             "configurations | " + COST_HEADER, "|" + "---|" * 18]
     for g in groups:
         metric = selection_metric(select, g)
         c = g.best
         if c is None:
             runs = sum(len(x.runs) for x in g.configurations)
             lines.append(f"| {g.task} | {g.model} | {g.mode} | {g.optimizer} | {g.test_metric} | – | {g.why} | – | "
-                         f"– | {runs} | {len(g.configurations)} |")
+                         f"– | {runs} | {len(g.configurations)} |" + " – |" * 7)
             continue
-        selected_by = metric if g.why.startswith("best") else g.why
+        reference = references.get((g.task, g.model))
+        selected_by = (metric + (f"; {g.tie}" if g.tie else "")) if g.why.startswith("best") else g.why
         lines.append(f"| {g.task} | {g.model} | {g.mode} | {g.optimizer} | {g.test_metric} | {c.label or '–'} | "
                      f"{selected_by} | {percent(c.values(metric))} | {percent(c.values(g.test_metric))} | "
-                     f"{seeds_text(c)} | {len(g.configurations)} |")
+                     f"{seeds_text(c)} | {len(g.configurations)} |" + _cost_cells(
+                         g, c, metric, reference, mixed_code, ["moved nothing"] if moved_nothing(g, reference) else []))
     return "\n".join(lines)
 
 
-def all_configurations_table(groups: list[Group], select: str) -> str:
-    lines = ["| task | model | mode | optimizer | configuration | dev | test | runs | selected |", "|" + "---|" * 9]
+def all_configurations_table(groups: list[Group], select: str, mixed_code: bool = False) -> str:
+    references = zero_shot(groups)
+    lines = ["| task | model | mode | optimizer | configuration | dev | test | runs | selected | " + COST_HEADER,
+             "|" + "---|" * 16]
     for g in groups:
         metric = selection_metric(select, g)
         for c in g.configurations:
             lines.append(f"| {g.task} | {g.model} | {g.mode} | {g.optimizer} | {c.label or '–'} | "
                          f"{percent(c.values(metric))} | {percent(c.values(g.test_metric))} | {seeds_text(c)} | "
-                         f"{'yes' if c is g.best else ''} |")
+                         f"{'yes' if c is g.best else ''} |" + _cost_cells(g, c, metric, references.get(
+                             (g.task, g.model)), mixed_code))
     return "\n".join(lines)
+
+
+def code_problem(runs: list[Run]) -> str | None:
+    """Why the runs cannot share one table: they come from different code."""
+    codes = {}
+    for run in runs:
+        codes.setdefault(run.code, []).append(run.path.name)
+    if len(codes) < 2:
+        return None
+    listed = "; ".join(f"{code}: {len(names)} run{'s' * (len(names) > 1)} (e.g. {names[0]})"
+                       for code, names in sorted(codes.items()))
+    return (f"the results come from different code ({listed}): a table mixing them compares code as well as methods. "
+            f"Rerun the odd ones from one checkout (a pinned worktree: git worktree add DIR COMMIT), report the "
+            f"folders apart, or pass --allow_mixed_code to mark each row with its code.")
 
 
 def provenance_summary(runs: list[Run]) -> str:
@@ -311,18 +483,22 @@ def _counted(counts: dict[str, int]) -> str:
 
 def write_csv(path: Path, groups: list[Group], select: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    references = zero_shot(groups)
     with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["task", "model", "mode", "optimizer", "configuration", "selected_by", "select_metric",
                          "select_mean", "select_std", "test_metric", "test_mean", "test_std", "runs", "seeds",
-                         "configurations", "wall_time_s_mean", "result_files"])
+                         "configurations", "wall_time_s_mean", "zero_shot_gain", "steps", "forward_passes",
+                         "seconds_per_forward", "peak_rss_mb", "dev_curve", "flags", "result_files"])
         for g in groups:
             c = g.best
             metric = selection_metric(select, g)
             if c is None:
                 writer.writerow([g.task, g.model, g.mode, g.optimizer, "", g.why, metric, "", "", g.test_metric, "",
-                                 "", sum(len(x.runs) for x in g.configurations), "", len(g.configurations), "", ""])
+                                 "", sum(len(x.runs) for x in g.configurations), "", len(g.configurations), "", "",
+                                 "", "", "", "", "", "", ""])
                 continue
+            spent, reference = cost(c), references.get((g.task, g.model))
             dev_mean, dev_std = mean_std(c.values(metric))
             test_mean, test_std = mean_std(c.values(g.test_metric))
             walls = [r.data.get("provenance", {}).get("wall_time_s") for r in c.runs]
@@ -330,7 +506,9 @@ def write_csv(path: Path, groups: list[Group], select: str) -> None:
             writer.writerow([g.task, g.model, g.mode, g.optimizer, c.label, g.why, metric, _num(dev_mean),
                              _num(dev_std), g.test_metric, _num(test_mean), _num(test_std), len(c.runs),
                              " ".join(sorted(r.seed for r in c.runs)), len(g.configurations),
-                             _num(statistics.fmean(walls) if walls else None),
+                             _num(statistics.fmean(walls) if walls else None), gain(g, c, reference),
+                             spent["steps"], spent["forwards"], spent["per_forward"], spent["memory"],
+                             dev_curve(c, metric), "; ".join(flags(g, c, False)),
                              " ".join(str(r.path) for r in c.runs)])
 
 
@@ -459,17 +637,23 @@ def plot(groups: list[Group], select: str, folder: Path) -> tuple[list[Path], li
             plt.close(figure)
             notes.append(f"{g.name}: no curves to plot")
             continue
-        for row in axes:
+        for row, what in zip(axes, ("training loss (log it with --logging_steps N)",
+                                    "dev metric (evaluate with --eval_strategy steps and --num_dev)")):
             for ax in row:
                 if ax.get_lines():
                     ax.legend(fontsize=7)
+                else:   # nothing logged: say so instead of an empty 0-1 frame
+                    ax.set_axis_off()
+                    ax.text(0.5, 0.5, f"no {what}", ha="center", va="center", fontsize=9, transform=ax.transAxes)
         figure.suptitle(f"{g.task} · {g.model} · {g.mode} · {g.optimizer} (mean over seeds; band: min–max)")
         figure.tight_layout()
         path = folder / _file_name(g.task, g.model, g.mode, g.optimizer, "curves")
         figure.savefig(path, dpi=110)
         plt.close(figure)
         written.append(path)
-    chosen = [g for g in groups if g.best is not None and g.best.values(g.test_metric)]
+    references = zero_shot(groups)   # drawn as a line, not a bar
+    chosen = [g for g in groups if g.best is not None and g.best.values(g.test_metric)
+              and g.best is not references.get((g.task, g.model))]
     if chosen:
         figure, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(chosen) + 2), 4.5))
         means = [100 * statistics.fmean(g.best.values(g.test_metric)) for g in chosen]
@@ -482,8 +666,16 @@ def plot(groups: list[Group], select: str, folder: Path) -> tuple[list[Path], li
                         va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
         ax.set_xticks(range(len(chosen)), names, fontsize=8)
         ax.set_ylabel("test metric (%), mean ± std over seeds")
-        ax.set_title("Best configuration per method (selected by "
-                     f"{'the dev metric' if select == 'auto' else select})")
+        for (task, model), reference in sorted(references.items()):   # the zero-shot line of each task shown
+            if any((g.task, g.model) == (task, model) for g in chosen):
+                level = 100 * statistics.fmean(reference.values(next(g.test_metric for g in chosen
+                                                                      if (g.task, g.model) == (task, model))))
+                ax.axhline(level, color="#c44e52", linestyle="--", linewidth=1.2,
+                           label=f"zero-shot {task}" + (f" {model}" if len(references) > 1 else "") + f": {level:.1f}")
+        if ax.get_lines():
+            ax.legend(fontsize=8, loc="lower right")
+        ax.set_title("Best configuration per method\n(chosen by "
+                     f"{'the dev metric' if select == 'auto' else select}; test set reported)", fontsize=10)
         ax.set_ylim(0, max(100.0, max(m + e for m, e in zip(means, errors)) * 1.1))
         figure.tight_layout()
         path = folder / "best_test.png"
@@ -508,6 +700,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plot", type=Path, metavar="DIR", help="write PNG curves and a bar chart here "
                                                                   "(needs matplotlib)")
     parser.add_argument("--all", action="store_true", help="also list every configuration, not only the best")
+    parser.add_argument("--allow_mixed_code", action="store_true",
+                        help="report results of different code (git commits, dirty checkouts) in one table, each row "
+                             "marked with its code (refused by default)")
     return parser
 
 
@@ -519,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ReportError(f"No result files under {', '.join(map(str, options.folders))}. run.py writes them to "
                               f"result/ (or --result_file), grid.sh to its OUT folder; pass that folder.")
         check_selection(options.select, options.allow_test_selection, runs)
+        mixed = code_problem(runs)
+        if mixed and not options.allow_mixed_code:
+            raise ReportError(mixed)
     except ReportError as error:
         print(f"report.py: {error}", file=sys.stderr)
         return 2
@@ -528,10 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(runs)} result files, {len(groups)} groups. Selected by "
           f"{'dev_<task metric>' if options.select == 'auto' else options.select} (mean over seeds); dev and test in "
           f"%, mean ± sample std over seeds.\n")
-    print(markdown_table(groups, options.select))
+    print(markdown_table(groups, options.select, bool(mixed)))
     if options.all:
         print("\nEvery configuration:\n")
-        print(all_configurations_table(groups, options.select))
+        print(all_configurations_table(groups, options.select, bool(mixed)))
     print("\n" + provenance_summary(runs))
     if options.csv:
         write_csv(options.csv, groups, options.select)

@@ -73,8 +73,11 @@ def test_table_selects_by_dev_metric_with_mean_and_std_over_seeds(results, capsy
     rows = table_rows(out)
     lora = rows[("SST2", "smollm2-135m", "lora", "mezo")]
     # lr 1e-3: dev 74/76, test 68/72 -> mean 70.0, sample std 2.8; chosen over lr 3e-3 despite its test 90
-    assert lora == ["SST2", "smollm2-135m", "lora", "mezo", "accuracy", "lr=0.001 eps=0.01", "dev_accuracy",
-                    "75.0 ± 1.4", "70.0 ± 2.8", "2 (seeds 0, 1)", "2"]
+    assert lora[:11] == ["SST2", "smollm2-135m", "lora", "mezo", "accuracy", "lr=0.001 eps=0.01", "dev_accuracy",
+                         "75.0 ± 1.4", "70.0 ± 2.8", "2 (seeds 0, 1)", "2"]
+    # no zero-shot result, no training record, no run folder: steps from the flags, forward passes from the method;
+    # the chosen LR is the lower end of its grid {1e-3, 3e-3}
+    assert lora[11:] == ["–", "100", "200", "–", "–", "–", "edge: lowest LR"]
     adamu = rows[("SST2", "smollm2-135m", "lora", "zo_adamu")]
     assert adamu[5:9] == ["lr=0.0001 eps=0.01 ndev=100", "dev_accuracy", "61.0", "60.0"]  # not the 99 without dev
     icl = rows[("SST2", "smollm2-135m", "icl", "none")]
@@ -93,6 +96,7 @@ def test_every_configuration_listed_with_all(results, capsys):
     assert len(listed) == 5
     assert any("lr=0.003 eps=0.01 | 65.0 ± 1.4 | 90.0 ± 0.0 | 2 (seeds 0, 1) |  |" in line for line in listed)
     assert any("lr=0.001 eps=0.01 | 75.0 ± 1.4 | 70.0 ± 2.8 | 2 (seeds 0, 1) | yes |" in line for line in listed)
+    assert all(line.count("|") == 17 for line in listed)   # the losers carry the same columns
 
 
 def test_selecting_on_a_test_metric_is_refused_unless_allowed(results, capsys):
@@ -185,3 +189,71 @@ def test_without_matplotlib_the_table_is_printed_and_plots_skipped_with_the_inst
     assert "| SST2 | smollm2-135m | lora | mezo |" in out
     assert "pip install matplotlib" in err and "No plots were written" in err
     assert not plots.exists() or not list(plots.glob("*.png"))
+
+
+def test_rows_show_the_gain_over_zero_shot_the_cost_the_dev_curve_and_what_went_wrong(tmp_path, capsys):
+    """A zero-shot result (ICL, --num_train 0) in the folders gives every row its gain; the training record gives
+    steps, forward passes, seconds per forward and peak memory; a training loss that blew up marks a divergence; a
+    group whose every configuration left the test metric at zero-shot is marked as having moved nothing."""
+    training = {"global_step": 50, "forward_passes_this_process": 100, "seconds_per_forward": 1.25,
+                "peak_rss_mb": 1300.0}
+    write_result(tmp_path, "zs", {"accuracy": 0.55}, trainer="none", lora=False, num_train=0, num_dev=None)
+    for name, lr, test, losses in (("good", 1e-3, 0.80, [0.9, 0.7, 0.6]), ("wild", 3e-3, 0.50, [0.9, 0.7, 1.2])):
+        path = write_result(tmp_path, name, {"accuracy": test, "dev_accuracy": test}, learning_rate=lr,
+                            run_dir=f"output/{name}")
+        path.write_text(json.dumps(json.loads(path.read_text()) | {"training": training}))
+        trainer_state(tmp_path / "output" / name, list(zip((10, 20, 30), losses)), [(25, test - 0.1), (50, test)])
+    for name, lr in (("still1", 1e-5), ("still2", 1e-4)):
+        write_result(tmp_path, name, {"accuracy": 0.55, "dev_accuracy": 0.5}, zo_optim="lozo", learning_rate=lr)
+    assert report.main([str(tmp_path), "--all"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    mezo = rows[("SST2", "smollm2-135m", "lora", "mezo")]
+    assert mezo[5] == "lr=0.001 eps=0.01" and mezo[11:] == ["+25.0", "50", "100", "1.25", "1300", "70.0, 80.0",
+                                                              "edge: lowest LR"]
+    assert "moved nothing" in rows[("SST2", "smollm2-135m", "lora", "lozo")][17]
+    wild = next(line for line in out.split("Every configuration:")[1].splitlines() if "lr=0.003" in line)
+    assert "| -5.0 |" in wild and "diverged" in wild
+
+
+def test_ties_on_dev_are_broken_by_the_dev_loss_and_said(tmp_path, capsys):
+    for name, lr, dev_loss in (("a", 1e-3, 0.7), ("b", 3e-3, 0.6)):
+        write_result(tmp_path, name, {"accuracy": 0.6, "dev_accuracy": 0.6}, learning_rate=lr, run_dir=f"output/{name}")
+        (tmp_path / "output" / name).mkdir(parents=True)
+        (tmp_path / "output" / name / "trainer_state.json").write_text(json.dumps(
+            {"log_history": [{"step": 10, "eval_loss": 0.9}, {"step": 20, "eval_loss": dev_loss}]}))
+    assert report.main([str(tmp_path)]) == 0
+    row = table_rows(capsys.readouterr().out)[("SST2", "smollm2-135m", "lora", "mezo")]
+    assert row[5] == "lr=0.003 eps=0.01" and "tied with lr=0.001 eps=0.01, broken by the lower final dev loss" in row[6]
+
+
+def test_results_of_different_code_are_refused_or_marked(results, capsys):
+    path = results / "b1.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(data | {"provenance": data["provenance"] | {"git_commit": "0123456789abc"}}))
+    assert report.main([str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "different code" in err and "0123456789: 1 run (e.g. b1.json)" in err and "--allow_mixed_code" in err
+    assert report.main([str(results), "--allow_mixed_code", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert any("lr=0.003" in line and "code 0123456789/abcdef1234" in line for line in out.splitlines())
+
+
+def test_plots_say_what_was_not_logged_and_draw_the_zero_shot_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    write_result(tmp_path, "zs", {"accuracy": 0.55}, trainer="none", lora=False, num_train=0, num_dev=None)
+    write_result(tmp_path, "a", {"accuracy": 0.7, "dev_accuracy": 0.7}, run_dir="output/a")
+    trainer_state(tmp_path / "output" / "a", [], [(10, 0.6), (20, 0.7)])   # dev logged, no training loss
+    drawn = []
+    plt = report.import_pyplot()
+    monkeypatch.setattr(plt.Figure, "savefig", lambda figure, path, **kw: drawn.append((figure, path)))
+    assert report.main([str(tmp_path), "--plot", str(tmp_path / "plots")]) == 0
+    curves = next(f for f, p in drawn if str(p).endswith("curves.png"))
+    texts = [t.get_text() for ax in curves.axes for t in ax.texts]
+    assert texts.count("no training loss (log it with --logging_steps N)") == 2
+    bars = next(f for f, p in drawn if str(p).endswith("best_test.png"))
+    (ax,) = bars.axes
+    assert [line.get_label() for line in ax.get_lines() if not line.get_label().startswith("_")] == [
+        "zero-shot SST2: 55.0"]
+    assert len(ax.patches) == 1   # the trained method's bar; zero-shot is the line
+    assert "\n" in ax.get_title()   # two lines: nothing cut off at the figure's width
