@@ -327,6 +327,9 @@ def save_trained_model(config: arguments.RunConfig, trainer, output_dir: Path) -
     adapter = ADAPTERS.get(config.mode)
     if adapter is None or not adapter.export(trainer.model, str(output_dir), config.peft.save_merged):
         trainer.save_model(str(output_dir))
+    parallel.barrier()  # an adapter is exported by every rank: touch the files once all of them are written
+    if trainer.args.should_save:
+        runs.weights_follow_umask(output_dir)
 
 
 def finish(config: arguments.RunConfig, metrics: dict, records: list[dict], extra: dict, suffix: str, num_sets: int,

@@ -15,7 +15,7 @@ a hash of it (`run_id`).
   moment could leave no complete checkpoint at all.
 * **Results.** `result/<name>.json` names what distinguishes the run; a file there from another run (another
   `run_id`) is never replaced: the new result is written beside it with the run id in its name, and a warning says so.
-  Files are written atomically and with the permissions the umask allows.
+  Files are written atomically and with the permissions the umask allows (weights too: see `weights_follow_umask`).
 """
 
 from __future__ import annotations
@@ -271,6 +271,16 @@ def _umask() -> int:
     return mask
 
 
+def weights_follow_umask(folder: Path) -> None:
+    """Give the weight files in `folder` (a checkpoint, or where --save_model saved) the permissions the umask allows,
+    as every other file a run writes. safetensors (0.8) writes each file into a temporary file created with mode 0600
+    and renames it into place (safetensors issue #782), so weights were readable by their owner alone."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).glob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
 class CheckpointCallback(TrainerCallback):
     """Records which run owns the folder when training begins, marks each checkpoint complete once Hugging Face has
     written all of its files, then applies the rotation limit (see the module docstring)."""
@@ -289,6 +299,7 @@ class CheckpointCallback(TrainerCallback):
             return
         folder = Path(args.output_dir)
         checkpoint = folder / f"checkpoint-{state.global_step}"
+        weights_follow_umask(checkpoint)
         files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
                  if p.is_file() and p.name != MARKER}
         _write_json(checkpoint / MARKER, {"step": state.global_step, "run_id": self.run_id,

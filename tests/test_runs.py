@@ -344,6 +344,25 @@ def test_result_files_respect_the_umask(tmp_path, monkeypatch, tiny_llama_dir, s
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("mode", [[], ["--lora"]])
+def test_saved_weights_respect_the_umask(tmp_path, monkeypatch, tiny_llama_dir, small_data, mode):
+    """safetensors writes through a temporary file created 0600: weights were readable by their owner alone."""
+    old = os.umask(0o022)
+    try:
+        assert call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir, "--max_steps", "1",
+                                                                       "--no_final_eval", *mode)) == 0
+    finally:
+        os.umask(old)
+    folder = run_folder(tmp_path)
+    saved = sorted(folder.rglob("*.safetensors"))
+    weights_name = "adapter_model.safetensors" if mode else "model.safetensors"
+    # --save_model's weights in the run folder, and a checkpoint's
+    assert {p.relative_to(folder).as_posix() for p in saved} == {weights_name, f"checkpoint-1/{weights_name}"}
+    modes = {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*")
+             if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes
+
+
 # --- long phases show progress ------------------------------------------------------------------------------------
 
 def test_evaluation_and_generation_show_progress_with_rate_and_eta(tmp_path, tiny_llama_dir, small_data):
