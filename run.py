@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         plan = preflight(config)
     except (arguments.UsageError, runs.RunError) as error:
         problems = error.problems
+        # one entry a problem; the lines of one problem are indented under its first
         logger.error("%d problem%s with this command; nothing was run or written:\n  %s", len(problems),
-                     "s" * (len(problems) > 1), "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+                     "s" * (len(problems) > 1), "\n  ".join(p.replace("\n", "\n    ") for p in problems))
         return 2
     try:
         return execute(config, plan)

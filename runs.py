@@ -42,7 +42,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunError(ValueError):
-    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out."""
+    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out,
+    one entry a problem (its details on lines of their own, within the entry)."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
@@ -191,6 +192,11 @@ def _ways_out() -> str:
             "folder (without --output_dir every configuration gets its own folder under result/output/).")
 
 
+def _lines(heading: str, details: list[str], way_out: str) -> str:
+    """One problem: what is wrong, its details indented below, the way out."""
+    return "\n".join([heading, *(f"  {d}" for d in details), way_out])
+
+
 def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str | None) -> ResumePlan:
     """Which checkpoint this run resumes from, decided before anything loads. RunError: the folder belongs to
     another run, or holds only checkpoints that cannot be used."""
@@ -204,8 +210,8 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
                             f"folder."])
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([f"--resume_from_checkpoint {explicit} was written by another configuration:"] +
-                           [f"  {d}" for d in diff] + ["Resume it with the flags it was made with."])
+            raise RunError([_lines(f"--resume_from_checkpoint {explicit} was written by another configuration:",
+                                   diff, "Resume it with the flags it was made with.")])
         plan.checkpoint = checkpoint
         return plan
     if overwrite:
@@ -220,8 +226,8 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
                             + _ways_out()]) from None
         diff = differences(theirs, identity)
         if diff:
-            raise RunError([f"{folder} belongs to another run; its configuration differs in:"] +
-                           [f"  {d}" for d in diff] + [_ways_out()])
+            raise RunError([_lines(f"{folder} belongs to another run; its configuration differs in:", diff,
+                                   _ways_out())])
     for step, checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if problem:
@@ -229,13 +235,13 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
             continue
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([f"{checkpoint} was written by another configuration; it differs in:"] +
-                           [f"  {d}" for d in diff] + [_ways_out()])
+            raise RunError([_lines(f"{checkpoint} was written by another configuration; it differs in:", diff,
+                                   _ways_out())])
         plan.checkpoint = checkpoint
         return plan
     if found:
-        raise RunError([f"{folder} holds checkpoints, and none can be resumed from:"] +
-                       [f"  {p}" for p in plan.skipped] + [_ways_out()])
+        raise RunError([_lines(f"{folder} holds checkpoints, and none can be resumed from:", plan.skipped,
+                               _ways_out())])
     return plan
 
 

@@ -223,6 +223,33 @@ def test_a_folder_with_only_broken_checkpoints_starts_over_only_when_asked(tmp_p
         runs.plan_resume(tmp_path, {}, overwrite=False, explicit=str(tmp_path / "checkpoint-15"))
 
 
+def test_a_problem_of_several_lines_counts_once_in_the_heading(tmp_path, monkeypatch, caplog, tiny_llama_dir,
+                                                                small_data):
+    """The heading counted lines: "3 problems with this command" headed a folder of another run, one problem."""
+    broken = tmp_path / "broken"
+    fake_checkpoint(broken, 15, {}, complete=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / runs.RUN_CONFIG).write_text(json.dumps({"run_id": "x", "identity": {"learning_rate": 1.0}}))
+    written = tmp_path / "written"
+    fake_checkpoint(written, 4, {"learning_rate": 1.0})
+
+    def headed(*extra):
+        caplog.clear()
+        assert call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir, *extra)) == 2
+        [message] = [r.getMessage() for r in caplog.records if "with this command" in r.getMessage()]
+        return message
+
+    for folder, opening in ((broken, "holds checkpoints, and none can be resumed from"),
+                            (other, "belongs to another run"), (written, "was written by another configuration")):
+        message = headed("--output_dir", str(folder))
+        assert message.startswith("1 problem with this command;") and opening in message, message
+    # two problems: two in the count, each with its own lines
+    message = headed("--output_dir", str(broken), "--result_file", str(tmp_path))
+    assert message.startswith("2 problems with this command;") and "checkpoint-15 has no" in message
+    assert f"--result_file {tmp_path} is a folder" in message
+
+
 def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir, small_data, stall_hooks, straight):
     """SIGKILL in the middle of a checkpoint save, then at random moments; each rerun of the same command resumes from
     the newest complete checkpoint, and the finished run equals the uninterrupted one bit for bit (CPU, fp32)."""
