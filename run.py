@@ -13,6 +13,7 @@ with the command that resumes.
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
@@ -48,7 +49,7 @@ class Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging()
     try:
         config = arguments.parse(sys.argv[1:] if argv is None else argv)
         agree_across_ranks(config)
@@ -64,6 +65,22 @@ def main(argv: list[str] | None = None) -> int:
     except (tasks.DataError, models.ModelLoadError, arguments.UsageError, evaluator.PromptTooLong) as error:
         logger.error("%s", error)
         return 2
+
+
+# Libraries that attach a stream handler of their own to their logger and still pass each record on to the root
+# logger: every warning of theirs (the hub's retries, for one) was printed twice.
+OWN_HANDLERS = ("huggingface_hub", "datasets")
+
+
+def configure_logging() -> None:
+    """Every record once, on stderr, in one format."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for name in OWN_HANDLERS:
+        importlib.import_module(name)  # the handler is attached on import: a later import would attach it again
+        library = logging.getLogger(name)
+        if library.propagate:  # the root handler prints its records
+            for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+                library.removeHandler(handler)
 
 
 def agree_across_ranks(config: arguments.RunConfig) -> None:
