@@ -24,7 +24,7 @@ import inspect
 import json
 import math
 import re
-from argparse import ArgumentTypeError
+from argparse import SUPPRESS, ArgumentDefaultsHelpFormatter, ArgumentTypeError, _StoreFalseAction
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -333,7 +333,8 @@ class Parser(HfArgumentParser):
     abbreviations (`--lr` silently matching `--lr_scheduler_type`), and raises instead of exiting on a bad value."""
 
     def __init__(self):
-        super().__init__([cls for _, cls in GROUPS], usage=USAGE, description=DESCRIPTION, allow_abbrev=False)
+        super().__init__([cls for _, cls in GROUPS], usage=USAGE, description=DESCRIPTION, allow_abbrev=False,
+                         formatter_class=HelpFormatter)
 
     @staticmethod
     def _parse_dataclass_field(parser, dataclass_field):
@@ -342,6 +343,10 @@ class Parser(HfArgumentParser):
             helptext = dataclass_field.metadata["help"] + _describe_limits(suite)
             dataclass_field = _with_metadata(dataclass_field, {"help": helptext})
         HfArgumentParser._parse_dataclass_field(parser, dataclass_field)
+        complement = parser._option_string_actions.get(f"--no_{dataclass_field.name}")
+        if complement is not None and complement.dest == dataclass_field.name:
+            # Hugging Face repeats the flag's own help here, which reads as if --no_X did what --X does
+            complement.help = f"The same as --{dataclass_field.name} false."
         if dataclass_field.type == bool | None:
             # "unset: decided elsewhere" booleans still take the bare `--flag` form for true, as every boolean does
             action = parser._option_string_actions[f"--{dataclass_field.name}"]
@@ -349,6 +354,23 @@ class Parser(HfArgumentParser):
 
     def error(self, message):
         raise UsageError([message])
+
+
+class HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: a help text that states its default in its own words ("default: $ZO_DATA_DIR ...")
+    gets no "(default: None)" after it, and a --no_X flag (Hugging Face adds one for each boolean that defaults to
+    true) none of its own (argparse would show False, the value it stores; --X shows the default). A default that
+    would print as nothing or as blank space (an empty text, a newline) is quoted."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("(default" in text or "%(default)" in text or action.default is SUPPRESS or not action.option_strings
+                or isinstance(action, _StoreFalseAction)):
+            return text
+        shown = action.default
+        if isinstance(shown, str) and (not shown.strip() or not shown.isprintable()):
+            shown = repr(shown)
+        return f"{text} (default: {str(shown).replace('%', '%%')})"  # the help text is %-formatted next
 
 
 def _with_metadata(original: dataclasses.Field, metadata: dict) -> dataclasses.Field:

@@ -167,6 +167,35 @@ def test_help_lists_the_suite_groups_before_hugging_face_flags():
         lines.index(next(line for line in lines if line.startswith("Zeroth-order")))
 
 
+def help_entries() -> dict[str, str]:
+    """--help as {first option string: its help, lines joined}."""
+    entries, current = {}, None
+    for line in args.Parser().format_help().splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif line.startswith("    ") and current:
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_help_shows_each_default_once():
+    """A help text that names its default in its own words got argparse's "(default: None)" after it, and each
+    --no_X flag a "(default: False)" that contradicted --X's "(default: True)"."""
+    entries = help_entries()
+    assert len(entries) > 100  # the suite's flags and Hugging Face's
+    twice = {flag: text for flag, text in entries.items() if text.count("(default") > 1}
+    assert not twice, twice
+    assert "(default: $ZO_DATA_DIR; unset: the hub, then the small bundled sample)." in entries["--data_dir"]
+    assert entries["--data_dir"].endswith("bundled sample).")
+    assert entries["--auto_device"].endswith("(default: True)")
+    assert "(default" not in entries["--no_auto_device"] and "--auto_device false" in entries["--no_auto_device"]
+    # a text default that would print as nothing is quoted
+    assert entries["--eos_token"].endswith("(default: '\\n')") and entries["--tag"].endswith("(default: '')")
+
+
 def test_an_unknown_optimizer_lists_every_valid_name_and_method_flags_belong_to_their_method():
     with pytest.raises(args.UsageError) as error:
         args.parse([*TRAIN, "--zo_optim", "zo_sgd"])
