@@ -512,6 +512,10 @@ def parse(argv: list[str]) -> RunConfig:
         problems += fsdp_refused
         values["fsdp"] = ""
         refused.add("fsdp")
+    else:  # transformers takes fsdp=True and the options in fsdp_config (--fsdp as a string is deprecated there)
+        values["fsdp"] = True if fsdp else None
+        if fsdp and "fsdp_config" not in given:  # a given --fsdp_config is refused by fsdp_problems
+            values["fsdp_config"] = _fsdp_config(fsdp)
     instances = {}
     for name, cls in GROUPS:
         inputs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
@@ -838,6 +842,16 @@ def _fsdp_options(value) -> tuple[str, ...]:
     if str(value).lower() in ("false", "0", "no"):
         return ()
     return tuple(str(value).split())
+
+
+def _fsdp_config(options: tuple[str, ...]) -> dict:
+    """The fsdp_config entries of --fsdp's options, as transformers translated its deprecated string form."""
+    config = {}
+    if "full_shard" in options:
+        config["reshard_after_forward"] = True
+    if "offload" in options:
+        config["cpu_offload"] = True
+    return config  # auto_wrap: FSDP2 wraps every layer anyway
 
 
 def fsdp_options(config: RunConfig) -> set[str]:
