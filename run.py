@@ -363,7 +363,8 @@ def finish(config: arguments.RunConfig, metrics: dict, records: list[dict], extr
         path = runs.write_result(path, metrics | extra | {"predictions": records}, config.run_id())
         summary.append(f"wrote {path}")
     summary += [f"NOTE {n}" for n in notices]
-    logger.info("===== %s: %s =====", config.task.task_name, " | ".join(summary))
+    if config.hf.process_index == 0:  # every rank evaluated the same examples: one summary for the run
+        logger.info("===== %s: %s =====", config.task.task_name, " | ".join(summary))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,7 @@ def test_run_py_splits_directions_over_the_ranks_and_refuses_an_uneven_split(tmp
     [result] = (tmp_path / "result").glob("*.json")
     # every rank took the whole batch: the global batch is one rank's 2 examples, and the name records 4 directions
     assert "-dirs4-" in result.name and "-bs2-" in result.name, result.name
+    assert done.stderr.count("===== SST2:") == 1, done.stderr[-4000:]  # the summary once, not once a rank
 
 
 def test_ranks_that_disagree_stop_before_anything_loads(tmp_path, tiny_llama_dir):
@@ -209,8 +210,9 @@ def test_finetune_fsdp_trains_on_two_cpu_processes(tmp_path, tiny_llama_dir):
     os.umask(umask)
     saved = list(folder.glob("checkpoint-*/model.safetensors"))
     assert saved and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in saved)
-    # --fsdp reaches transformers in the form it takes
+    # --fsdp reaches transformers in the form it takes; the summary is printed once, not once a rank
     assert "Passing `fsdp` as a string is deprecated" not in done.stderr
+    assert done.stderr.count("===== SST2:") == 1, done.stderr[-4000:]
 
 
 @pytest.mark.parametrize("argv,message", [
