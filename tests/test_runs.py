@@ -298,8 +298,8 @@ def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(
                                                                                straight, signum):
     argv = base_args(tiny_llama_dir, "--save_steps", "100")  # no scheduled save: the signal's is the only one
     run = start(tmp_path, small_data, *argv)
-    # after the first step's log line: the handlers are installed when training begins (a signal during loading
-    # takes its default action, which is what a user stopping a run that has nothing to save expects)
+    # after the first step's log line: the handlers that checkpoint are installed when training begins (a signal
+    # before that stops the run with a line saying that nothing was written)
     wait_for(lambda: "'loss'" in run.output(), "the first training step", run)
     run.proc.send_signal(signum)
     stderr = run.finish()
@@ -314,6 +314,31 @@ def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(
         rerun = cli(tmp_path, small_data, *argv)
         assert rerun.returncode == 0 and f"Resuming from {saved[0].relative_to(tmp_path)}" in rerun.stderr
         assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_before_training_stops_with_one_line_saying_so(tmp_path, monkeypatch, caplog, tiny_llama_dir,
+                                                               small_data, signum):
+    """A signal while the model loaded used to end the run without a word (SIGTERM) or with a traceback (SIGINT)."""
+    import run
+    before = signal.getsignal(signum)
+
+    def interrupted_loading(config):
+        # the run's own handler must be in place: the default one would end this test process
+        assert signal.getsignal(signum) is not before, "nothing catches the signal while the model loads"
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler runs at the next bytecode; this line is never finished
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr(run, "load_model", interrupted_loading)
+    status = call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir))
+    name = signal.Signals(signum).name
+    assert status == 128 + signum
+    [line] = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert line.startswith(f"{name} while loading the model") and "before training began" in line, line
+    assert "nothing was written" in line and f"exit status {128 + signum}" in line and "\n" not in line, line
+    assert not (tmp_path / "result").exists()  # no run folder, no result
+    assert signal.getsignal(signum) is before  # the process's handler is back
 
 
 # --- results ------------------------------------------------------------------------------------------------------
