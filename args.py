@@ -534,6 +534,7 @@ def parse(argv: list[str]) -> RunConfig:
 
 
 def _flag_names(argv: list[str]) -> list[str]:
+    """The flags of a command line, without their '=value'."""
     return [token.partition("=")[0] for token in argv if token.startswith("--")]
 
 

@@ -327,7 +327,7 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
     if config.train.linear_probing:
         objective = utils.Objective(only_option=True)
         records = utils.build_train_records(task, train_samples, tokenizer, tokens, objective, config.model.max_length)
-        BEFORE_WRITING.end()
+        BEFORE_WRITING.end()  # the probe is fitted and saved without a Trainer: a signal takes its own course
         fit_probe(config, model, utils.ListDataset(records), tokens, resume.folder)
         return evaluate_after_training(config, task, model, tokenizer, tokens, train_samples, dev_samples,
                                        eval_samples, settings), None
@@ -413,7 +413,7 @@ def finish(config: arguments.RunConfig, metrics: dict, records: list[dict], extr
            notices: list[str]) -> None:
     """Write the result file and one summary line that repeats what the run's log may have buried: the data source
     and every clipped size."""
-    BEFORE_WRITING.end()
+    BEFORE_WRITING.end()  # a result is written now: from here a signal takes its own course
     summary = [json.dumps(metrics), f"{extra['sizes']['eval']} eval examples", f"data {extra['data_source']}"]
     if config.evaluation.final_eval and config.hf.process_index == 0:
         path = runs.result_path(config, suffix, extra["sizes"], num_sets)
