@@ -24,7 +24,7 @@ import inspect
 import json
 import math
 import re
-from argparse import ArgumentTypeError
+from argparse import SUPPRESS, ArgumentDefaultsHelpFormatter, ArgumentTypeError, _StoreFalseAction
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -329,7 +329,8 @@ class Parser(HfArgumentParser):
     abbreviations (`--lr` silently matching `--lr_scheduler_type`), and raises instead of exiting on a bad value."""
 
     def __init__(self):
-        super().__init__([cls for _, cls in GROUPS], usage=USAGE, description=DESCRIPTION, allow_abbrev=False)
+        super().__init__([cls for _, cls in GROUPS], usage=USAGE, description=DESCRIPTION, allow_abbrev=False,
+                         formatter_class=HelpFormatter)
 
     @staticmethod
     def _parse_dataclass_field(parser, dataclass_field):
@@ -338,6 +339,10 @@ class Parser(HfArgumentParser):
             helptext = dataclass_field.metadata["help"] + _describe_limits(suite)
             dataclass_field = _with_metadata(dataclass_field, {"help": helptext})
         HfArgumentParser._parse_dataclass_field(parser, dataclass_field)
+        complement = parser._option_string_actions.get(f"--no_{dataclass_field.name}")
+        if complement is not None and complement.dest == dataclass_field.name:
+            # Hugging Face repeats the flag's own help here, which reads as if --no_X did what --X does
+            complement.help = f"The same as --{dataclass_field.name} false."
         if dataclass_field.type == bool | None:
             # "unset: decided elsewhere" booleans still take the bare `--flag` form for true, as every boolean does
             action = parser._option_string_actions[f"--{dataclass_field.name}"]
@@ -348,6 +353,23 @@ class Parser(HfArgumentParser):
 
     def format_help(self) -> str:  # the table keeps its lines (argparse reflows an epilog)
         return f"{super().format_help()}\n{zo_methods.defaults_table()}\n"
+
+
+class HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: a help text that states its default in its own words ("default: $ZO_DATA_DIR ...")
+    gets no "(default: None)" after it, and a --no_X flag (Hugging Face adds one for each boolean that defaults to
+    true) none of its own (argparse would show False, the value it stores; --X shows the default). A default that
+    would print as nothing or as blank space (an empty text, a newline) is quoted."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("(default" in text or "%(default)" in text or action.default is SUPPRESS or not action.option_strings
+                or isinstance(action, _StoreFalseAction)):
+            return text
+        shown = action.default
+        if isinstance(shown, str) and (not shown.strip() or not shown.isprintable()):
+            shown = repr(shown)
+        return f"{text} (default: {str(shown).replace('%', '%%')})"  # the help text is %-formatted next
 
 
 def _with_metadata(original: dataclasses.Field, metadata: dict) -> dataclasses.Field:
@@ -471,7 +493,16 @@ def parse(argv: list[str]) -> RunConfig:
     if remaining:  # screen() should have caught these; never drop an argument silently
         problems.append(f"Unexpected arguments {remaining}.")
     values = vars(namespace)
-    problems += check_fields(values, given)
+    out_of_range = check_fields(values, given)
+    problems += out_of_range.values()
+    # A refused value takes no part in the cross-flag rules: they see the flag's default (so that none of them fails
+    # on the value, or speaks of a value nobody typed), and what they say of the flag is left out (its problem is
+    # reported once, for its value). The cross-flag rules still run, so one try shows every problem.
+    unparsed = {options[name].dest for name in _flag_names(normalised) if name in options} - given  # screen() refused
+    refused = set(out_of_range) | unparsed
+    defaults = _defaults()
+    for name in out_of_range:
+        values[name] = defaults[name]
     if parallel.launched_world_size() > 1 and not torch.cuda.is_available():
         values["use_cpu"] = True  # several CPU processes: gloo and DistributedDataParallel's CPU path
     fsdp = _fsdp_options(values.get("fsdp"))
@@ -479,6 +510,11 @@ def parse(argv: list[str]) -> RunConfig:
     if fsdp_refused:  # Hugging Face would fail first, setting up a process group for it, with a less useful message
         problems += fsdp_refused
         values["fsdp"] = ""
+        refused.add("fsdp")
+    else:  # transformers takes fsdp=True and the options in fsdp_config (--fsdp as a string is deprecated there)
+        values["fsdp"] = True if fsdp else None
+        if fsdp and "fsdp_config" not in given:  # a given --fsdp_config is refused by fsdp_problems
+            values["fsdp_config"] = _fsdp_config(fsdp)
     instances = {}
     for name, cls in GROUPS:
         inputs = {f.name: values[f.name] for f in dataclasses.fields(cls) if f.init}
@@ -486,14 +522,39 @@ def parse(argv: list[str]) -> RunConfig:
             instances[name] = cls(**inputs)
         except ValueError as error:  # TrainingArguments' own cross-flag rules
             problems.append(str(error).strip())
-    if problems or len(instances) < len(GROUPS):
-        raise UsageError(problems)
+    if len(instances) < len(GROUPS):  # no configuration to apply the cross-flag rules to
+        raise UsageError(_once(problems))
     config = RunConfig(**instances, given=frozenset(given), argv=tuple(argv), fsdp=fsdp)
     resolve_task_defaults(config)
-    problems += check(config)
+    problems += [p for p in check(config) if not _names_any(p, refused)]
     if problems:
-        raise UsageError(problems)
+        raise UsageError(_once(problems))
     return config
+
+
+def _flag_names(argv: list[str]) -> list[str]:
+    """The flags of a command line, without their '=value'."""
+    return [token.partition("=")[0] for token in argv if token.startswith("--")]
+
+
+def _defaults() -> dict:
+    """Every flag's default value."""
+    found = {}
+    for _, cls in GROUPS:
+        for f in dataclasses.fields(cls):
+            if f.init:
+                found[f.name] = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    return found
+
+
+def _names_any(problem: str, names: set[str]) -> bool:
+    """Whether a problem's text names one of these flags (--name, or --no_name for a boolean)."""
+    return any(re.search(rf"--(no_)?{re.escape(name)}(?!\w)", problem) for name in names)
+
+
+def _once(problems: list[str]) -> list[str]:
+    """Each problem once, in the order found (two checks may find the same one)."""
+    return list(dict.fromkeys(problems))
 
 
 def normalise(argv: list[str], options: dict, problems: list[str]) -> list[str]:
@@ -628,9 +689,9 @@ def unknown_flag(name: str, options: dict) -> str:
     return f"Unknown flag {name}.{hint} (`python run.py --help` lists every flag.)"
 
 
-def check_fields(values: dict, given: set[str]) -> list[str]:
-    """Ranges and choices of every flag that declares them."""
-    problems = []
+def check_fields(values: dict, given: set[str]) -> dict[str, str]:
+    """Ranges and choices of every flag that declares them: {flag name: its problem} for the values refused."""
+    problems = {}
     for name, cls in GROUPS:
         for f in dataclasses.fields(cls):
             if not f.init or f.name not in values:
@@ -649,15 +710,16 @@ def check_fields(values: dict, given: set[str]) -> list[str]:
             if choices is not None and value not in choices:
                 same = [c for c in choices if str(c).lower() == str(value).lower()]
                 hint = f" Did you mean {same[0]!r}? (names are case-sensitive)" if same else ""
-                problems.append(f"--{f.name} {value!r} is not available.{hint} Choose one of "
-                                f"{', '.join(map(str, choices))}.")
+                problems[f.name] = (f"--{f.name} {value!r} is not available.{hint} Choose one of "
+                                    f"{', '.join(map(str, choices))}.")
             elif isinstance(value, (int, float)) and not isinstance(value, bool) and (
                     not math.isfinite(value) or (low is not None and value < low) or
                     (above is not None and value <= above) or (high is not None and value > high)):
-                problems.append(f"--{f.name} {value}: must be {_range_text(low, high, above)}.")
+                problems[f.name] = f"--{f.name} {value}: must be {_range_text(low, high, above)}."
     max_steps = values.get("max_steps")
     if max_steps is not None and max_steps != -1 and max_steps < 1:
-        problems.append(f"--max_steps {max_steps}: must be >= 1 (or -1, the default, to train --num_train_epochs).")
+        problems["max_steps"] = (f"--max_steps {max_steps}: must be >= 1 (or -1, the default, to train "
+                                 f"--num_train_epochs).")
     return problems
 
 
@@ -781,6 +843,16 @@ def _fsdp_options(value) -> tuple[str, ...]:
     if str(value).lower() in ("false", "0", "no"):
         return ()
     return tuple(str(value).split())
+
+
+def _fsdp_config(options: tuple[str, ...]) -> dict:
+    """The fsdp_config entries of --fsdp's options, as transformers translated its deprecated string form."""
+    config = {}
+    if "full_shard" in options:
+        config["reshard_after_forward"] = True
+    if "offload" in options:
+        config["cpu_offload"] = True
+    return config  # auto_wrap: FSDP2 wraps every layer anyway
 
 
 def fsdp_options(config: RunConfig) -> set[str]:

@@ -3,6 +3,7 @@
 #   bash icl.sh                                      # embedded model, SST2, 32 demos, 1000 eval examples
 #   TASK=Copa bash icl.sh --num_train 0              # zero-shot; extra flags come last and override
 #   MODEL=facebook/opt-13b TASK=RTE bash icl.sh --sfc
+#   bash icl.sh --num_eval 10 --verbose              # also log every prompt, its candidates and their scores
 # PRECISION defaults to --load_float16 when an NVIDIA GPU is visible (as in the papers) and to fp32 otherwise.
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
@@ -12,4 +13,4 @@ if [ -z "${PRECISION+set}" ]; then
 fi
 echo "icl.sh: MODEL=$MODEL TASK=$TASK PRECISION=${PRECISION:-fp32} extra: $*"
 python "$(dirname "$0")/run.py" --model_name "$MODEL" --task_name "$TASK" --tag icl \
-    --num_train 32 --num_eval 1000 $PRECISION --verbose "$@"
+    --num_train 32 --num_eval 1000 $PRECISION "$@"

@@ -7,18 +7,21 @@ A run: every flag is parsed and checked (args.py) and the run's folders, checkpo
 (runs.py) before anything loads, so a bad command line ends with exit status 2, every problem listed, and nothing
 written. Then the task and the model load, each train set trains (resuming from its newest complete checkpoint) and
 is evaluated, and the result file is written. SIGTERM, SIGINT or SIGUSR1 during training save a checkpoint and stop
-with the command that resumes.
+with the command that resumes; before the run has written anything, they stop it with one line saying what was
+interrupted (`BeforeWriting`).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
 import shlex
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,21 +51,90 @@ class Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    configure_logging()
+    BEFORE_WRITING.begin()
     try:
-        config = arguments.parse(sys.argv[1:] if argv is None else argv)
+        return checked_and_executed(sys.argv[1:] if argv is None else argv)
+    except Interrupted as stop:
+        logger.error("%s", stop)
+        return stop.status
+    finally:
+        BEFORE_WRITING.end()
+
+
+def checked_and_executed(argv: list[str]) -> int:
+    try:
+        config = arguments.parse(argv)
         agree_across_ranks(config)
         plan = preflight(config)
     except (arguments.UsageError, runs.RunError) as error:
         problems = error.problems
+        # one entry a problem; the lines of one problem are indented under its first
         logger.error("%d problem%s with this command; nothing was run or written:\n  %s", len(problems),
-                     "s" * (len(problems) > 1), "\n  ".join(p.replace("\n", "\n  ") for p in problems))
+                     "s" * (len(problems) > 1), "\n  ".join(p.replace("\n", "\n    ") for p in problems))
         return 2
+    BEFORE_WRITING.training = config.training
     try:
         return execute(config, plan)
     except (tasks.DataError, models.ModelLoadError, arguments.UsageError, evaluator.PromptTooLong) as error:
         logger.error("%s", error)
         return 2
+
+
+class Interrupted(BaseException):
+    """A stop signal before the run wrote anything. (BaseException, as KeyboardInterrupt: no `except Exception` in
+    a library may take it for an error of its own.)"""
+
+    def __init__(self, signum: int, doing: str, training: bool):
+        self.status = 128 + signum
+        when = f"{doing}, before training began" if training else doing
+        super().__init__(f"{signal.Signals(signum).name} while {when}: stopped; nothing was written, so there is "
+                         f"nothing to resume (exit status {self.status}).")
+
+
+class BeforeWriting:
+    """SIGTERM, SIGINT or SIGUSR1 before the run writes anything (checking the command line, loading the data and the
+    model, preparing to train, an evaluation whose result is not written yet) ends it with one line saying what was
+    interrupted, where their default actions would end it without a word (SIGTERM, SIGUSR1) or with a traceback
+    (SIGINT). Ended before training starts (trainer_zo.StopOnSignal then checkpoints and stops, and puts back the
+    handlers it found: the process's own) and before the first result or probe is written."""
+
+    def __init__(self):
+        self.doing, self.training = "checking the command line", False
+        self._previous: dict[int, object] = {}
+
+    def begin(self) -> None:
+        self.doing, self.training = "checking the command line", False
+        if threading.current_thread() is threading.main_thread():  # Python delivers signals to the main thread only
+            self._previous = {s: signal.signal(s, self._stop) for s in trainer_zo.StopOnSignal.SIGNALS}
+
+    def _stop(self, signum, frame):
+        self.end()  # a second signal takes its default action
+        raise Interrupted(signum, self.doing, self.training)
+
+    def end(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+
+BEFORE_WRITING = BeforeWriting()
+
+
+# Libraries that attach a stream handler of their own to their logger and still pass each record on to the root
+# logger: every warning of theirs (the hub's retries, for one) was printed twice.
+OWN_HANDLERS = ("huggingface_hub", "datasets")
+
+
+def configure_logging() -> None:
+    """Every record once, on stderr, in one format."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for name in OWN_HANDLERS:
+        importlib.import_module(name)  # the handler is attached on import: a later import would attach it again
+        library = logging.getLogger(name)
+        if library.propagate:  # the root handler prints its records
+            for handler in [h for h in library.handlers if type(h) is logging.StreamHandler]:
+                library.removeHandler(handler)
 
 
 def agree_across_ranks(config: arguments.RunConfig) -> None:
@@ -126,6 +198,7 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
     task_args, hf = config.task, config.hf
     started = time.time()
     set_seed(hf.seed)
+    BEFORE_WRITING.doing = f"loading the {task_args.task_name} data"
     task = tasks.load_task(task_args.task_name, task_args.data_dir, task_args.hub_dataset)
     notices = [task.warning] if task.warning else []
     clipped = task.clipped(task_args.num_train, task_args.num_dev, task_args.num_eval)
@@ -134,6 +207,7 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
         logger.warning("!!! --%s %d: only %d used: %s.", name, clip["requested"], clip["used"], clip["why"])
     _, train_sets = task.sample_train_sets(task_args.num_train, task_args.num_dev, task_args.num_eval,
                                            task_args.num_train_sets, task_args.train_set_seed)
+    BEFORE_WRITING.doing = "loading the model"
     tokenizer = models.load_tokenizer(config.model.model_name)
     try:
         model = load_model(config)
@@ -150,6 +224,7 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
             top_k=evaluation.top_k, max_length=config.model.max_length, eos_token=evaluation.eos_token))
     base = {"config": config.as_dict(), "run_id": config.run_id(), "data_source": task.source,
             "clipped": clipped, "provenance": provenance.collect(model, started)}
+    BEFORE_WRITING.doing = "preparing to train" if config.training else "evaluating"
 
     if config.training:
         for set_index, train_samples in enumerate(train_sets):
@@ -253,6 +328,7 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
     if config.train.linear_probing:
         objective = utils.Objective(only_option=True)
         records = utils.build_train_records(task, train_samples, tokenizer, tokens, objective, config.model.max_length)
+        BEFORE_WRITING.end()  # the probe is fitted and saved without a Trainer: a signal takes its own course
         fit_probe(config, model, utils.ListDataset(records), tokens, resume.folder)
         result = evaluate_after_training(config, task, model, tokenizer, tokens, train_samples, dev_samples,
                                          eval_samples, settings)
@@ -264,6 +340,7 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
     parallel.barrier()
     trainer = build_trainer(config, task, model, tokenizer, tokens, train_samples, dev_samples, settings,
                             resume.folder)
+    BEFORE_WRITING.end()  # before train() installs the handlers that checkpoint, and puts back the ones it found
     if resume.checkpoint is not None and runs.finished(resume.checkpoint):
         weights = runs.final_weights(resume.checkpoint, config.hf.load_best_model_at_end)
         logger.info("%s is the last step of this run: nothing left to train; evaluating the weights of %s",
@@ -331,12 +408,16 @@ def save_trained_model(config: arguments.RunConfig, trainer, output_dir: Path) -
     adapter = ADAPTERS.get(config.mode)
     if adapter is None or not adapter.export(trainer.model, str(output_dir), config.peft.save_merged):
         trainer.save_model(str(output_dir))
+    parallel.barrier()  # an adapter is exported by every rank: touch the files once all of them are written
+    if trainer.args.should_save:
+        runs.weights_follow_umask(output_dir)
 
 
 def finish(config: arguments.RunConfig, metrics: dict, records: list[dict], extra: dict, suffix: str, num_sets: int,
            notices: list[str]) -> None:
     """Write the result file and one summary line that repeats what the run's log may have buried: the data source
     and every clipped size."""
+    BEFORE_WRITING.end()  # a result is written now: from here a signal takes its own course
     summary = [json.dumps(metrics), f"{extra['sizes']['eval']} eval examples", f"data {extra['data_source']}"]
     if config.evaluation.final_eval and config.hf.process_index == 0:
         path = runs.result_path(config, suffix, extra["sizes"], num_sets)
@@ -346,7 +427,8 @@ def finish(config: arguments.RunConfig, metrics: dict, records: list[dict], extr
         path = runs.write_result(path, metrics | extra | {"predictions": records}, config.run_id())
         summary.append(f"wrote {path}")
     summary += [f"NOTE {n}" for n in notices]
-    logger.info("===== %s: %s =====", config.task.task_name, " | ".join(summary))
+    if config.hf.process_index == 0:  # every rank evaluated the same examples: one summary for the run
+        logger.info("===== %s: %s =====", config.task.task_name, " | ".join(summary))
 
 
 if __name__ == "__main__":

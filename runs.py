@@ -15,7 +15,7 @@ a hash of it (`run_id`).
   moment could leave no complete checkpoint at all.
 * **Results.** `result/<name>.json` names what distinguishes the run; a file there from another run (another
   `run_id`) is never replaced: the new result is written beside it with the run id in its name, and a warning says so.
-  Files are written atomically and with the permissions the umask allows.
+  Files are written atomically and with the permissions the umask allows (weights too: see `weights_follow_umask`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 class RunError(ValueError):
-    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out."""
+    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out,
+    one entry a problem (its details on lines of their own, within the entry)."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
@@ -199,6 +200,11 @@ def _ways_out() -> str:
             "folder (without --output_dir every configuration gets its own folder under result/output/).")
 
 
+def _lines(heading: str, details: list[str], way_out: str) -> str:
+    """One problem: what is wrong, its details indented below, the way out."""
+    return "\n".join([heading, *(f"  {d}" for d in details), way_out])
+
+
 def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str | None) -> ResumePlan:
     """Which checkpoint this run resumes from, decided before anything loads. RunError: the folder belongs to
     another run, or holds only checkpoints that cannot be used."""
@@ -212,8 +218,8 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
                             f"folder."])
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([f"--resume_from_checkpoint {explicit} was written by another configuration:"] +
-                           [f"  {d}" for d in diff] + ["Resume it with the flags it was made with."])
+            raise RunError([_lines(f"--resume_from_checkpoint {explicit} was written by another configuration:",
+                                   diff, "Resume it with the flags it was made with.")])
         plan.checkpoint = checkpoint
         return plan
     if overwrite:
@@ -228,8 +234,8 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
                             + _ways_out()]) from None
         diff = differences(theirs, identity)
         if diff:
-            raise RunError([f"{folder} belongs to another run; its configuration differs in:"] +
-                           [f"  {d}" for d in diff] + [_ways_out()])
+            raise RunError([_lines(f"{folder} belongs to another run; its configuration differs in:", diff,
+                                   _ways_out())])
     for step, checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if problem:
@@ -237,13 +243,13 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
             continue
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([f"{checkpoint} was written by another configuration; it differs in:"] +
-                           [f"  {d}" for d in diff] + [_ways_out()])
+            raise RunError([_lines(f"{checkpoint} was written by another configuration; it differs in:", diff,
+                                   _ways_out())])
         plan.checkpoint = checkpoint
         return plan
     if found:
-        raise RunError([f"{folder} holds checkpoints, and none can be resumed from:"] +
-                       [f"  {p}" for p in plan.skipped] + [_ways_out()])
+        raise RunError([_lines(f"{folder} holds checkpoints, and none can be resumed from:", plan.skipped,
+                               _ways_out())])
     return plan
 
 
@@ -279,6 +285,16 @@ def _umask() -> int:
     return mask
 
 
+def weights_follow_umask(folder: Path) -> None:
+    """Give the weight files in `folder` (a checkpoint, or where --save_model saved) the permissions the umask allows,
+    as every other file a run writes. safetensors (0.8) writes each file into a temporary file created with mode 0600
+    and renames it into place (safetensors issue #782), so weights were readable by their owner alone."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).glob("*.safetensors"):
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            os.chmod(path, mode)
+
+
 class CheckpointCallback(TrainerCallback):
     """Records which run owns the folder when training begins, marks each checkpoint complete once Hugging Face has
     written all of its files, then applies the rotation limit (see the module docstring)."""
@@ -297,6 +313,7 @@ class CheckpointCallback(TrainerCallback):
             return
         folder = Path(args.output_dir)
         checkpoint = folder / f"checkpoint-{state.global_step}"
+        weights_follow_umask(checkpoint)
         files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
                  if p.is_file() and p.name != MARKER}
         _write_json(checkpoint / MARKER, {"step": state.global_step, "run_id": self.run_id,

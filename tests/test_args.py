@@ -34,6 +34,35 @@ def test_every_problem_is_reported_at_once_with_the_value_and_the_fix():
     ]
 
 
+def test_cross_flag_rules_are_reported_together_with_the_values_refused():
+    """An out-of-range value used to end parsing before the cross-flag rules: a missing --train_set_seed showed only
+    on the next try."""
+    assert problems(["--trainer", "zo", "--max_steps", "-5"]) == [
+        "--max_steps -5: must be >= 1 (or -1, the default, to train --num_train_epochs).",
+        "--trainer zo needs --train_set_seed S (or --num_train_sets N) to draw the training set.",
+        "--trainer zo needs --num_train > 0 (got 0).",
+    ]
+    # a refused value is reported once, for what was typed: the rules that read it say nothing of it
+    untrained = ["--trainer", "zo", "--train_set_seed", "0"]
+    assert problems([*untrained, "--num_train", "-3"]) == ["--num_train -3: must be >= 0."]
+    assert problems([*untrained, "--num_train", "abc"]) == ["--num_train 'abc': expected an integer."]
+    assert problems([*untrained, "--num_train", "abc", "--num_train", "abc"]) == [
+        "--num_train 'abc': expected an integer."]
+    assert problems([*TRAIN, "--zo_num_directions", "-2", "--zo_optim", "fzoo"]) == [
+        "--zo_num_directions -2: must be >= 1."]
+    assert problems([*TRAIN, "--fsdp", "full_shard"]) == [args.fsdp_launch_problems(("full_shard",))[0]]
+    # Hugging Face's own rules see the default too: they would refuse the value again, and then no configuration
+    # would be built for the cross-flag rules
+    assert problems(["--trainer", "zo", "--logging_steps", "0"]) == [
+        "--logging_steps 0.0: must be > 0.",
+        "--trainer zo needs --train_set_seed S (or --num_train_sets N) to draw the training set.",
+        "--trainer zo needs --num_train > 0 (got 0).",
+    ]
+    # the rules that do not read it still speak
+    assert problems([*untrained, "--num_train", "-3", "--load_float16", "--load_bfloat16"]) == [
+        "--num_train -3: must be >= 0.", "--load_float16 and --load_bfloat16 both given; choose one."]
+
+
 def test_unknown_flags_get_the_closest_known_ones():
     assert problems(["--lerning_rate", "1e-3"]) == [
         "Unknown flag --lerning_rate. Did you mean --learning_rate? (`python run.py --help` lists every flag.)"]
@@ -136,6 +165,35 @@ def test_help_lists_the_suite_groups_before_hugging_face_flags():
     lines = done.stdout.splitlines()
     assert lines.index(next(line for line in lines if line.startswith("Hugging Face"))) > \
         lines.index(next(line for line in lines if line.startswith("Zeroth-order")))
+
+
+def help_entries() -> dict[str, str]:
+    """--help as {first option string: its help, lines joined}."""
+    entries, current = {}, None
+    for line in args.Parser().format_help().splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif line.startswith("    ") and current:
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+def test_help_shows_each_default_once():
+    """A help text that names its default in its own words got argparse's "(default: None)" after it, and each
+    --no_X flag a "(default: False)" that contradicted --X's "(default: True)"."""
+    entries = help_entries()
+    assert len(entries) > 100  # the suite's flags and Hugging Face's
+    twice = {flag: text for flag, text in entries.items() if text.count("(default") > 1}
+    assert not twice, twice
+    assert "(default: $ZO_DATA_DIR; unset: the hub, then the small bundled sample)." in entries["--data_dir"]
+    assert entries["--data_dir"].endswith("bundled sample).")
+    assert entries["--auto_device"].endswith("(default: True)")
+    assert "(default" not in entries["--no_auto_device"] and "--auto_device false" in entries["--no_auto_device"]
+    # a text default that would print as nothing is quoted
+    assert entries["--eos_token"].endswith("(default: '\\n')") and entries["--tag"].endswith("(default: '')")
 
 
 def test_an_unknown_optimizer_lists_every_valid_name_and_method_flags_belong_to_their_method():

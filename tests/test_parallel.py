@@ -172,6 +172,7 @@ def test_run_py_splits_directions_over_the_ranks_and_refuses_an_uneven_split(tmp
     [result] = (tmp_path / "result").glob("*.json")
     # every rank took the whole batch: the global batch is one rank's 2 examples, and the name records 4 directions
     assert "-dirs4-" in result.name and "-bs2-" in result.name, result.name
+    assert done.stderr.count("===== SST2:") == 1, done.stderr[-4000:]  # the summary once, not once a rank
 
 
 def test_ranks_that_disagree_stop_before_anything_loads(tmp_path, tiny_llama_dir):
@@ -204,6 +205,14 @@ def test_finetune_fsdp_trains_on_two_cpu_processes(tmp_path, tiny_llama_dir):
     assert len(losses) >= 6 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3, losses
     assert "Loading the best weights from" in done.stderr
     assert json.loads(next((tmp_path / "result").glob("*.json")).read_text())["sizes"]["train"] == 24
+    # the weights that the ranks gathered and saved are readable as the umask allows, as every other file
+    umask = os.umask(0o022)
+    os.umask(umask)
+    saved = list(folder.glob("checkpoint-*/model.safetensors"))
+    assert saved and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in saved)
+    # --fsdp reaches transformers in the form it takes; the summary is printed once, not once a rank
+    assert "Passing `fsdp` as a string is deprecated" not in done.stderr
+    assert done.stderr.count("===== SST2:") == 1, done.stderr[-4000:]
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -217,6 +226,31 @@ def test_sharding_that_the_suite_cannot_serve_is_refused_with_the_alternative(mo
     with pytest.raises(args.UsageError) as caught:
         args.parse(["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", *argv])
     assert any(message in p for p in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize("typed,config", [("full_shard", {"reshard_after_forward": True}),
+                                          ("full_shard auto_wrap offload", {"reshard_after_forward": True,
+                                                                            "cpu_offload": True})])
+def test_fsdp_reaches_transformers_in_the_form_it_takes(monkeypatch, typed, config):
+    """transformers deprecates --fsdp as a string ("Passing `fsdp` as a string is deprecated"): it takes fsdp=True
+    and the options in fsdp_config. The command line stays the same."""
+    import logging
+
+    import parallel
+    monkeypatch.setattr(parallel, "launched_world_size", lambda: 2)
+    said = []
+    listener = logging.Handler()
+    listener.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(listener)  # it does not propagate to the root logger
+    try:
+        parsed = args.parse(["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--fsdp", typed,
+                             "--save_strategy", "no"])
+    finally:
+        logging.getLogger("transformers").removeHandler(listener)
+    assert not [m for m in said if "fsdp" in m and "deprecated" in m], said
+    assert parsed.fsdp == tuple(typed.split()) and parsed.hf.fsdp is True
+    assert {k: parsed.hf.fsdp_config[k] for k in config} == config and \
+        ("cpu_offload" in parsed.hf.fsdp_config) == ("offload" in typed)
 
 
 def test_fsdp_needs_several_processes():

@@ -149,6 +149,20 @@ def test_bad_data_dir_fails_clearly(tmp_path, monkeypatch, caplog):
     assert not (tmp_path / "result").exists()
 
 
+def test_library_warnings_are_printed_once():
+    """huggingface_hub and datasets print through a handler of their own and pass the record on to the root logger:
+    each hub retry warning used to appear twice."""
+    emit = ("import logging, run; assert run.main(['--max_steps', '-5']) == 2; "
+            "logging.getLogger('huggingface_hub.utils._http').warning('Retrying in 1s [Retry 1/5].'); "
+            "logging.getLogger('datasets.load').warning('Using the latest cached version of the dataset')")
+    done = subprocess.run([sys.executable, "-c", emit], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("Retrying in 1s [Retry 1/5].") == 1, done.stderr
+    assert done.stderr.count("Using the latest cached version") == 1, done.stderr
+    # in the run's format, with the logger that said it
+    assert "WARNING huggingface_hub.utils._http: Retrying in 1s" in done.stderr
+
+
 def test_result_file_name_follows_the_reference():
     config = args.parse(["--task_name", "SST2", "--model_name", "facebook/opt-13b", "--num_eval", "1000",
                          "--num_train", "1000", "--num_dev", "500", "--tag", "mezo-ft-20000-16-1e-7-1e-3-0",

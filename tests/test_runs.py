@@ -223,6 +223,33 @@ def test_a_folder_with_only_broken_checkpoints_starts_over_only_when_asked(tmp_p
         runs.plan_resume(tmp_path, {}, overwrite=False, explicit=str(tmp_path / "checkpoint-15"))
 
 
+def test_a_problem_of_several_lines_counts_once_in_the_heading(tmp_path, monkeypatch, caplog, tiny_llama_dir,
+                                                                small_data):
+    """The heading counted lines: "3 problems with this command" headed a folder of another run, one problem."""
+    broken = tmp_path / "broken"
+    fake_checkpoint(broken, 15, {}, complete=False)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / runs.RUN_CONFIG).write_text(json.dumps({"run_id": "x", "identity": {"learning_rate": 1.0}}))
+    written = tmp_path / "written"
+    fake_checkpoint(written, 4, {"learning_rate": 1.0})
+
+    def headed(*extra):
+        caplog.clear()
+        assert call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir, *extra)) == 2
+        [message] = [r.getMessage() for r in caplog.records if "with this command" in r.getMessage()]
+        return message
+
+    for folder, opening in ((broken, "holds checkpoints, and none can be resumed from"),
+                            (other, "belongs to another run"), (written, "was written by another configuration")):
+        message = headed("--output_dir", str(folder))
+        assert message.startswith("1 problem with this command;") and opening in message, message
+    # two problems: two in the count, each with its own lines
+    message = headed("--output_dir", str(broken), "--result_file", str(tmp_path))
+    assert message.startswith("2 problems with this command;") and "checkpoint-15 has no" in message
+    assert f"--result_file {tmp_path} is a folder" in message
+
+
 def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir, small_data, stall_hooks, straight):
     """SIGKILL in the middle of a checkpoint save, then at random moments; each rerun of the same command resumes from
     the newest complete checkpoint, and the finished run equals the uninterrupted one bit for bit (CPU, fp32)."""
@@ -271,8 +298,8 @@ def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(
                                                                                straight, signum):
     argv = base_args(tiny_llama_dir, "--save_steps", "100")  # no scheduled save: the signal's is the only one
     run = start(tmp_path, small_data, *argv)
-    # after the first step's log line: the handlers are installed when training begins (a signal during loading
-    # takes its default action, which is what a user stopping a run that has nothing to save expects)
+    # after the first step's log line: the handlers that checkpoint are installed when training begins (a signal
+    # before that stops the run with a line saying that nothing was written)
     wait_for(lambda: "'loss'" in run.output(), "the first training step", run)
     run.proc.send_signal(signum)
     stderr = run.finish()
@@ -287,6 +314,31 @@ def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(
         rerun = cli(tmp_path, small_data, *argv)
         assert rerun.returncode == 0 and f"Resuming from {saved[0].relative_to(tmp_path)}" in rerun.stderr
         assert_same_run(tmp_path, straight)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_before_training_stops_with_one_line_saying_so(tmp_path, monkeypatch, caplog, tiny_llama_dir,
+                                                               small_data, signum):
+    """A signal while the model loaded used to end the run without a word (SIGTERM) or with a traceback (SIGINT)."""
+    import run
+    before = signal.getsignal(signum)
+
+    def interrupted_loading(config):
+        # the run's own handler must be in place: the default one would end this test process
+        assert signal.getsignal(signum) is not before, "nothing catches the signal while the model loads"
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # the handler runs at the next bytecode; this line is never finished
+        raise AssertionError("the signal did not stop the run")
+
+    monkeypatch.setattr(run, "load_model", interrupted_loading)
+    status = call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir))
+    name = signal.Signals(signum).name
+    assert status == 128 + signum
+    [line] = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    assert line.startswith(f"{name} while loading the model") and "before training began" in line, line
+    assert "nothing was written" in line and f"exit status {128 + signum}" in line and "\n" not in line, line
+    assert not (tmp_path / "result").exists()  # no run folder, no result
+    assert signal.getsignal(signum) is before  # the process's handler is back
 
 
 # --- results ------------------------------------------------------------------------------------------------------
@@ -342,6 +394,25 @@ def test_result_files_respect_the_umask(tmp_path, monkeypatch, tiny_llama_dir, s
         os.umask(old)
     [path] = result_files(tmp_path)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora"]])
+def test_saved_weights_respect_the_umask(tmp_path, monkeypatch, tiny_llama_dir, small_data, mode):
+    """safetensors writes through a temporary file created 0600: weights were readable by their owner alone."""
+    old = os.umask(0o022)
+    try:
+        assert call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir, "--max_steps", "1",
+                                                                       "--no_final_eval", *mode)) == 0
+    finally:
+        os.umask(old)
+    folder = run_folder(tmp_path)
+    saved = sorted(folder.rglob("*.safetensors"))
+    weights_name = "adapter_model.safetensors" if mode else "model.safetensors"
+    # --save_model's weights in the run folder, and a checkpoint's
+    assert {p.relative_to(folder).as_posix() for p in saved} == {weights_name, f"checkpoint-1/{weights_name}"}
+    modes = {p.relative_to(folder).as_posix(): oct(p.stat().st_mode & 0o777) for p in folder.rglob("*")
+             if p.is_file()}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 # --- long phases show progress ------------------------------------------------------------------------------------

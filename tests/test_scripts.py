@@ -40,7 +40,9 @@ def test_icl_defaults_run_offline_and_extras_override(recorder):
     done, argv = recorder("icl.sh", args=["--num_train", "0"])
     assert done.returncode == 0
     assert flag(argv, "--model_name") == "smollm2-135m" and flag(argv, "--task_name") == "SST2"
-    assert flag(argv, "--num_eval") == "1000" and "--verbose" in argv
+    assert flag(argv, "--num_eval") == "1000"
+    # the quick start's summary must not scroll away under a dump of every prompt; --verbose asks for it
+    assert "--verbose" not in argv
     assert argv[-2:] == ["--num_train", "0"]  # last occurrence wins in the parser
 
 
