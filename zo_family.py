@@ -9,7 +9,6 @@ decay (decoupled: θ·(1-ηλ), applied by the core; every method here defaults 
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
