@@ -69,8 +69,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {group.optimizer} | {short(r['lr'])} | {' | '.join(cells)} | {'yes' if r['diverged'] else ''} "
                   f"| {mark} |")
         # one significant figure: 1e-3 / 3 is written 3e-4, as people write grids
-        grids[group.optimizer] = " ".join(short(float(f"{lr * f:.0e}")) for f in (1 / options.spacing, 1.0,
-                                                                                  options.spacing))
+        first_order = group.configurations[0].runs[0].config.get("trainer") == "regular"
+        grids["adam" if first_order else group.optimizer] = " ".join(   # the names grid.sh's OPTIMS take
+            short(float(f"{lr * f:.0e}")) for f in (1 / options.spacing, 1.0, options.spacing))
     print()
     for name, lrs in grids.items():
         print(f'LRS_{name}="{lrs}"')
