@@ -142,8 +142,7 @@ def find_results(folders: list[Path]) -> tuple[list[Run], list[str]]:
                               f"them to result/, grid.sh to its OUT folder).")
         paths = [folder] if folder.is_file() else sorted(folder.rglob("*.json"))
         for path in paths:
-            if path.name in SKIPPED_NAMES or path.name.startswith(".") or \
-                    any(part.startswith("checkpoint-") for part in path.parts):
+            if path.name in SKIPPED_NAMES or path.name.startswith(".") or in_checkpoint(path, folder):
                 continue
             try:
                 data = json.loads(path.read_text())
@@ -153,6 +152,14 @@ def find_results(folders: list[Path]) -> tuple[list[Run], list[str]]:
             if isinstance(data, dict) and isinstance(data.get("config"), dict) and "run_id" in data:
                 runs.append(Run(path, data))
     return runs, notes
+
+
+def in_checkpoint(path: Path, folder: Path) -> bool:
+    """Whether `path`, found under `folder`, lies in a checkpoint-N folder (runs.checkpoint_step: the suite's one
+    reading of checkpoint names)."""
+    import runs  # here, not at the top: `report.py --help` and `import report` stay free of torch and transformers
+    return path != folder and any(runs.checkpoint_step(part) is not None
+                                  for part in path.relative_to(folder).parent.parts)
 
 
 def identity_flags() -> set[str] | None:
@@ -527,10 +534,8 @@ def trainer_state(run: Run) -> dict | None:
     folder = Path(run_dir)
     if not folder.is_absolute():
         folder = run.path.parent / folder
-    candidates = [folder / "trainer_state.json"]
-    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: -int(p.name.split("-")[-1])) if folder.is_dir() else []
-    candidates += [p / "trainer_state.json" for p in checkpoints[:1]]
+    import runs  # as in in_checkpoint
+    candidates = [folder / "trainer_state.json"] + [p / "trainer_state.json" for _, p in runs.checkpoints(folder)[:1]]
     states = []
     for candidate in candidates:
         try:

@@ -358,7 +358,7 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
         trainer.save_state()  # the whole log history in the run folder: report.py draws its curves from it
     if config.train.save_model:
         save_trained_model(config, trainer, resume.folder)
-    global_step = trainer.state.global_step or (runs.checkpoint_step(resume.checkpoint) if resume.checkpoint else 0)
+    global_step = trainer.state.global_step or (runs.saved_step(resume.checkpoint) if resume.checkpoint else 0)
     result = evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
                                      eval_samples, settings)
     return (None if result is None else (*result, trainer.clock.record(global_step))), None

@@ -257,3 +257,21 @@ def test_plots_say_what_was_not_logged_and_draw_the_zero_shot_line(tmp_path, cap
         "zero-shot SST2: 55.0"]
     assert len(ax.patches) == 1   # the trained method's bar; zero-shot is the line
     assert "\n" in ax.get_title()   # two lines: nothing cut off at the figure's width
+
+
+def test_checkpoint_folders_are_those_runs_names(tmp_path):
+    """report.py reads checkpoint names as runs.py does (runs.checkpoint_step): results in checkpoint-N are passed
+    over and a run's curves come from its newest checkpoint-N, but a folder that only starts with "checkpoint-" is
+    neither (report.py read "checkpoint-old-90" as the checkpoint of step 90, and skipped "checkpoint-notes")."""
+    trainer_state(tmp_path / "output" / "b" / "checkpoint-20", [(10, 1.0)], [(20, 0.5)])
+    trainer_state(tmp_path / "output" / "b" / "checkpoint-old-90", [(10, 2.0), (90, 3.0)], [(90, 0.1)])
+    b = write_result(tmp_path, "b", {"accuracy": 0.7}, run_dir="output/b")
+    assert report.curves(report.Run(b, json.loads(b.read_text())), "eval_accuracy") == \
+        {"loss": [(10, 1.0)], "dev": [(20, 0.5)]}
+    for folder in ("checkpoint-3", "checkpoint-notes"):
+        (tmp_path / folder).mkdir()
+        write_result(tmp_path / folder, folder, {"accuracy": 0.5})
+    found, _ = report.find_results([tmp_path])
+    assert sorted(r.path.relative_to(tmp_path).as_posix() for r in found) == \
+        ["b.json", "checkpoint-notes/checkpoint-notes.json"]
+

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,6 +156,41 @@ def test_a_finished_run_is_evaluated_from_its_last_checkpoint_not_trained_a_step
     assert again.returncode == 0 and "nothing left to train" in again.stderr, again.stderr[-3000:]
     assert not list(run_folder(tmp_path).glob("checkpoint-7"))
     assert json.loads(result_files(tmp_path)[0].read_text())["predictions"] == result["predictions"]
+
+
+def test_a_finished_checkpoint_of_any_name_is_evaluated_at_the_step_it_recorded(tmp_path, tiny_llama_dir,
+                                                                                 small_data):
+    """--resume_from_checkpoint may name a checkpoint kept under another name ("final"): the step a result records is
+    the one the checkpoint's trainer state holds (run.py read it from the folder's name, and failed after the
+    evaluation)."""
+    argv = base_args(tiny_llama_dir, "--max_steps", "2")
+    first = cli(tmp_path / "first", small_data, *argv)
+    assert first.returncode == 0, first.stderr[-3000:]
+    final = tmp_path / "final"
+    shutil.copytree(run_folder(tmp_path / "first") / runs.checkpoint_name(2), final)
+    again = cli(tmp_path / "again", small_data, *argv, "--resume_from_checkpoint", str(final))
+    assert again.returncode == 0 and "nothing left to train" in again.stderr, again.stderr[-3000:]
+    want, got = (json.loads(result_files(tmp_path / name)[0].read_text()) for name in ("first", "again"))
+    assert got["training"]["global_step"] == 2 and got["predictions"] == want["predictions"]
+
+
+def test_checkpoint_names_are_read_one_way_as_hugging_face_writes_them(tmp_path):
+    """runs.checkpoint_name / checkpoint_step / checkpoints are the suite's only reading of checkpoint-N (report.py
+    uses them too), on Hugging Face's prefix, and they pick the newest checkpoint as Hugging Face's own finder does."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+    steps = {"checkpoint-2": 2, "checkpoint-10": 10, "checkpoint-9": 9, "checkpoint-old-30": None,
+             "checkpoint-40.tmp": None, "checkpoint-": None, "tmp-checkpoint-50": None, "xcheckpoint-60": None,
+             "checkpoint-7x": None, "final": None}
+    for name in steps:
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-99").write_text("a file, not a checkpoint")
+    assert {name: runs.checkpoint_step(tmp_path / name) for name in steps} == steps
+    assert runs.checkpoint_step(f"{tmp_path}/checkpoint-10/") == 10 and runs.checkpoint_step("checkpoint-3") == 3
+    assert runs.checkpoints(tmp_path) == [(step, tmp_path / f"checkpoint-{step}") for step in (10, 9, 2)]
+    assert get_last_checkpoint(str(tmp_path)) == str(runs.checkpoints(tmp_path)[0][1])
+    assert runs.checkpoint_name(10) == f"{PREFIX_CHECKPOINT_DIR}-10" == "checkpoint-10"
+    assert runs.checkpoints(tmp_path / "nowhere") == []
 
 
 def test_a_folder_of_another_run_stops_before_anything_loads(tmp_path, tiny_llama_dir, small_data):
@@ -306,7 +342,7 @@ def test_a_signal_saves_a_complete_checkpoint_and_stops_with_the_resume_command(
     assert run.proc.returncode == 128 + signum, stderr[-3000:]
     folder = run_folder(tmp_path)
     saved = [p for p in folder.glob("checkpoint-*") if runs.checkpoint_problem(p) is None]
-    assert len(saved) == 1 and int(saved[0].name.split("-")[1]) < 8
+    assert len(saved) == 1 and runs.checkpoint_step(saved[0]) < 8
     name = signal.Signals(signum).name
     assert f"{name}: stopped after step" in stderr and "Resume with:" in stderr and "run.py" in stderr
     assert not result_files(tmp_path)  # no result for a run that did not finish
