@@ -67,16 +67,16 @@ def checked_and_executed(argv: list[str]) -> int:
         config = arguments.parse(argv)
         agree_across_ranks(config)
         plan = preflight(config)
-    except (arguments.UsageError, runs.RunError) as error:
-        problems = error.problems
-        # one entry a problem; the lines of one problem are indented under its first
-        logger.error("%d problem%s with this command; nothing was run or written:\n  %s", len(problems),
-                     "s" * (len(problems) > 1), "\n  ".join(p.replace("\n", "\n    ") for p in problems))
+    except arguments.UsageError as error:  # a flag, or a folder, checkpoint or result path (runs.py)
+        logger.error("%s", error.report("nothing was run or written"))
         return 2
     BEFORE_WRITING.training = config.training
     try:
         return execute(config, plan)
-    except (tasks.DataError, models.ModelLoadError, arguments.UsageError, evaluator.PromptTooLong) as error:
+    except arguments.UsageError as error:  # found once the data are loaded (--num_dev takes the whole draw)
+        logger.error("%s", error.report("the run stopped"))
+        return 2
+    except (tasks.DataError, models.ModelLoadError, evaluator.PromptTooLong) as error:
         logger.error("%s", error)
         return 2
 
@@ -181,7 +181,7 @@ def preflight(config: arguments.RunConfig) -> Plan:
             try:
                 resume = runs.plan_resume(folder, identity, overwrite=config.train.overwrite_output_dir,
                                           explicit=config.hf.resume_from_checkpoint)
-            except runs.RunError as error:
+            except arguments.UsageError as error:
                 problems += error.problems
                 continue
             if resume.checkpoint is not None and config.fsdp:
@@ -190,7 +190,7 @@ def preflight(config: arguments.RunConfig) -> Plan:
                                 f"--overwrite_output_dir to start over, or --output_dir with another folder.")
             plan.resume.append(resume)
     if parallel.max_over_ranks(bool(problems)):  # all ranks stop together, whichever found the problem
-        raise runs.RunError(problems or ["Another process found a problem with this command (see its log)."])
+        raise arguments.UsageError(problems or ["Another process found a problem with this command (see its log)."])
     return plan
 
 

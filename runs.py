@@ -18,6 +18,9 @@ a hash of it (`run_id`).
   Files are written atomically and with the permissions the umask allows (weights too: see `weights_follow_umask`).
 * **Checkpoint names.** Hugging Face names the checkpoint of step N `checkpoint-N` (`PREFIX_CHECKPOINT_DIR`);
   `checkpoint_name` and `checkpoint_step` are the only places this suite writes or reads that name (report.py too).
+
+A problem found here is a `cli.UsageError` (also importable under its old name `RunError`), as a problem with a flag
+is: run.py reports both as "N problems with this command".
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import parallel
+from cli import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +48,7 @@ TRAINER_STATE = "trainer_state.json"
 # the pattern of transformers.trainer_utils.get_last_checkpoint
 _CHECKPOINT = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
 
-
-class RunError(ValueError):
-    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out,
-    one entry a problem (its details on lines of their own, within the entry)."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+RunError = UsageError  # the old name of a problem found here: one class with the flags' (run.py reports both alike)
 
 
 # --- names --------------------------------------------------------------------------------------------------------
@@ -220,7 +217,7 @@ def _lines(heading: str, details: list[str], way_out: str) -> str:
 
 
 def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str | None) -> ResumePlan:
-    """Which checkpoint this run resumes from, decided before anything loads. RunError: the folder belongs to
+    """Which checkpoint this run resumes from, decided before anything loads. UsageError: the folder belongs to
     another run, or holds only checkpoints that cannot be used."""
     plan = ResumePlan(folder)
     found = checkpoints(folder)
@@ -228,12 +225,12 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
         checkpoint = Path(explicit)
         problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else f"{checkpoint} is not a folder"
         if problem:
-            raise RunError([f"--resume_from_checkpoint {explicit}: {problem}. Point it at a complete checkpoint-N "
-                            f"folder."])
+            raise UsageError([f"--resume_from_checkpoint {explicit}: {problem}. Point it at a complete checkpoint-N "
+                              f"folder."])
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([_lines(f"--resume_from_checkpoint {explicit} was written by another configuration:",
-                                   diff, "Resume it with the flags it was made with.")])
+            raise UsageError([_lines(f"--resume_from_checkpoint {explicit} was written by another configuration:",
+                                     diff, "Resume it with the flags it was made with.")])
         plan.checkpoint = checkpoint
         return plan
     if overwrite:
@@ -244,12 +241,12 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
         try:
             theirs = json.loads(owner.read_text())["identity"]
         except (ValueError, KeyError, TypeError):
-            raise RunError([f"{owner} does not parse, so it is unknown which run owns {folder}. "
-                            + _ways_out()]) from None
+            raise UsageError([f"{owner} does not parse, so it is unknown which run owns {folder}. "
+                              + _ways_out()]) from None
         diff = differences(theirs, identity)
         if diff:
-            raise RunError([_lines(f"{folder} belongs to another run; its configuration differs in:", diff,
-                                   _ways_out())])
+            raise UsageError([_lines(f"{folder} belongs to another run; its configuration differs in:", diff,
+                                     _ways_out())])
     for step, checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if problem:
@@ -257,13 +254,13 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
             continue
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([_lines(f"{checkpoint} was written by another configuration; it differs in:", diff,
-                                   _ways_out())])
+            raise UsageError([_lines(f"{checkpoint} was written by another configuration; it differs in:", diff,
+                                     _ways_out())])
         plan.checkpoint = checkpoint
         return plan
     if found:
-        raise RunError([_lines(f"{folder} holds checkpoints, and none can be resumed from:", plan.skipped,
-                               _ways_out())])
+        raise UsageError([_lines(f"{folder} holds checkpoints, and none can be resumed from:", plan.skipped,
+                                 _ways_out())])
     return plan
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import args
 import runs
 from conftest import ROOT, shared_data_or_skip
 
@@ -242,20 +243,20 @@ def test_resume_takes_the_newest_complete_checkpoint_and_names_the_broken_ones(t
         f"{tmp_path / 'checkpoint-20' / 'optimizer.pt'} has 7 bytes, 100 were written (truncated or replaced)",
         f"{tmp_path / 'checkpoint-15'} has no {runs.MARKER} (it was interrupted while being saved, or predates this "
         f"check)"]
-    with pytest.raises(runs.RunError, match="differs in:\n  --learning_rate: 0.001 there, 0.002 now"):
+    with pytest.raises(runs.UsageError, match="differs in:\n  --learning_rate: 0.001 there, 0.002 now"):
         runs.plan_resume(tmp_path, {"learning_rate": 0.002}, overwrite=False, explicit=None)
 
 
 def test_a_folder_with_only_broken_checkpoints_starts_over_only_when_asked(tmp_path):
     fake_checkpoint(tmp_path, 15, {}, complete=False)
-    with pytest.raises(runs.RunError) as caught:
+    with pytest.raises(runs.UsageError) as caught:
         runs.plan_resume(tmp_path, {}, overwrite=False, explicit=None)
     text = str(caught.value)
     assert "holds checkpoints, and none can be resumed from" in text and "checkpoint-15 has no" in text
     assert "--overwrite_output_dir" in text
     plan = runs.plan_resume(tmp_path, {}, overwrite=True, explicit=None)
     assert plan.checkpoint is None and plan.wipe == [tmp_path / "checkpoint-15"]
-    with pytest.raises(runs.RunError, match="--resume_from_checkpoint .*checkpoint-15: .* has no"):
+    with pytest.raises(runs.UsageError, match="--resume_from_checkpoint .*checkpoint-15: .* has no"):
         runs.plan_resume(tmp_path, {}, overwrite=False, explicit=str(tmp_path / "checkpoint-15"))
 
 
@@ -284,6 +285,26 @@ def test_a_problem_of_several_lines_counts_once_in_the_heading(tmp_path, monkeyp
     message = headed("--output_dir", str(broken), "--result_file", str(tmp_path))
     assert message.startswith("2 problems with this command;") and "checkpoint-15 has no" in message
     assert f"--result_file {tmp_path} is a folder" in message
+
+
+def test_problems_with_flags_and_with_folders_are_one_kind_reported_alike(tmp_path, monkeypatch, caplog,
+                                                                          tiny_llama_dir, small_data):
+    """A bad flag (args.py) and a folder the run cannot use (runs.py, whose RunError is the old name) are one class
+    of error, and run.py heads each the same way wherever it is found, also once the data are loaded (--num_dev
+    taking the whole draw used to be printed bare, without the heading)."""
+    assert runs.RunError is args.UsageError is runs.UsageError
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / runs.RUN_CONFIG).write_text(json.dumps({"run_id": "x", "identity": {"learning_rate": 1.0}}))
+    for extra, outcome, problem in ((["--zo_eps", "0"], "nothing was run or written", "--zo_eps 0.0: must be > 0.0"),
+                                    (["--output_dir", str(other)], "nothing was run or written",
+                                     "belongs to another run"),
+                                    (["--num_dev", "200"], "the run stopped",   # the 200 rows of small_data
+                                     "No training examples left: the draw has 200 rows and --num_dev 200 takes them")):
+        caplog.clear()
+        assert call_main(tmp_path, small_data, monkeypatch, *base_args(tiny_llama_dir, *extra)) == 2
+        [message] = [r.getMessage() for r in caplog.records if "with this command" in r.getMessage()]
+        assert message.startswith(f"1 problem with this command; {outcome}:\n  ") and problem in message, message
 
 
 def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir, small_data, stall_hooks, straight):
