@@ -222,8 +222,11 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
             max_new_tokens=evaluation.max_new_tokens, sampling=evaluation.sampling,
             temperature=evaluation.temperature, num_beams=evaluation.num_beams, top_p=evaluation.top_p,
             top_k=evaluation.top_k, max_length=config.model.max_length, eos_token=evaluation.eos_token))
+    # prompt_version: the revision of the task's prompt format (templates.Template.version), as lm-eval records a
+    # task's version; report.py never mixes results of two versions in one configuration
     base = {"config": config.as_dict(), "run_id": config.run_id(), "data_source": task.source,
-            "clipped": clipped, "provenance": provenance.collect(model, started)}
+            "prompt_version": task.spec.template.version, "clipped": clipped,
+            "provenance": provenance.collect(model, started)}
     BEFORE_WRITING.doing = "preparing to train" if config.training else "evaluating"
 
     if config.training:

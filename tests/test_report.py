@@ -275,3 +275,17 @@ def test_checkpoint_folders_are_those_runs_names(tmp_path):
     assert sorted(r.path.relative_to(tmp_path).as_posix() for r in found) == \
         ["b.json", "checkpoint-notes/checkpoint-notes.json"]
 
+
+def test_prompt_versions_are_never_one_configuration(tmp_path):
+    """The prompt version a result records (run.py: "prompt_version") is not a flag, yet results of two versions of
+    a task's prompts must not be averaged as seeds of one configuration; results that predate the record are their
+    own."""
+    for name, seed, version in (("v1s0", 0, "1"), ("v1s1", 1, "1"), ("v2s0", 0, "2"), ("old", 0, None)):
+        path = write_result(tmp_path, name, {"accuracy": 0.5}, train_set_seed=seed)
+        if version is not None:
+            path.write_text(json.dumps(json.loads(path.read_text()) | {"prompt_version": version}))
+    runs, _ = report.find_results([tmp_path])
+    (group,) = report.group_runs(runs)
+    assert {c.label: sorted(r.path.stem for r in c.runs) for c in group.configurations} == {
+        "lr=0.001 eps=0.01 prompt_version=1": ["v1s0", "v1s1"], "lr=0.001 eps=0.01 prompt_version=2": ["v2s0"],
+        "lr=0.001 eps=0.01 prompt_version=not recorded": ["old"]}
