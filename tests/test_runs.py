@@ -343,6 +343,9 @@ def test_killed_anywhere_then_rerun_ends_bit_identical(tmp_path, tiny_llama_dir,
     assert kills >= 1
     final = cli(tmp_path, small_data, *argv)
     assert final.returncode == 0, final.stderr[-3000:]
+    if "Resuming from" in final.stderr:  # on a loaded machine three attempts, each killed, can end before the run
+        final = cli(tmp_path, small_data, *argv)
+        assert final.returncode == 0, final.stderr[-3000:]
     # the finished run is not trained again: its last checkpoint is evaluated
     assert "is the last step of this run: nothing left to train" in final.stderr, final.stderr[-3000:]
     assert_same_run(tmp_path, straight)
