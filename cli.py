@@ -24,11 +24,20 @@ __all__ = ["UsageError", "flag", "Parser", "HelpFormatter", "normalise", "screen
 
 
 class UsageError(ValueError):
-    """Invalid flags; `problems` lists each one with the value and the fix."""
+    """A command this suite cannot run as given: invalid flags (args.py), or a folder, checkpoint or result path the
+    run cannot use (runs.py). `problems` lists each one with the value and the fix, one entry a problem (its details
+    on lines of their own, within the entry)."""
 
     def __init__(self, problems: list[str]):
         super().__init__("\n".join(problems))
         self.problems = list(problems)
+
+    def report(self, outcome: str) -> str:
+        """The message for the user: "N problems with this command; <outcome>:", then each problem, the lines of one
+        problem indented under its first (a problem counts once, however many lines it has)."""
+        count = len(self.problems)
+        return (f"{count} problem{'s' * (count != 1)} with this command; {outcome}:\n  "
+                + "\n  ".join(p.replace("\n", "\n    ") for p in self.problems))
 
 
 def flag(default, help: str, *, choices=None, low=None, high=None, above=None, only_with=None, identity=True):

@@ -6,9 +6,10 @@
 Result files (run.py's, found recursively; checkpoint folders are not searched) are grouped by task, model, mode
 (ft, lora, prefix, head, probe; icl without training) and optimizer. Within a group, a *configuration* is everything
 that defines a run (its identity, args.py) except its seeds (--seed, --train_set_seed, --data_seed) and its --tag
-(the scripts write the seed into the tag); the runs of one configuration are its seeds. Each group's configuration
-with the highest mean of the selection metric is reported, with the test metric as mean ± sample standard deviation
-over its seeds, in percent.
+(the scripts write the seed into the tag), plus the prompt version the result records ("prompt_version": results of
+two versions of a task's prompts are never one configuration); the runs of one configuration are its seeds. Each
+group's configuration with the highest mean of the selection metric is reported, with the test metric as mean ±
+sample standard deviation over its seeds, in percent.
 
 Selection uses a dev metric (`--select dev_accuracy`; the default `auto` is dev_ + the group's test metric), because a
 configuration picked on the test set reports an optimistic test number. Selecting on a test metric is refused unless
@@ -50,6 +51,8 @@ from pathlib import Path
 from metrics import VALID_METRICS
 
 SEED_FLAGS = ("seed", "train_set_seed", "data_seed")
+PROMPT_VERSION = "prompt_version"     # a result's record of its task's prompt format (templates.Template.version)
+NOT_RECORDED = "not recorded"         # its value in results written before it was recorded
 IGNORED_FLAGS = SEED_FLAGS + ("tag",)
 SKIPPED_NAMES = {"trainer_state.json", "run_config.json", "checkpoint_complete.json", "config.json",
                  "generation_config.json", "adapter_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -142,8 +145,7 @@ def find_results(folders: list[Path]) -> tuple[list[Run], list[str]]:
                               f"them to result/, grid.sh to its OUT folder).")
         paths = [folder] if folder.is_file() else sorted(folder.rglob("*.json"))
         for path in paths:
-            if path.name in SKIPPED_NAMES or path.name.startswith(".") or \
-                    any(part.startswith("checkpoint-") for part in path.parts):
+            if path.name in SKIPPED_NAMES or path.name.startswith(".") or in_checkpoint(path, folder):
                 continue
             try:
                 data = json.loads(path.read_text())
@@ -153,6 +155,14 @@ def find_results(folders: list[Path]) -> tuple[list[Run], list[str]]:
             if isinstance(data, dict) and isinstance(data.get("config"), dict) and "run_id" in data:
                 runs.append(Run(path, data))
     return runs, notes
+
+
+def in_checkpoint(path: Path, folder: Path) -> bool:
+    """Whether `path`, found under `folder`, lies in a checkpoint-N folder (runs.checkpoint_step: the suite's one
+    reading of checkpoint names)."""
+    import runs  # here, not at the top: `report.py --help` and `import report` stay free of torch and transformers
+    return path != folder and any(runs.checkpoint_step(part) is not None
+                                  for part in path.relative_to(folder).parent.parts)
 
 
 def identity_flags() -> set[str] | None:
@@ -200,8 +210,10 @@ def group_runs(runs: list[Run]) -> list[Group]:
         model = Path(str(config.get("model_name", "?")).rstrip("/")).name
         gkey = (config.get("task_name", "?"), model, mode_of(config), optimizer_of(config))
         group = groups.setdefault(gkey, Group(*gkey))
-        ckey = tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items()
-                            if k not in IGNORED_FLAGS and (flags is None or k in flags)))
+        ckey = tuple(sorted([(k, json.dumps(v, sort_keys=True)) for k, v in config.items()
+                             if k not in IGNORED_FLAGS and (flags is None or k in flags)]
+                            # not a flag, and it changes every prompt: never one configuration across versions
+                            + [(PROMPT_VERSION, json.dumps(run.data.get(PROMPT_VERSION, NOT_RECORDED)))]))
         configuration = next((c for c in group.configurations if c.key == ckey), None)
         if configuration is None:
             configuration = Configuration(ckey)
@@ -527,10 +539,8 @@ def trainer_state(run: Run) -> dict | None:
     folder = Path(run_dir)
     if not folder.is_absolute():
         folder = run.path.parent / folder
-    candidates = [folder / "trainer_state.json"]
-    checkpoints = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                         key=lambda p: -int(p.name.split("-")[-1])) if folder.is_dir() else []
-    candidates += [p / "trainer_state.json" for p in checkpoints[:1]]
+    import runs  # as in in_checkpoint
+    candidates = [folder / "trainer_state.json"] + [p / "trainer_state.json" for _, p in runs.checkpoints(folder)[:1]]
     states = []
     for candidate in candidates:
         try:

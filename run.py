@@ -67,16 +67,16 @@ def checked_and_executed(argv: list[str]) -> int:
         config = arguments.parse(argv)
         agree_across_ranks(config)
         plan = preflight(config)
-    except (arguments.UsageError, runs.RunError) as error:
-        problems = error.problems
-        # one entry a problem; the lines of one problem are indented under its first
-        logger.error("%d problem%s with this command; nothing was run or written:\n  %s", len(problems),
-                     "s" * (len(problems) > 1), "\n  ".join(p.replace("\n", "\n    ") for p in problems))
+    except arguments.UsageError as error:  # a flag, or a folder, checkpoint or result path (runs.py)
+        logger.error("%s", error.report("nothing was run or written"))
         return 2
     BEFORE_WRITING.training = config.training
     try:
         return execute(config, plan)
-    except (tasks.DataError, models.ModelLoadError, arguments.UsageError, evaluator.PromptTooLong) as error:
+    except arguments.UsageError as error:  # found once the data are loaded (--num_dev takes the whole draw)
+        logger.error("%s", error.report("the run stopped"))
+        return 2
+    except (tasks.DataError, models.ModelLoadError, evaluator.PromptTooLong) as error:
         logger.error("%s", error)
         return 2
 
@@ -181,7 +181,7 @@ def preflight(config: arguments.RunConfig) -> Plan:
             try:
                 resume = runs.plan_resume(folder, identity, overwrite=config.train.overwrite_output_dir,
                                           explicit=config.hf.resume_from_checkpoint)
-            except runs.RunError as error:
+            except arguments.UsageError as error:
                 problems += error.problems
                 continue
             if resume.checkpoint is not None and config.fsdp:
@@ -190,7 +190,7 @@ def preflight(config: arguments.RunConfig) -> Plan:
                                 f"--overwrite_output_dir to start over, or --output_dir with another folder.")
             plan.resume.append(resume)
     if parallel.max_over_ranks(bool(problems)):  # all ranks stop together, whichever found the problem
-        raise runs.RunError(problems or ["Another process found a problem with this command (see its log)."])
+        raise arguments.UsageError(problems or ["Another process found a problem with this command (see its log)."])
     return plan
 
 
@@ -222,8 +222,11 @@ def execute(config: arguments.RunConfig, plan: Plan) -> int:
             max_new_tokens=evaluation.max_new_tokens, sampling=evaluation.sampling,
             temperature=evaluation.temperature, num_beams=evaluation.num_beams, top_p=evaluation.top_p,
             top_k=evaluation.top_k, max_length=config.model.max_length, eos_token=evaluation.eos_token))
+    # prompt_version: the revision of the task's prompt format (templates.Template.version), as lm-eval records a
+    # task's version; report.py never mixes results of two versions in one configuration
     base = {"config": config.as_dict(), "run_id": config.run_id(), "data_source": task.source,
-            "clipped": clipped, "provenance": provenance.collect(model, started)}
+            "prompt_version": task.spec.template.version, "clipped": clipped,
+            "provenance": provenance.collect(model, started)}
     BEFORE_WRITING.doing = "preparing to train" if config.training else "evaluating"
 
     if config.training:
@@ -358,7 +361,7 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
         trainer.save_state()  # the whole log history in the run folder: report.py draws its curves from it
     if config.train.save_model:
         save_trained_model(config, trainer, resume.folder)
-    global_step = trainer.state.global_step or (runs.checkpoint_step(resume.checkpoint) if resume.checkpoint else 0)
+    global_step = trainer.state.global_step or (runs.saved_step(resume.checkpoint) if resume.checkpoint else 0)
     result = evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
                                      eval_samples, settings)
     return (None if result is None else (*result, trainer.clock.record(global_step))), None

@@ -16,6 +16,11 @@ a hash of it (`run_id`).
 * **Results.** `result/<name>.json` names what distinguishes the run; a file there from another run (another
   `run_id`) is never replaced: the new result is written beside it with the run id in its name, and a warning says so.
   Files are written atomically and with the permissions the umask allows (weights too: see `weights_follow_umask`).
+* **Checkpoint names.** Hugging Face names the checkpoint of step N `checkpoint-N` (`PREFIX_CHECKPOINT_DIR`);
+  `checkpoint_name` and `checkpoint_step` are the only places this suite writes or reads that name (report.py too).
+
+A problem found here is a `cli.UsageError` (also importable under its old name `RunError`), as a problem with a flag
+is: run.py reports both as "N problems with this command".
 """
 
 from __future__ import annotations
@@ -30,24 +35,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import parallel
+from cli import UsageError
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG = "run_config.json"
 MARKER = "checkpoint_complete.json"
 TRAINER_STATE = "trainer_state.json"
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# the pattern of transformers.trainer_utils.get_last_checkpoint
+_CHECKPOINT = re.compile(rf"^{re.escape(PREFIX_CHECKPOINT_DIR)}-(\d+)$")
 
-
-class RunError(ValueError):
-    """A run folder, checkpoint or result path that this run cannot use; `problems` name the path and the way out,
-    one entry a problem (its details on lines of their own, within the entry)."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+RunError = UsageError  # the old name of a problem found here: one class with the flags' (run.py reports both alike)
 
 
 # --- names --------------------------------------------------------------------------------------------------------
@@ -122,20 +123,30 @@ def output_dir(config, set_index: int, num_sets: int) -> Path:
 
 # --- checkpoints --------------------------------------------------------------------------------------------------
 
+def checkpoint_name(step: int) -> str:
+    """The name of the folder Hugging Face saves the checkpoint of `step` in: checkpoint-N."""
+    return f"{PREFIX_CHECKPOINT_DIR}-{step}"
+
+
+def checkpoint_step(path: Path | str) -> int | None:
+    """N, where the last part of `path` is a checkpoint's name (checkpoint-N), else None. The name alone: a checkpoint
+    passed with --resume_from_checkpoint may be called anything (`saved_step` reads the step it records)."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
-    """checkpoint-N folders, newest (highest N) first."""
+    """(N, path) of the checkpoint-N folders in `folder`, newest (highest N) first."""
+    folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _CHECKPOINT.match(p.name))]
+    found = [(step, p) for p in folder.iterdir() if p.is_dir() and (step := checkpoint_step(p)) is not None]
     return sorted(found, reverse=True)
 
 
-def checkpoint_step(checkpoint: Path) -> int:
-    """The optimizer step a checkpoint-N folder was saved at (N)."""
-    match = _CHECKPOINT.match(Path(checkpoint).name)
-    if match is None:
-        raise ValueError(f"{checkpoint} is not a checkpoint-N folder")
-    return int(match.group(1))
+def saved_step(checkpoint: Path) -> int:
+    """The optimizer step a (complete: `checkpoint_problem`) checkpoint was saved at, as its trainer state records."""
+    return int(json.loads((Path(checkpoint) / TRAINER_STATE).read_text())["global_step"])
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
@@ -206,7 +217,7 @@ def _lines(heading: str, details: list[str], way_out: str) -> str:
 
 
 def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str | None) -> ResumePlan:
-    """Which checkpoint this run resumes from, decided before anything loads. RunError: the folder belongs to
+    """Which checkpoint this run resumes from, decided before anything loads. UsageError: the folder belongs to
     another run, or holds only checkpoints that cannot be used."""
     plan = ResumePlan(folder)
     found = checkpoints(folder)
@@ -214,12 +225,12 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
         checkpoint = Path(explicit)
         problem = checkpoint_problem(checkpoint) if checkpoint.is_dir() else f"{checkpoint} is not a folder"
         if problem:
-            raise RunError([f"--resume_from_checkpoint {explicit}: {problem}. Point it at a complete checkpoint-N "
-                            f"folder."])
+            raise UsageError([f"--resume_from_checkpoint {explicit}: {problem}. Point it at a complete checkpoint-N "
+                              f"folder."])
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([_lines(f"--resume_from_checkpoint {explicit} was written by another configuration:",
-                                   diff, "Resume it with the flags it was made with.")])
+            raise UsageError([_lines(f"--resume_from_checkpoint {explicit} was written by another configuration:",
+                                     diff, "Resume it with the flags it was made with.")])
         plan.checkpoint = checkpoint
         return plan
     if overwrite:
@@ -230,12 +241,12 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
         try:
             theirs = json.loads(owner.read_text())["identity"]
         except (ValueError, KeyError, TypeError):
-            raise RunError([f"{owner} does not parse, so it is unknown which run owns {folder}. "
-                            + _ways_out()]) from None
+            raise UsageError([f"{owner} does not parse, so it is unknown which run owns {folder}. "
+                              + _ways_out()]) from None
         diff = differences(theirs, identity)
         if diff:
-            raise RunError([_lines(f"{folder} belongs to another run; its configuration differs in:", diff,
-                                   _ways_out())])
+            raise UsageError([_lines(f"{folder} belongs to another run; its configuration differs in:", diff,
+                                     _ways_out())])
     for step, checkpoint in found:
         problem = checkpoint_problem(checkpoint)
         if problem:
@@ -243,13 +254,13 @@ def plan_resume(folder: Path, identity: dict, *, overwrite: bool, explicit: str 
             continue
         diff = differences(recorded_identity(checkpoint), identity)
         if diff:
-            raise RunError([_lines(f"{checkpoint} was written by another configuration; it differs in:", diff,
-                                   _ways_out())])
+            raise UsageError([_lines(f"{checkpoint} was written by another configuration; it differs in:", diff,
+                                     _ways_out())])
         plan.checkpoint = checkpoint
         return plan
     if found:
-        raise RunError([_lines(f"{folder} holds checkpoints, and none can be resumed from:", plan.skipped,
-                               _ways_out())])
+        raise UsageError([_lines(f"{folder} holds checkpoints, and none can be resumed from:", plan.skipped,
+                                 _ways_out())])
     return plan
 
 
@@ -312,7 +323,7 @@ class CheckpointCallback(TrainerCallback):
         if not args.should_save:
             return
         folder = Path(args.output_dir)
-        checkpoint = folder / f"checkpoint-{state.global_step}"
+        checkpoint = folder / checkpoint_name(state.global_step)
         weights_follow_umask(checkpoint)
         files = {str(p.relative_to(checkpoint)): p.stat().st_size for p in sorted(checkpoint.rglob("*"))
                  if p.is_file() and p.name != MARKER}
@@ -322,16 +333,15 @@ class CheckpointCallback(TrainerCallback):
 
     def rotate(self, folder: Path, best: str | None) -> None:
         found = checkpoints(folder)
-        complete = [p for _, p in found if checkpoint_problem(p) is None]
-        newest = complete[0] if complete else None
-        keep = set(complete[:self.save_total_limit] if self.save_total_limit else complete)
+        complete = [(step, path) for step, path in found if checkpoint_problem(path) is None]
+        newest = complete[0][0] if complete else None   # the step of the newest complete checkpoint
+        keep = {path for _, path in (complete[:self.save_total_limit] if self.save_total_limit else complete)}
         if best:
             keep.add(Path(best))
         for step, path in found:
-            broken = path not in complete
+            broken = (step, path) not in complete
             # broken ones older than a complete checkpoint are the leftovers of interrupted saves
-            if (broken and newest is not None and step < int(newest.name.split("-")[1])) or \
-                    (not broken and path not in keep):
+            if (broken and newest is not None and step < newest) or (not broken and path not in keep):
                 shutil.rmtree(path, ignore_errors=True)
 
 

@@ -257,3 +257,35 @@ def test_plots_say_what_was_not_logged_and_draw_the_zero_shot_line(tmp_path, cap
         "zero-shot SST2: 55.0"]
     assert len(ax.patches) == 1   # the trained method's bar; zero-shot is the line
     assert "\n" in ax.get_title()   # two lines: nothing cut off at the figure's width
+
+
+def test_checkpoint_folders_are_those_runs_names(tmp_path):
+    """report.py reads checkpoint names as runs.py does (runs.checkpoint_step): results in checkpoint-N are passed
+    over and a run's curves come from its newest checkpoint-N, but a folder that only starts with "checkpoint-" is
+    neither (report.py read "checkpoint-old-90" as the checkpoint of step 90, and skipped "checkpoint-notes")."""
+    trainer_state(tmp_path / "output" / "b" / "checkpoint-20", [(10, 1.0)], [(20, 0.5)])
+    trainer_state(tmp_path / "output" / "b" / "checkpoint-old-90", [(10, 2.0), (90, 3.0)], [(90, 0.1)])
+    b = write_result(tmp_path, "b", {"accuracy": 0.7}, run_dir="output/b")
+    assert report.curves(report.Run(b, json.loads(b.read_text())), "eval_accuracy") == \
+        {"loss": [(10, 1.0)], "dev": [(20, 0.5)]}
+    for folder in ("checkpoint-3", "checkpoint-notes"):
+        (tmp_path / folder).mkdir()
+        write_result(tmp_path / folder, folder, {"accuracy": 0.5})
+    found, _ = report.find_results([tmp_path])
+    assert sorted(r.path.relative_to(tmp_path).as_posix() for r in found) == \
+        ["b.json", "checkpoint-notes/checkpoint-notes.json"]
+
+
+def test_prompt_versions_are_never_one_configuration(tmp_path):
+    """The prompt version a result records (run.py: "prompt_version") is not a flag, yet results of two versions of
+    a task's prompts must not be averaged as seeds of one configuration; results that predate the record are their
+    own."""
+    for name, seed, version in (("v1s0", 0, "1"), ("v1s1", 1, "1"), ("v2s0", 0, "2"), ("old", 0, None)):
+        path = write_result(tmp_path, name, {"accuracy": 0.5}, train_set_seed=seed)
+        if version is not None:
+            path.write_text(json.dumps(json.loads(path.read_text()) | {"prompt_version": version}))
+    runs, _ = report.find_results([tmp_path])
+    (group,) = report.group_runs(runs)
+    assert {c.label: sorted(r.path.stem for r in c.runs) for c in group.configurations} == {
+        "lr=0.001 eps=0.01 prompt_version=1": ["v1s0", "v1s1"], "lr=0.001 eps=0.01 prompt_version=2": ["v2s0"],
+        "lr=0.001 eps=0.01 prompt_version=not recorded": ["old"]}

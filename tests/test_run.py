@@ -52,6 +52,18 @@ def test_shared_demo_set_mode_writes_trainset_file(tmp_path):
     assert result["train_set_seed"] == 5 and result["sizes"]["train"] == 4
 
 
+def test_every_result_records_the_version_of_its_prompts(tmp_path, monkeypatch):
+    """As lm-eval records a task's version: a result names the revision of its task's prompt format (templates.py's
+    Template.version), which report.py keeps apart."""
+    import templates
+    monkeypatch.setenv("ZO_DATA_DIR", str(shared_data_or_skip()))
+    monkeypatch.setattr(templates.SST2Template, "version", "7")
+    assert call_main(tmp_path, monkeypatch, "--task_name", "SST2", "--num_train", "2", "--train_set_seed", "0",
+                     "--num_eval", "4") == 0
+    [path] = (tmp_path / "result").glob("*.json")
+    assert json.loads(path.read_text())["prompt_version"] == "7"
+
+
 ZO = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0"]
 
 

@@ -20,7 +20,9 @@ def train(tmp_path, monkeypatch, model_dir, *args):
     assert code == 0
     files = list((tmp_path / "result").glob("*.json"))
     assert len(files) == 1
-    return json.loads(files[0].read_text()), files[0].name
+    result = json.loads(files[0].read_text())
+    assert result["prompt_version"] == "1"  # every result, trained or not (test_run.py)
+    return result, files[0].name
 
 
 @pytest.mark.parametrize("trainer_args,description", [
