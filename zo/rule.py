@@ -18,12 +18,13 @@ The same functions are evaluated two ways:
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["Rule", "Expr", "Graph", "Leaf", "Values", "sqrt", "where", "sign", "absolute", "sweep", "trace",
+__all__ = ["Rule", "SweepSpec", "Expr", "Graph", "Leaf", "Values", "sqrt", "where", "sign", "absolute", "sweep", "trace",
            "FRAMEWORK_SCALARS", "SWEEP_KINDS"]
 
 SWEEP_KINDS = ("perturb", "update", "update_stash")
@@ -38,6 +39,23 @@ class Rule(NamedTuple):
     direction: Any
     step: Any = None
     state: dict = {}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A method as the sweeps and the kernels see it, frozen (and hashable: the kernels of a spec are built once):
+    its rule and the names of its noise streams, state buffers, step values (known when a step begins) and update
+    values (derived from the projected gradient after the probes)."""
+    rule: Callable
+    streams: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+    step_values: tuple[str, ...] = ()
+    update_values: tuple[str, ...] = ()
+
+    @property
+    def scalars(self) -> tuple[str, ...]:
+        """The method's scalars in kernel order: step values, then update values (the framework's come after)."""
+        return self.step_values + self.update_values
 
 
 # ------------------------------------------------------------------------------------------ expressions
