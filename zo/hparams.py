@@ -118,8 +118,8 @@ def take(optimizer, kw: dict) -> dict:
         value = kw.pop(h.arg, h.default)
         why = h.problem(value)
         if why:
-            raise ValueError(f"Invalid {optimizer.title} {h.arg}={value!r}: {why} ({h.symbol + ': ' if h.symbol else ''}"
-                             f"{h.help})")
+            symbol = f"{h.symbol}: " if h.symbol else ""
+            raise ValueError(f"Invalid {optimizer.title} {h.arg}={value!r}: {why} ({symbol}{h.help})")
         if h.convert is not None and isinstance(value, str):
             value = h.convert(value)
         values[h.arg] = float(value) if h.kind is float and value is not None else value

@@ -1,5 +1,7 @@
-"""The registry of ZO optimizers: --zo_optim name -> class.  The one module that imports every method (the methods
-import the core, zo; the core imports none of them); args.py, the trainer, the scripts and the benchmarks read it."""
+"""The registry of ZO optimizers: --zo_optim name -> class, each method's default LR / ε per mode, and the per-method
+--zo_* flags derived from the methods' hyper-parameter declarations (zo.hparams).  The one module that imports every
+method (the methods import the core, zo.core; the core imports none of them); args.py, the trainer, the scripts
+(`python -m zo.registry defaults|forwards|list`) and the benchmarks read it."""
 from __future__ import annotations
 
 import inspect
@@ -11,8 +13,8 @@ from zo.methods.adamu import AdaMUSchedule, ZOAdaMU
 from zo.methods.family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 from zo.methods.lowrank import LOZO, LOZOM, SubZero
 
-__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "Flag", "flags", "keywords", "accepted_keywords", "get", "describe", "describe_all", "forward_passes", "mode_defaults",
-           "default_source", "defaults_table", "taking_several_directions", "directions_help", "short"]
+__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "Flag", "flags", "keywords", "accepted_keywords", "get", "describe",
+           "describe_all", "forward_passes", "mode_defaults", "default_source", "defaults_table", "taking_several_directions", "directions_help", "short"]
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (
     MeZO, ZOAdaMU, ZOSGDSign, ZOSGDMMT, ZOSGDCons, ZOAdam, HiZOO, LOZO, LOZOM, SubZero, FZOO)}

@@ -24,7 +24,8 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Rule", "SweepSpec", "Expr", "Graph", "Leaf", "Values", "sqrt", "where", "sign", "absolute", "sweep", "trace",
+__all__ = ["Rule", "SweepSpec", "Expr", "Graph", "Leaf", "Values", "sqrt", "where", "sign", "absolute", "sweep",
+           "trace",
            "FRAMEWORK_SCALARS", "SWEEP_KINDS"]
 
 SWEEP_KINDS = ("perturb", "update", "update_stash")

@@ -1,7 +1,7 @@
-"""Element-wise ZO methods on the core protocol of zo.ZOOptimizer: MeZO, the ZO-Bench family (ZO-SGD-Sign, -MMT, -Cons,
-ZO-Adam), HiZOO and FZOO.  Each is one rule (the C and Triton sweeps come from the core); what goes beyond one
-two-point probe (a forward at θ, a candidate update, several directions) uses the core's general hooks: center_loss,
-probe_one_sided, several directions per step.
+"""Element-wise ZO methods on the core protocol of zo.core.ZOOptimizer: MeZO, the ZO-Bench family (ZO-SGD-Sign,
+-MMT, -Cons, ZO-Adam), HiZOO and FZOO.  Each is one rule (the C and Triton sweeps come from the core); what goes beyond one
+two-point probe (a forward at θ, a candidate update, several directions) uses the core's public calls: center_loss,
+probe_one_sided, apply_update / restore / finish_step, several directions per step.
 
 Symbols: θ the trainable weights, z the noise of a direction (Gaussian, or ±1 with --zo_direction rademacher), ε the
 perturbation scale, g = (ℓ+ - ℓ-)/(2ε) the projected gradient, η the learning rate (--learning_rate), λ the weight

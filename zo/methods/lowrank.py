@@ -1,11 +1,12 @@
-"""Low-rank ZO methods on the core protocol of zo.ZOOptimizer: LOZO, LOZO-M and SubZero.
+"""Low-rank ZO methods on the core protocol of zo.core.ZOOptimizer: LOZO, LOZO-M and SubZero.
 
 Each weight matrix W (m x n, any tensor of two or more dimensions viewed as shape[0] x the rest; LoRA's A and B and the
 prefix key/value tensors are matrices too) is perturbed along a rank-r direction A·Bᵀ whose factors are drawn from the
-counter noise (zo_noise.counter_noise: a pure function of seed, tensor, stream and element position, Gaussian or ±1
-as --zo_direction says) and applied in place with addmm_ (BLAS on CPU, cuBLAS on CUDA: these methods' fast path on
+counter noise (ZOOptimizer.noise, zo.noise's counter stream: a pure function of seed, tensor, stream and element
+position, Gaussian or ±1 as --zo_direction says) and applied in place with addmm_ (BLAS on CPU, cuBLAS on CUDA: these methods' fast path on
 every device; no dense m x n direction is ever formed).  Vectors (biases, norms) get a full element-wise direction z
-as the authors' code gives them, through the core's rule sweeps (C / Triton kernels).
+as the authors' code gives them, through the core's rule sweeps (C / Triton kernels); the matrices through
+sweep_tensor, the core's call for the tensors a method sweeps itself (the stash is the core's).
 
 Sharding (FSDP2, dimension 0): a shard holding rows [a, b) of W perturbs by A[a:b]·Bᵀ.  LOZO draws the rows of A at
 their element positions (row i of A is positions i·r .. i·r+r-1 of its stream), so a shard draws exactly its slice;
