@@ -193,7 +193,8 @@ class _ZOCoreArguments:
     def optimizer_kwargs(self, max_steps: int) -> dict:
         """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed): the
         core's from the flags above, the method's from its declared hyper-parameters (zo.registry.keywords)."""
-        kwargs = dict(eps=self.zo_eps, exact_restore={"auto": None, "always": True, "never": False}[self.zo_exact_restore],
+        restore = {"auto": None, "always": True, "never": False}[self.zo_exact_restore]
+        kwargs = dict(eps=self.zo_eps, exact_restore=restore,
                       keep_direction=self.zo_keep_direction, carry_perturbation=self.zo_carry_perturbation,
                       cuda_graphs=self.zo_cuda_graphs)
         if self.zo_direction is not None:
