@@ -54,9 +54,9 @@ import parallel
 from zo import hparams
 from zo import noise as zo_noise
 from zo import rule as zo_rule
+from zo.groups import param_groups_for_model
 from zo.noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
 from zo.rule import Rule, SweepSpec
-from zo.groups import param_groups_for_model
 from zo.sweeps import Sweeper, SweepStep, TensorSweep, kernel_builds, kernels_available, triton_available
 
 __all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "step_seed", "direction_seed", "sample_direction",

@@ -117,7 +117,7 @@ class Expr:
         if isinstance(other, (bool, int, float, np.floating, np.integer)):
             return self.graph.const(float(other))
         raise TypeError(f"a rule combined a traced value with {type(other).__name__} {other!r}: use numbers, the "
-                        "rule's noise, state and step values, and the helpers of zo_rule")
+                        "rule's noise, state and step values, and the helpers of zo.rule")
 
     def _op(self, op, *others, kind="float"):
         args = (self,) + tuple(self._lift(o) for o in others)
@@ -228,7 +228,7 @@ def sweep(kind: str, rule, x, noise: Values, state: dict, s: Values, *, stash=No
         raise ValueError(f"sweep kind {kind!r}: choose from {SWEEP_KINDS}")
     r = rule(noise, Values("state", state), s)
     if not isinstance(r, Rule):
-        raise TypeError(f"a rule returns zo_rule.Rule(direction=..., step=..., state={{...}}), got {type(r).__name__}")
+        raise TypeError(f"a rule returns zo.Rule(direction=..., step=..., state={{...}}), got {type(r).__name__}")
     u = r.direction
     if kind == "perturb":
         return {"x": x + u * s.perturb_scale}

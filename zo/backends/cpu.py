@@ -1,14 +1,14 @@
 """CPU sweeps: C kernels emitted from a rule's expression graph, compiled once with the system C compiler.
 
 For each rule (zo.rule) this module traces the three sweep kinds, keeps what each output needs, and writes one C
-function per (sweep kind, parameter dtype, state dtype, noise mode): the counter noise of zo_noise generated in
+function per (sweep kind, parameter dtype, state dtype, noise mode): the counter noise of zo.noise generated in
 registers (cpu_prelude.c), the rule's arithmetic one statement per graph node, no temporaries, one pass over memory.
 Each statement is one IEEE-754 operation in the compute dtype (-ffp-contract=off: no fused multiply-add; sqrt is the
 correctly rounded instruction), in the order of the torch evaluation, so the kernels equal the torch path bit for bit.
 
 The library of a rule is compiled once per process and cached on disk under the hash of its source
 ($ZO_KERNEL_CACHE, else ~/.cache/zo-adamu/kernels, else a temp folder); `BUILDS` records each build and its seconds.
-A library is checked against zo_noise's torch definition when it loads.  Without a C compiler, with
+A library is checked against zo.noise's torch definition when it loads.  Without a C compiler, with
 ZO_NO_CKERNEL=1, or for dtypes without kernels, callers take the torch path, which computes the same numbers.
 
 Where a sweep's noise comes from (`job(noise_source=...)`): "draw" generates it (Gaussian or Rademacher, as

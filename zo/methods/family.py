@@ -325,7 +325,7 @@ class FZOO(MeZO):
     directions u_i, and the step normalised by the spread of the losses:
         ℓ0 = L(θ),  ℓ_i = L(θ + ε·u_i),  g_i = (ℓ_i - ℓ0)/ε,  σ = std(ℓ_1 .. ℓ_N)  (unbiased),
         θ <- θ - η/σ · (1/N)·Σ_i g_i·u_i     (N+1 forward passes a step)
-    Direction i is the core's direction i of the step (seed zo_noise.direction_seed), applied by the core's
+    Direction i is the core's direction i of the step (seed zo.noise.direction_seed), applied by the core's
     several-direction update (each with η/N) with coef -η/N·g_i/σ.  A step whose σ is 0 or not finite is skipped.
     We follow the paper.  The authors' code (DKmiyan/FZOO trainer.py) departs in two constants: its σ is the
     population std (N in the denominator, not N-1: σ smaller by √((N-1)/N), 0.935 at N = 8), and its step
