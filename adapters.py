@@ -4,7 +4,7 @@ model is recognised as carrying it, how the trained part is saved, and how a che
     adapter = ADAPTERS[config.mode]                       # "lora", "prefix" or "head" (full fine-tuning: none)
     model = adapter.apply(model, config)
     adapter.export(model, folder, merged=False)           # --save_model
-    adapter_of(model).load(model, checkpoint)             # resuming, loading the best checkpoint
+    adapter_of(model).checkpoint_load(model, checkpoint)  # resuming, loading the best (None: HF loads it)
 
 Who saves and loads checkpoints:
 * LoRA: the model is peft's `PeftModel`, which the Hugging Face Trainer saves as the adapter only and loads back by

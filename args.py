@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
-import inspect
 import json
 import math
 import re
@@ -33,7 +32,7 @@ import cli
 import parallel
 import tasks
 import zo
-import zo_methods
+from zo import registry as zo_methods
 from cli import UsageError, condition_text, flag, normalise, range_text, screen
 
 USAGE = "python run.py [--task_name TASK] [--model_name MODEL] [--trainer none|regular|zo] [flags ...]"
@@ -143,7 +142,6 @@ class HFArguments(TrainingArguments):
 
 
 ZO = ("train.trainer", ("zo",))
-ADAMU = ("zo.zo_optim", ("zo_adamu",))
 
 
 def _methods(*names: str) -> tuple:
@@ -158,44 +156,13 @@ _OPTIM_HELP = f"ZO optimizer (forward passes a step; memory beyond inference): {
 
 
 @dataclass
-class ZOArguments:
+class _ZOCoreArguments:
+    """The flags of the ZO core, which every method takes; the methods' own follow (ZOArguments)."""
     _argument_group_name = "Zeroth-order optimizers (--trainer zo)"
     zo_optim: str = flag("mezo", _OPTIM_HELP, choices=tuple(zo_methods.OPTIMIZERS), only_with=ZO)
     zo_eps: float = flag(1e-3, "Perturbation scale epsilon.", above=0.0, only_with=ZO)
     zo_direction: str | None = flag(None, "Perturbation distribution (default: the optimizer's, Rademacher for "
                                           "fzoo, Gaussian for the others).", choices=zo.DIRECTIONS, only_with=ZO)
-    zo_t1: int | None = flag(None, "ZO-AdaMU: end of the warm-up (default 0.0512 x max_steps).", low=0,
-                             only_with=ADAMU)
-    zo_t2: int | None = flag(None, "ZO-AdaMU: end of the annealing (default 0.8 x max_steps).", low=1,
-                             only_with=ADAMU)
-    zo_t3: int | None = flag(None, "ZO-AdaMU: schedule horizon (default max_steps).", low=1, only_with=ADAMU)
-    zo_phi_alpha: float = flag(1.0, "ZO-AdaMU: annealing rate of alpha.", above=0.0, only_with=ADAMU)
-    zo_phi_beta1: float = flag(0.1, "ZO-AdaMU: annealing rate of beta1.", above=0.0, only_with=ADAMU)
-    zo_phi_beta2: float = flag(1.5, "ZO-AdaMU: annealing rate of beta2.", above=0.0, only_with=ADAMU)
-    zo_alpha_floor: float | None = flag(None, "ZO-AdaMU: keep alpha >= this after T2 (the paper text's 0.5).",
-                                        low=0.0, high=1.0, only_with=ADAMU)
-    zo_signed_momentum: bool = flag(True, "ZO-AdaMU: store m = sign(g) u as the released code does "
-                                          "(--no_zo_signed_momentum: m = u, the paper's Algorithm 1).",
-                                    only_with=ADAMU)
-    zo_state_dtype: str | None = flag(None, "ZO-AdaMU momentum dtype (default: the parameter dtype).",
-                                      choices=("float32", "bfloat16", "float16"), only_with=ADAMU)
-    zo_mu: float = flag(0.9, "ZO-SGD-MMT: momentum mu (ZO-Bench's 0.9).", low=0.0, high=0.999999,
-                        only_with=_methods("zo_sgd_mmt"))
-    zo_beta1: float = flag(0.9, "ZO-Adam / LOZO-M: first-moment decay beta1 (0.9 in both papers' code).", low=0.0,
-                           high=0.999999, only_with=_methods("zo_adam", "lozo_m"))
-    zo_beta2: float = flag(0.999, "ZO-Adam: second-moment decay beta2 (torch's 0.999, which ZO-Bench keeps).",
-                           low=0.0, high=0.999999, only_with=_methods("zo_adam"))
-    zo_adam_eps: float = flag(1e-8, "ZO-Adam: Adam's denominator epsilon (not the perturbation scale --zo_eps).",
-                              above=0.0, only_with=_methods("zo_adam"))
-    zo_alpha: float = flag(1e-8, "HiZOO: smoothing alpha of the Hessian EMA (the authors' README example; their code "
-                                 "defaults to 0, which makes HiZOO MeZO with an extra forward).", low=0.0,
-                           high=0.999999, only_with=_methods("hizoo"))
-    zo_rank: int | None = flag(None, "Rank r of the low-rank directions (default: LOZO / LOZO-M 2, SubZero 8).",
-                               low=1, only_with=_methods("lozo", "lozo_m", "subzero"))
-    zo_nu: int = flag(50, "LOZO / LOZO-M: steps nu between redraws of the factor V.", low=1,
-                      only_with=_methods("lozo", "lozo_m"))
-    zo_T: int = flag(2000, "SubZero: steps T between subspace refreshes (new U, V).", low=1,
-                     only_with=_methods("subzero"))
     zo_num_directions: int | None = flag(None, zo_methods.directions_help(), low=1, only_with=ZO)
     zo_parallel: str = flag(
         "data", "With several processes: data (each rank probes the step's directions on its shard of the batch; the "
@@ -216,12 +183,6 @@ class ZOArguments:
                                       "graph (identical results; --no_zo_cuda_graphs launches per tensor).",
                                 only_with=ZO, identity=False)
 
-    def schedule_overrides(self) -> dict:
-        """ZO-AdaMU schedule fields given on the command line (the rest scale with max_steps)."""
-        given = dict(T1=self.zo_t1, T2=self.zo_t2, T3=self.zo_t3, phi_alpha=self.zo_phi_alpha,
-                     phi_beta1=self.zo_phi_beta1, phi_beta2=self.zo_phi_beta2, alpha_floor=self.zo_alpha_floor)
-        return {k: v for k, v in given.items() if v is not None}
-
     def optimizer_class(self):
         return zo_methods.get(self.zo_optim)
 
@@ -230,37 +191,33 @@ class ZOArguments:
         return self.zo_num_directions or self.optimizer_class().default_directions
 
     def optimizer_kwargs(self, max_steps: int) -> dict:
-        """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed), built
-        from these flags; only those the optimizer takes are passed."""
-        offered = dict(
-            eps=lambda: self.zo_eps, mu=lambda: self.zo_mu, beta1=lambda: self.zo_beta1, beta=lambda: self.zo_beta1,
-            beta2=lambda: self.zo_beta2, adam_eps=lambda: self.zo_adam_eps, alpha=lambda: self.zo_alpha,
-            interval=lambda: self.zo_T if self.zo_optim == "subzero" else self.zo_nu,
-            num_directions=lambda: self.num_directions(),
-            exact_restore=lambda: {"auto": None, "always": True, "never": False}[self.zo_exact_restore],
-            keep_direction=lambda: self.zo_keep_direction, carry_perturbation=lambda: self.zo_carry_perturbation,
-            cuda_graphs=lambda: self.zo_cuda_graphs, signed_momentum=lambda: self.zo_signed_momentum,
-            state_dtype=lambda: getattr(torch, self.zo_state_dtype) if self.zo_state_dtype else None,
-            schedule=lambda: zo_methods.AdaMUSchedule.for_max_steps(max_steps, **self.schedule_overrides()))
+        """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed): the
+        core's from the flags above, the method's from its declared hyper-parameters (zo.registry.keywords)."""
+        restore = {"auto": None, "always": True, "never": False}[self.zo_exact_restore]
+        kwargs = dict(eps=self.zo_eps, exact_restore=restore,
+                      keep_direction=self.zo_keep_direction, carry_perturbation=self.zo_carry_perturbation,
+                      cuda_graphs=self.zo_cuda_graphs)
         if self.zo_direction is not None:
-            offered["direction"] = lambda: self.zo_direction
-        if self.zo_rank is not None:
-            offered["rank"] = lambda: self.zo_rank
-        accepted = accepted_keywords(self.optimizer_class())
-        return {name: make() for name, make in offered.items() if name in accepted}
+            kwargs["direction"] = self.zo_direction
+        if "num_directions" in accepted_keywords(self.optimizer_class()):
+            kwargs["num_directions"] = self.num_directions()
+        return kwargs | zo_methods.keywords(self.zo_optim, vars(self), max_steps=max_steps)
 
 
-def accepted_keywords(cls) -> set[str]:
-    """Keyword arguments a class's constructor takes, through the **kwargs it hands to its bases' constructors."""
-    names = set()
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
-            break
-    return names
+accepted_keywords = zo_methods.accepted_keywords
+
+
+def _method_flag(declared: zo_methods.Flag) -> tuple:
+    """A dataclass field for a per-method flag, from the methods' declarations (zo.hparams)."""
+    kind = declared.kind if declared.default is not None else declared.kind | None
+    return declared.name, kind, flag(declared.default, declared.help, choices=declared.choices, low=declared.low,
+                                     high=declared.high, above=declared.above, only_with=_methods(*declared.methods))
+
+
+# The core's flags, then every method's hyper-parameters as flags (their defaults, ranges and help declared once).
+ZOArguments = dataclasses.make_dataclass("ZOArguments", [_method_flag(f) for f in zo_methods.flags()],
+                                         bases=(_ZOCoreArguments,))
+ZOArguments.__module__ = __name__
 
 
 GROUPS = (("task", TaskArguments), ("model", ModelArguments), ("evaluation", EvalArguments),
@@ -550,11 +507,11 @@ def check(config: RunConfig) -> list[str]:
     if spec is not None and train.non_diff and train.train_as_classification and spec.generation:
         problems.append("--non_diff on a generation task scores generations; drop --train_as_classification.")
     if train.trainer == "zo":
-        if zo_args.zo_optim == "zo_adamu" and hf.max_steps > 0:
-            try:
-                zo_methods.AdaMUSchedule.for_max_steps(hf.max_steps, **zo_args.schedule_overrides())
+        if zo_args.zo_optim in zo_methods.OPTIMIZERS and hf.max_steps > 0:
+            try:   # what the method builds from its flags and the run's length (ZO-AdaMU's schedule)
+                zo_args.optimizer_kwargs(hf.max_steps)
             except ValueError as error:
-                problems.append(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.")
+                problems.append(str(error))
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
             problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
                             "already costs one noise sweep per step); drop one of them.")

@@ -121,9 +121,9 @@ for OPTIM in $OPTIMS; do for MODE in $MODES; do
     if [ "$OPTIM" = adam ]; then
         DEFAULT_LR=1e-4; DEFAULT_EPS=""; PER_STEP=1   # Adam: one forward (and one backward) a step
     else
-        METHOD_DEFAULTS=$(python "$HERE/zo_methods.py" defaults "$OPTIM" "$MODE") || exit 2
+        METHOD_DEFAULTS=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python -m zo.registry defaults "$OPTIM" "$MODE") || exit 2
         eval "$METHOD_DEFAULTS"
-        PER_STEP=$(python "$HERE/zo_methods.py" forwards "$OPTIM" ${DIRECTIONS:+"$DIRECTIONS"}) || exit 2
+        PER_STEP=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python -m zo.registry forwards "$OPTIM" ${DIRECTIONS:+"$DIRECTIONS"}) || exit 2
     fi
     OWN_LRS=LRS_$OPTIM
     LR_LIST=${!OWN_LRS:-${LRS:-$DEFAULT_LR}}

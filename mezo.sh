@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Zeroth-order fine-tuning with any ZO optimizer of the suite (OPTIM=mezo, zo_adamu, zo_sgd_sign, zo_sgd_mmt,
-# zo_sgd_cons, zo_adam, hizoo, lozo, lozo_m, subzero, fzoo; `python zo_methods.py defaults OPTIM MODE` shows the
+# zo_sgd_cons, zo_adam, hizoo, lozo, lozo_m, subzero, fzoo; `python -m zo.registry defaults OPTIM MODE` shows the
 # LR / EPS it starts from). Environment variables set the run; extra flags come
 # last and override. run.py puts checkpoints in a folder of their own for each configuration (result/output/...)
 # and a rerun of the same command resumes from the newest complete one. Defaults are the reference's (1000 train / 500 dev / 1000 test, batch 16, 20k steps, dev
@@ -12,7 +12,7 @@
 set -euo pipefail
 MODEL=${MODEL:-smollm2-135m}
 TASK=${TASK:-SST2}
-OPTIM=${OPTIM:-mezo}           # any --zo_optim (python zo_methods.py defaults OPTIM MODE)
+OPTIM=${OPTIM:-mezo}           # any --zo_optim (python -m zo.registry defaults OPTIM MODE)
 MODE=${MODE:-ft}               # ft | prefix | lora
 BS=${BS:-16}
 SEED=${SEED:-0}
@@ -25,9 +25,10 @@ TASK_DEFAULTS=$(python "$(dirname "$0")/tasks.py" defaults "$TASK") || exit 2
 eval "$TASK_DEFAULTS"
 DEV=${DEV:-$TASK_DEV}
 
-# the method's LR / EPS for the mode come from the optimizer registry (zo_methods.py: each class's mode_defaults);
+# the method's LR / EPS for the mode come from the optimizer registry (zo/registry.py: each class's mode_defaults);
 # an unknown OPTIM or MODE is an error there that lists the valid names
-METHOD_DEFAULTS=$(python "$(dirname "$0")/zo_methods.py" defaults "$OPTIM" "$MODE") || exit 2
+HERE=$(cd "$(dirname "$0")" && pwd)
+METHOD_DEFAULTS=$(PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" python -m zo.registry defaults "$OPTIM" "$MODE") || exit 2
 eval "$METHOD_DEFAULTS"
 LR=${LR:-$DEFAULT_LR}
 EPS=${EPS:-$DEFAULT_EPS}

@@ -559,7 +559,7 @@ def forwards_per_step(config: dict) -> int:
     accumulation = int(config.get("gradient_accumulation_steps") or 1)
     if config.get("trainer") != "zo":
         return accumulation
-    import zo_methods
+    from zo import registry as zo_methods
     name = config.get("zo_optim") or "mezo"
     if name not in zo_methods.OPTIMIZERS:
         raise SystemExit(f"report.py: a result names --zo_optim {name!r}, which this version does not know "

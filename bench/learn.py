@@ -41,7 +41,7 @@ import evaluator  # noqa: E402
 import models  # noqa: E402
 import run  # noqa: E402
 import tasks  # noqa: E402
-import zo_methods  # noqa: E402
+from zo import registry as zo_methods  # noqa: E402
 
 # The LR each SST2 grid of docs/results.md chose (ZO-AdaMU LoRA: its stable 1e-3, since the chosen 3e-3 diverged later);
 # Adam's are the single runs of the first-order table there. ε is MeZO's for the mode.

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import report  # noqa: E402
-from zo_methods import short  # noqa: E402
+from zo.registry import short  # noqa: E402
 
 
 def losses(run: report.Run) -> dict:

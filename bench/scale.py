@@ -59,7 +59,7 @@ def worker(opts) -> None:
     import tasks
     import utils
     import zo
-    import zo_methods
+    from zo import registry as zo_methods
     from args import HFArguments
     torch.set_num_threads(opts.threads)
     hf = HFArguments(output_dir="/tmp/scale", use_cpu=not torch.cuda.is_available(), report_to="none")

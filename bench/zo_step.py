@@ -29,9 +29,12 @@ on GPU.
     python bench/zo_step.py --threads 1 --breakdown           # where a step's time goes beyond its two forwards
     python bench/zo_step.py --threads 1 --optimizers all      # every optimizer: step cost and peak memory
 
---baseline COMMIT extracts that commit's zo.py (and zo_triton.py) with `git show` into a temporary folder, imports them
-as zo_baseline (zo_triton_baseline), and times its MeZO and ZO-AdaMU steps (S_mezo_base, S_adamu_base) in the same
-interleaved loop as the current ones, so both are measured under the same load.
+--baseline COMMIT checks that commit out (`git worktree add --detach` into a temporary folder) and times its
+optimizers in a child process that runs that commit's code: MeZO and ZO-AdaMU (S_mezo_base, S_adamu_base) and each of
+--optimizers the commit has (S_NAME_base), on a copy of the same model and batch, one repetition of each between the
+current code's repetitions in this process, so both are measured under the same load.  Any commit works: the child
+finds the optimizers in the layout of its commit (zo/ package, zo_methods.py, or zo.py holding MeZO and ZO-AdaMU).
+The child holds a second copy of the model (on a GPU: twice the model's memory).
 --breakdown times, inside the current optimizers' steps, each sweep (perturb +ε, perturb -2ε, update) and the two loss
 closures; the rest of the step (probe bookkeeping, g, the step's Python) is what is left.
 Compile time of the C kernels (once per rule, cached on disk) is reported apart (kernel_builds), never in a step.
@@ -64,7 +67,7 @@ import models  # noqa: E402
 import tasks  # noqa: E402
 import utils  # noqa: E402
 import zo  # noqa: E402
-import zo_methods  # noqa: E402
+from zo import registry as zo_methods  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # random-weight models built from a config (no download): name -> OPTConfig kwargs
@@ -72,6 +75,7 @@ RANDOM_OPT = {
     "opt-13b": dict(hidden_size=5120, num_hidden_layers=40, ffn_dim=20480, num_attention_heads=40),
     "opt-1.3b": dict(hidden_size=2048, num_hidden_layers=24, ffn_dim=8192, num_attention_heads=32),
     "opt-125m": dict(hidden_size=768, num_hidden_layers=12, ffn_dim=3072, num_attention_heads=12),
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4),   # tests of the script
 }
 LR, EPS, WD = 1e-7, 1e-3, 0.0
 
@@ -149,39 +153,137 @@ def trainable(model):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
 
-def load_baseline(commit: str):
-    """The zo module of an older commit, imported as zo_baseline (its Triton module as zo_triton_baseline)."""
-    import importlib
-    import tempfile
-    folder = Path(tempfile.mkdtemp(prefix=f"zo-baseline-{commit}-"))
-    for name in ("zo", "zo_triton"):
-        done = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{name}.py"], capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"--baseline {commit}: cannot read {name}.py at that commit ({done.stderr.strip()}); "
-                             "give a commit of this repository that has zo.py")
-        text = done.stdout.replace("import zo_triton", "import zo_triton_baseline as zo_triton")
-        text = text.replace("from zo import", "from zo_baseline import")
-        (folder / f"{name}_baseline.py").write_text(text)
-    sys.path.insert(0, str(folder))
-    return importlib.import_module("zo_baseline")
-
-
-def make_optimizer(name, model, args, module=None, **extra):
-    """An optimizer of the registry ("adamu" is zo_adamu), or of an older commit's zo module (`module`, which held
-    MeZO and ZO-AdaMU itself).  FZOO keeps its own Rademacher direction unless --direction is given."""
-    groups = (module or zo).param_groups_for_model(model, WD)
+def optimizer_kwargs(name, args, **extra) -> dict:
+    """The constructor keywords of every measured optimizer (FZOO keeps its own Rademacher unless --direction)."""
     kw = dict(lr=LR, eps=EPS, exact_restore={"auto": None, "always": True, "never": False}[args.exact_restore],
               rng=args.rng, cuda_graphs=not args.no_cuda_graphs)
     if args.direction is not None or name != "fzoo":
         kw["direction"] = args.direction or "gaussian"
-    kw.update(extra)
-    name = "zo_adamu" if name == "adamu" else name
     if name == "zo_adamu":
-        state_dtype = DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None
-        kw.update(schedule=(module or zo_methods).AdaMUSchedule.for_max_steps(1000), state_dtype=state_dtype)
-    if module is not None:
-        return (module.MeZO if name == "mezo" else module.ZOAdaMU)(groups, **kw)
-    return zo_methods.get(name)(groups, **kw)
+        kw.update(state_dtype=DTYPES[args.zo_state_dtype] if args.zo_state_dtype else None)
+    kw.update(extra)
+    return kw
+
+
+def make_optimizer(name, model, args, **extra):
+    """An optimizer of the registry ("adamu" is zo_adamu) at the benchmark's settings."""
+    name = "zo_adamu" if name == "adamu" else name
+    kw = optimizer_kwargs(name, args, **extra)
+    if name == "zo_adamu":
+        kw["schedule"] = zo_methods.AdaMUSchedule.for_max_steps(1000)
+    return zo_methods.get(name)(zo.param_groups_for_model(model, WD), **kw)
+
+
+# The child of --baseline: runs in a checkout of the baseline commit, steps that commit's optimizers on the parent's
+# model and batch, one timed step per request on stdin ("NAME" -> its seconds on stdout; "" ends it).
+BASELINE_CHILD = r"""
+import importlib, inspect, json, sys, time
+import torch
+worktree, current, job = sys.argv[1:4]
+sys.path.insert(0, current)
+import utils                                # the loss of the current code, as the parent's steps use
+for name in [n for n in sys.modules if n.split(".")[0] not in sys.builtin_module_names
+             and (getattr(sys.modules[n], "__file__", "") or "").startswith(current)]:
+    del sys.modules[name]                   # utils keeps what it bound; the baseline imports its own modules
+sys.path[0] = worktree
+import zo                                   # the baseline's optimizers, from its own checkout
+try:
+    registry = importlib.import_module("zo.registry")
+except ImportError:
+    try:
+        registry = importlib.import_module("zo_methods")
+    except ImportError:
+        registry = None
+def get(name):
+    if registry is not None:
+        return registry.OPTIMIZERS.get(name)
+    return {"mezo": getattr(zo, "MeZO", None), "zo_adamu": getattr(zo, "ZOAdaMU", None)}.get(name)
+schedule_of = (registry or zo).AdaMUSchedule
+spec = torch.load(job, weights_only=False)
+model, batch, settings = spec["model"], spec["batch"], spec["settings"]
+torch.set_num_threads(settings["threads"])
+objective = utils.Objective()
+closure = lambda: utils.training_loss(model, batch, objective)
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+def build(cls, kw):
+    taken = set()
+    for klass in cls.__mro__:               # what the constructor takes, through **kwargs to its bases
+        if "__init__" in vars(klass):
+            parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+            taken |= {p.name for p in parameters}
+            if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+                break
+    kw = {k: v for k, v in kw.items() if k in taken or "hyperparameters" in taken}
+    return cls(zo.param_groups_for_model(model, settings["weight_decay"]), **kw)
+steps, found = {}, []
+for name, kw in settings["optimizers"].items():
+    cls = get(name)
+    if cls is None:
+        continue
+    if name == "zo_adamu":
+        kw = dict(kw, schedule=schedule_of.for_max_steps(1000))
+    optimizer = build(cls, kw)
+    steps[name] = (lambda optimizer: lambda: optimizer.step(closure))(optimizer)
+    found.append(name)
+for step in steps.values():
+    for _ in range(settings["warmup"]):
+        step()
+print(json.dumps(found), flush=True)
+for line in sys.stdin:
+    name = line.strip()
+    if not name:
+        break
+    sync()
+    begin = time.perf_counter()
+    steps[name]()
+    sync()
+    print(time.perf_counter() - begin, flush=True)
+"""
+
+
+class Baseline:
+    """The optimizers of another commit, stepped in a child process that runs that commit's code on a copy of this
+    process's model and batch (`git worktree add` of COMMIT in a temporary folder, removed at close())."""
+
+    def __init__(self, commit: str, model, batch, args, names):
+        import tempfile
+        self.folder = Path(tempfile.mkdtemp(prefix="zo-baseline-"))
+        self.worktree = self.folder / "tree"
+        done = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(self.worktree), commit],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"--baseline {commit}: cannot check it out ({done.stderr.strip()}); give a commit of "
+                             "this repository")
+        job = self.folder / "job.pt"
+        settings = {"threads": args.threads, "warmup": args.warmup, "weight_decay": WD,
+                    "optimizers": {name: optimizer_kwargs(name, args) for name in names}}
+        torch.save({"model": model, "batch": batch, "settings": settings}, job)
+        self.child = subprocess.Popen([sys.executable, "-c", BASELINE_CHILD, str(self.worktree), str(ROOT), str(job)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.child.stdout.readline()
+        if not line:
+            self.close()
+            raise SystemExit(f"--baseline {commit}: the child process running that commit failed (its error above)")
+        self.names = json.loads(line)
+
+    def step_fn(self, name):
+        def timed_step():
+            self.child.stdin.write(name + "\n")
+            self.child.stdin.flush()
+            return float(self.child.stdout.readline())
+        return timed_step
+
+    def close(self):
+        if self.child.poll() is None:
+            self.child.stdin.write("\n")
+            self.child.stdin.flush()
+            self.child.wait(timeout=60)
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(self.worktree)],
+                       capture_output=True)
+        import shutil
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------- the four measurements
@@ -303,10 +405,11 @@ def measure_times(model, batch, args):
                 make_optimizer("mezo", model, args, carry_perturbation=True, cuda_graphs=False), model, batch)
     for name in args.optimizers:
         fns[f"S_{name}"] = zo_step_fn(make_optimizer(name, model, args), model, batch)
+    remote = {}   # measured in the --baseline child: its steps report their own seconds
     if args.baseline:
-        base = load_baseline(args.baseline)
-        fns["S_mezo_base"] = zo_step_fn(make_optimizer("mezo", model, args, module=base), model, batch)
-        fns["S_adamu_base"] = zo_step_fn(make_optimizer("adamu", model, args, module=base), model, batch)
+        baseline = Baseline(args.baseline, model, batch, args, ["mezo", "zo_adamu", *args.optimizers])
+        for name in baseline.names:
+            remote["S_adamu_base" if name == "zo_adamu" else f"S_{name}_base"] = baseline.step_fn(name)
     breakdown = {}
     if args.breakdown:
         for name in ("mezo", "adamu"):
@@ -318,13 +421,17 @@ def measure_times(model, batch, args):
     for name, fn in fns.items():  # warm-up (allocator, first-touch, one-off builds)
         for _ in range(args.warmup):
             fn()
-    times = {name: [] for name in fns}
+    times = {name: [] for name in [*fns, *remote]}
     for rep in range(args.reps):  # interleaved, so load from other processes hits every measurement alike
         for name, fn in fns.items():
             times[name].append(timed(fn))
+        for name, fn in remote.items():
+            times[name].append(fn())
         print(f"rep {rep}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()), file=sys.stderr, flush=True)
     for record in breakdown.values():
         del record[:len(record) - args.reps]   # the timed repetitions only
+    if args.baseline:
+        baseline.close()
     return {name: statistics.median(v) for name, v in times.items()}, times, breakdown
 
 
@@ -413,7 +520,8 @@ def main():
     parser.add_argument("--compare_cuda_graphs", action="store_true",
                         help="also measure MeZO's steps with eager launches (CUDA), in the same run")
     parser.add_argument("--baseline", default=None, metavar="COMMIT",
-                        help="also time the optimizers of zo.py at COMMIT (e.g. 4e1682b) in the same loop")
+                        help="also time the optimizers of COMMIT (e.g. 3c2ea36), in a child process that runs a "
+                             "checkout of it, alternating with the current code's repetitions")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time each sweep and loss closure inside the current optimizers' steps")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -474,6 +582,10 @@ def main():
                                                for k in ("mezo", "adamu")}
         report["baseline"]["sweep_seconds"] = {k: paired(f"S_{k}_base", lambda s, f: (s - 2 * f) / 3)
                                                for k in ("mezo", "adamu")}
+        report["baseline"]["optimizers"] = {
+            name: {"paired_step_over_mine": round(statistics.median(
+                b / s for b, s in zip(samples[f"S_{name}_base"], samples[f"S_{name}"])), 4)}
+            for name in args.optimizers if f"S_{name}_base" in samples}
         if "R" in median:
             report["baseline"]["mezo_over_reference"] = round(median["S_mezo_base"] / median["R"], 4)
     if breakdown:

@@ -10,7 +10,7 @@ updates also fused with the next step's perturbation as carry_perturbation runs 
 carried update) for each launch shape in --shapes. Last line: one JSON object with seconds and effective GB/s of each.
 
     python bench/zo_sweep.py --cpu_compile --threads 1   # CPU: the C sweeps against torch.compile of the torch path
-    python bench/zo_sweep.py --cpu_sweeps --baseline 4e1682b --threads 1   # CPU: the sweeps of two commits
+    python bench/zo_sweep.py --cpu_sweeps --threads 1                      # CPU: the sweeps of the optimizers
 
 --cpu_compile measures option (a) of the core's design on CPU: the torch reference of MeZO's perturb and update
 sweeps (zo_noise's counter noise in torch operations, with a tensor key so one compiled graph serves every tensor)
@@ -19,7 +19,7 @@ embedded model: the compile time, the seconds per sweep, and whether the results
 differ, and by how many ulps at most).
 --cpu_sweeps times, on the embedded model's tensors, MeZO's and ZO-AdaMU's sweeps through their public API only: a
 probe with a constant loss (two perturb sweeps) and the step after it (one update sweep), interleaved over --reps
-rounds with the optimizers of --baseline COMMIT (zo.py of that commit) when given; medians, seconds per sweep.
+rounds; medians, seconds per sweep (another commit's steps: bench/zo_step.py --baseline COMMIT).
 """
 
 import argparse
@@ -36,9 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zo  # noqa: E402
-import zo_family  # noqa: E402
-import zo_noise  # noqa: E402
-import zo_triton  # noqa: E402
+from zo import noise as zo_noise  # noqa: E402
+from zo.backends import triton as zo_triton  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,7 +83,7 @@ def cpu_compile(args):
     import models
     torch.set_num_threads(args.threads)
     model = models.load_model(models.EMBEDDED_ALIAS)
-    optimizer = zo_family.MeZO(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
+    optimizer = zo.get("mezo")(zo.param_groups_for_model(model, 0.0), lr=1e-7, eps=1e-3)
     params = [p for group in optimizer.param_groups for p in group["params"]]   # the noise index is this order
     start = [p.detach().clone().view(-1) for p in params]
     # the C path: a probe (+εu, then -2εu; the weights at +εu are read inside the closure), then the update with
@@ -128,17 +127,14 @@ def cpu_compile(args):
 def cpu_sweeps(args):
     """The sweeps of the current optimizers (and of --baseline's), interleaved, on the embedded model."""
     import models
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from zo_step import load_baseline
+    if args.baseline:   # another commit's code runs in a checkout of it, in its own process: zo_step.py does that
+        raise SystemExit("--baseline: time another commit's steps with bench/zo_step.py --baseline COMMIT")
     torch.set_num_threads(args.threads)
     model = models.load_model(models.EMBEDDED_ALIAS)
-    modules = {"new": zo} | ({"base": load_baseline(args.baseline)} if args.baseline else {})
-    optimizers = {}
-    for tag, module in modules.items():
-        groups = lambda: module.param_groups_for_model(model, 0.0)  # noqa: E731
-        optimizers[f"mezo_{tag}"] = module.MeZO(groups(), lr=1e-7, eps=1e-3)
-        optimizers[f"adamu_{tag}"] = module.ZOAdaMU(groups(), lr=1e-7, eps=1e-3,
-                                                   schedule=module.AdaMUSchedule.for_max_steps(1000))
+    groups = lambda: zo.param_groups_for_model(model, 0.0)  # noqa: E731
+    optimizers = {"mezo_new": zo.get("mezo")(groups(), lr=1e-7, eps=1e-3),
+                  "adamu_new": zo.get("zo_adamu")(groups(), lr=1e-7, eps=1e-3,
+                                                  schedule=zo.registry.AdaMUSchedule.for_max_steps(1000))}
     times = {name: {"perturb": [], "update": []} for name in optimizers}
     for rep in range(args.reps + 1):   # the first round is a warm-up (library loads, momentum allocation)
         for name, optimizer in optimizers.items():

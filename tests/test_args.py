@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import args
-import zo_methods
+from zo import registry as zo_methods
 from conftest import ROOT
 
 TRAIN = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0"]

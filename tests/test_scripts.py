@@ -1,6 +1,6 @@
 """The bash wrappers build the reference's command lines (a stand-in `python`/`torchrun` records them; the scripts'
-reads of the task table, `python tasks.py defaults TASK`, and of a method's LR / EPS, `python zo_methods.py defaults
-OPTIM MODE`, go to the real interpreter)."""
+reads of the task table, `python tasks.py defaults TASK`, and of a method's LR / EPS, `python -m zo.registry
+defaults OPTIM MODE`, go to the real interpreter)."""
 
 import os
 import subprocess
@@ -16,7 +16,7 @@ def recorder(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ("python", "torchrun"):
-        (bin_dir / name).write_text(f'#!/bin/sh\ncase "$1" in *tasks.py|*zo_methods.py) exec "{sys.executable}" "$@";; esac\n'
+        (bin_dir / name).write_text(f'#!/bin/sh\ncase "$1" in *tasks.py|-m) exec "{sys.executable}" "$@";; esac\n'
                                     f'printf "%s\\n" "{name}" "$@" > "{tmp_path}/argv"\n')
         (bin_dir / name).chmod(0o755)
 
@@ -107,7 +107,7 @@ def test_finetune_fsdp_needs_nproc_and_launches_torchrun(recorder):
 
 @pytest.mark.parametrize("optim", ["lozo", "fzoo", "hizoo"])
 def test_mezo_takes_any_optimizer_with_its_registry_defaults(recorder, optim):
-    import zo_methods
+    from zo import registry as zo_methods
     done, argv = recorder("mezo.sh", env={"OPTIM": optim, "MODE": "lora", "TASK": "RTE"})
     lr, eps = (zo_methods.short(v) for v in zo_methods.mode_defaults(optim, "lora"))
     assert done.returncode == 0 and flag(argv, "--zo_optim") == optim

@@ -8,7 +8,7 @@ import torch
 from transformers import TrainerCallback, TrainingArguments
 
 import zo
-import zo_family
+from zo.methods import family as zo_family
 from conftest import tiny_model
 from args import ZOArguments
 from adapters import adapter_of

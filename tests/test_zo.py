@@ -10,11 +10,11 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import zo  # noqa: E402
-import zo_cpu  # noqa: E402
-import zo_noise  # noqa: E402
+from zo.backends import cpu as zo_cpu  # noqa: E402
+from zo import noise as zo_noise  # noqa: E402
 from zo import param_groups_for_model, sample_direction, step_seed  # noqa: E402
-from zo_adamu import AdaMUSchedule, ZOAdaMU, anneal  # noqa: E402
-from zo_family import MeZO  # noqa: E402
+from zo.methods.adamu import AdaMUSchedule, ZOAdaMU, anneal  # noqa: E402
+from zo.methods.family import MeZO  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(not zo.kernels_available(), reason="no C compiler: only the torch path exists")
 
@@ -546,7 +546,7 @@ def test_fused_kernels_equal_the_torch_definition(cls, kw, dtype):
     """The C kernels (noise generated and applied in one pass) give bit-identical parameters and momentum to the
     unfused torch operations that define the arithmetic, on every path: probes, fused restore+update, stash,
     keep_direction, skipped steps, chunking, low-precision momentum."""
-    kernels = zo_cpu.kernels_for(cls.rule, cls.streams, cls.buffers, cls.step_values + cls.update_values)
+    kernels = zo_cpu.kernels_for(cls.sweep_spec())
     calls = kernels.calls
     fast_p, fast_m, fast = _train(cls, kw, dtype, True)
     # float64 weights with 16-bit state have no kernels (their state would be widened to float64): torch path

@@ -21,7 +21,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zo  # noqa: E402
-import zo_methods  # noqa: E402
+from zo import registry as zo_methods  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "zo_digests.json"
 SHAPES = {"proj.weight": (12, 20), "proj.bias": (12,), "norm.weight": (20,), "out.weight": (6, 12)}

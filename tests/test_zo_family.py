@@ -11,10 +11,10 @@ from torch import nn
 from torch.func import functional_call
 
 import zo
-import zo_methods
-import zo_noise
-from zo_family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
-from zo_lowrank import LOZO, LOZOM, SubZero
+from zo import registry as zo_methods
+from zo import noise as zo_noise
+from zo.methods.family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
+from zo.methods.lowrank import LOZO, LOZOM, SubZero
 
 LR, EPS = 1e-2, 1e-3
 

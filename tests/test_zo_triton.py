@@ -1,4 +1,4 @@
-"""The fused Triton sweeps (zo_triton) equal the counter-noise definition and the torch path bit for bit.
+"""The fused Triton sweeps (zo.backends.triton) equal the counter-noise definition and the torch path bit for bit.
 
 Run on CPU tensors in Triton's interpreter; skipped where Triton is not installed (CPU-only torch). On a GPU the same
 kernels are compiled for the device (bench/zo_step.py measures them there).
@@ -13,10 +13,10 @@ from torch import nn
 pytest.importorskip("triton")
 
 import zo  # noqa: E402
-import zo_noise  # noqa: E402
+from zo import noise as zo_noise  # noqa: E402
 from zo import param_groups_for_model  # noqa: E402
-from zo_adamu import AdaMUSchedule, ZOAdaMU  # noqa: E402
-from zo_family import MeZO  # noqa: E402
+from zo.methods.adamu import AdaMUSchedule, ZOAdaMU  # noqa: E402
+from zo.methods.family import MeZO  # noqa: E402
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -24,9 +24,9 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """zo_triton decorated for Triton's interpreter and allowed on CPU tensors; compiled again afterwards.  (A reload
+    """zo.backends.triton decorated for Triton's interpreter and allowed on CPU tensors; compiled again afterwards.  (A reload
     re-runs the module in the same module object, which zo keeps.)"""
-    import zo_triton
+    from zo.backends import triton as zo_triton
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     importlib.reload(zo_triton)
     monkeypatch.setattr(zo_triton, "allow_cpu", True)
@@ -45,7 +45,7 @@ def fused_noise(kernels, seed, index, stream, n, direction, device="cpu", pos=0)
     the device (the kernel derives the tensor's counter key there)."""
     rule = streams if stream else (lambda noise, state, s: zo.Rule(direction=noise.a, step=noise.a))
     names = ("a", "b") if stream else ("a",)
-    sweeps = kernels.DeviceSweeps(device, rule, names, (), (), (), tensors=index + 1, groups=1)
+    sweeps = kernels.DeviceSweeps(device, zo.rule.SweepSpec(rule, names), tensors=index + 1, groups=1)
     sweeps.load(seed, {}, 0, None, None)
     got = torch.zeros(n, device=device)
     sweeps.sweep("perturb", got, index=index, group_index=0, gaussian=direction == "gaussian", perturb_scale=1.0,
@@ -141,7 +141,7 @@ def test_fused_steps_equal_the_torch_path(kernels, monkeypatch, dtype, name, exa
 @cuda
 @pytest.mark.parametrize("direction", ["gaussian", "rademacher"])
 def test_cuda_draws_the_cpu_directions(direction):
-    import zo_triton
+    from zo.backends import triton as zo_triton
     assert zo_noise.resolve_rng("auto", "cuda") == "counter"
     seed, n = zo.step_seed(5, 3), 3 * 2**20 + 5
     for index, stream in ((2, 0), (2, 1), (643, 1)):
@@ -156,7 +156,7 @@ def test_cuda_draws_the_cpu_directions(direction):
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 @pytest.mark.parametrize("exact_restore", [True, False])
 def test_cuda_fused_steps_equal_the_torch_path(dtype, name, exact_restore):
-    import zo_triton
+    from zo.backends import triton as zo_triton
     # one launch per tensor and sweep, which the count below relies on (CUDA graphs replay a whole sweep at once:
     # test_cuda_graph_sweeps_equal_eager_launches holds them to these launches)
     make = lambda groups: OPTIMIZERS[name](groups, exact_restore=exact_restore, cuda_graphs=False)  # noqa: E731
@@ -262,7 +262,7 @@ def test_cuda_graph_sweeps_equal_eager_launches(dtype, name, carry):
 
 def registry_method(name):
     """--zo_optim `name` at test settings: a short ZO-AdaMU schedule, LOZO's factor redrawn within the run."""
-    import zo_methods
+    from zo import registry as zo_methods
     kw = {"zo_adamu": dict(schedule=AdaMUSchedule(1, 3, 4)), "lozo": dict(interval=2), "lozo_m": dict(interval=2),
           "subzero": dict(interval=2, rank=4), "fzoo": dict(num_directions=3)}.get(name, {})
     return lambda groups, **more: zo_methods.get(name)(groups, lr=1e-2, eps=1e-2, **kw, **more)
@@ -278,7 +278,7 @@ def assert_same_state(fused, reference, fused_model, torch_model):
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("name", __import__("zo_methods").OPTIMIZERS)
+@pytest.mark.parametrize("name", zo.OPTIMIZERS)
 def test_cuda_every_registered_method_equals_its_torch_path(dtype, name):
     """Each --zo_optim on a CUDA device (its fused sweeps where the method has them) equals the torch path bit for
     bit, weights and state, through a skipped (non-finite) step."""

@@ -1,7 +1,7 @@
-"""Element-wise ZO methods on the core protocol of zo.ZOOptimizer: MeZO, the ZO-Bench family (ZO-SGD-Sign, -MMT, -Cons,
-ZO-Adam), HiZOO and FZOO.  Each is one rule (the C and Triton sweeps come from the core); what goes beyond one
-two-point probe (a forward at θ, a candidate update, several directions) uses the core's general hooks: center_loss,
-probe_one_sided, several directions per step.
+"""Element-wise ZO methods on the core protocol of zo.core.ZOOptimizer: MeZO, the ZO-Bench family (ZO-SGD-Sign,
+-MMT, -Cons, ZO-Adam), HiZOO and FZOO.  Each is one rule (the C and Triton sweeps come from the core); what goes beyond one
+two-point probe (a forward at θ, a candidate update, several directions) uses the core's public calls: center_loss,
+probe_one_sided, apply_update / restore / finish_step, several directions per step.
 
 Symbols: θ the trainable weights, z the noise of a direction (Gaussian, or ±1 with --zo_direction rademacher), ε the
 perturbation scale, g = (ℓ+ - ℓ-)/(2ε) the projected gradient, η the learning rate (--learning_rate), λ the weight
@@ -13,8 +13,9 @@ from typing import NamedTuple
 
 import torch
 
-import zo_rule
-from zo import NOISE_BLOCK, Rule, ZOOptimizer
+from zo import rule as zo_rule
+from zo.core import NOISE_BLOCK, Rule, ZOOptimizer
+from zo.hparams import Hyper, shared
 
 __all__ = ["ModeDefault", "MeZO", "ZOSGDSign", "ZOSGDMMT", "ZOSGDCons", "ZOAdam", "HiZOO", "FZOO"]
 
@@ -111,12 +112,11 @@ class ZOSGDMMT(ZOOptimizer):
     update_values = ("g", "neg_lr")
     mode_defaults = zo_bench("trainer zo_sgd, momentum 0.9", (1e-4, 1e-2, "LR {1e-3 .. 1e-6}, ε {1e-2, 1e-3, 1e-4}"),
                              (1e-2, 1e-1, "LR {1e-2, 1e-3, 1e-4}, ε 1e-1"))
+    hyperparameters = (Hyper("mu", 0.9, "momentum of the ZO gradient estimate (ZO-Bench's sweeps: 0.9)", symbol="μ",
+                             low=0.0, high=0.999999),)
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, mu=0.9, **kw):
-        if not 0.0 <= mu < 1.0:
-            raise ValueError(f"Invalid momentum mu={mu}: need 0 <= mu < 1 (ZO-Bench uses 0.9)")
-        self.mu = float(mu)
+                 chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
 
     @staticmethod
@@ -149,15 +149,15 @@ class ZOAdam(ZOOptimizer):
     update_values = ("g", "step_size", "sqrt_bc2")
     mode_defaults = zo_bench("trainer zo_adam", (1e-4, 1e-2, "LR {1e-4, 1e-5, 1e-6}, ε {1e-2 .. 1e-5}"),
                              (1e-4, 1e-3, "LR {1e-4 .. 1e-8}, ε {1e-3, 1e-4, 1e-5}"))
+    hyperparameters = (
+        shared("beta1", 0.9),
+        Hyper("beta2", 0.999, "second-moment decay (torch's 0.999, which ZO-Bench keeps)", symbol="β2", low=0.0,
+              high=0.999999),
+        Hyper("adam_eps", 1e-8, "Adam's denominator epsilon, not the perturbation scale --zo_eps (torch's 1e-8)",
+              symbol="ϵ", above=0.0))
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, beta1=0.9, beta2=0.999, adam_eps=1e-8, **kw):
-        for name, b in (("beta1", beta1), ("beta2", beta2)):
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid {name}={b}: need 0 <= {name} < 1 (Adam's defaults: 0.9, 0.999)")
-        if not adam_eps > 0:
-            raise ValueError(f"Invalid adam_eps={adam_eps}: need > 0 (it keeps the denominator away from 0)")
-        self.beta1, self.beta2, self.adam_eps = float(beta1), float(beta2), float(adam_eps)
+                 chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
 
     @staticmethod
@@ -221,35 +221,34 @@ class ZOSGDCons(MeZO):
 
     @torch.no_grad()
     def probe(self, closure, direction: int = 0):
-        self._check_direction(direction)
-        if self._n_probes:
+        self.check_direction(direction)
+        if self.probes:
             raise ValueError("ZO-SGD-Cons judges its candidates on the batch of its one probe: one probe of direction "
                              "0 per step (use --gradient_accumulation_steps 1)")
         l0 = self.center_loss(closure)
         lp, lm = super().probe(closure)
         g = self.measured_directions()[0]
-        self._g, self._ok = g, self._finite(g)
         losses = [(l0, 0.0)]
         try:
             for sign in (1.0, -1.0):   # θ - ηgz, then θ + ηgz, each from the stash
-                self._sign, self._update_cache = sign, {}
-                self._sweep("update")
-                self._offset = 0
+                self._sign = sign
+                ok = self.apply_update(g)
                 losses.append((torch.as_tensor(closure()).detach().to(l0.dtype), sign))
         except BaseException:
-            self._sweep("restore", -1)   # every tensor is stashed: a copy back to θ
-            self._reset_step()
+            self.restore()   # every tensor is stashed: a copy back to θ
+            self.abort()
             raise
-        if bool(self._ok):
+        self._judged = (g, ok)
+        if bool(ok):
             best = min(losses, key=lambda pair: float(pair[0]))   # first of equals: θ, then θ - ηgz
             choice = best[1] if float(best[0]) < float(l0) else 0.0
         else:
             choice = 0.0
         if choice == 0.0:
-            self._sweep("restore", -1)
+            self.restore()
         elif choice == 1.0:
-            self._sign, self._update_cache = 1.0, {}
-            self._sweep("update")   # the same sweep as the evaluated candidate: the same weights bit for bit
+            self._sign = 1.0
+            self.apply_update(g)   # the same sweep as the evaluated candidate: the same weights bit for bit
         self.last_choice = choice
         self.last_candidate_losses = [float(x) for x, _ in losses]
         return lp, lm
@@ -258,9 +257,10 @@ class ZOSGDCons(MeZO):
     def step(self, closure=None):
         if closure is not None:
             self.probe(closure)
-        if not self._measured:
+        if not self.measurements():
             raise RuntimeError("step() needs a closure or a probe() in this step")
-        self._finish_step(self.step_count, ~self._ok, self._g)
+        g, ok = self._judged
+        self.finish_step(~ok, g)
         return self.last_loss_plus
 
 
@@ -289,12 +289,12 @@ class HiZOO(ZOOptimizer):
     update_values = ("alpha_h", "coef")
     mode_defaults = {**borrowed(MEZO_PAPER, "HiZOO's authors"),
                      "ft": ModeDefault(1e-6, 1e-3, "HiZOO's README example (OPT, full parameters)")}
+    hyperparameters = (Hyper("alpha", 1e-8, "smoothing of the Hessian EMA (the authors' README example; their code "
+                                            "defaults to 0, which makes HiZOO MeZO with an extra forward)",
+                             symbol="α", low=0.0, high=0.999999),)
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, alpha=1e-8, **kw):
-        if not 0.0 <= alpha < 1.0:
-            raise ValueError(f"Invalid HiZOO smoothing alpha={alpha}: need 0 <= alpha < 1 (the authors use 1e-8)")
-        self.alpha = float(alpha)
+                 chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
 
     @staticmethod
@@ -313,8 +313,8 @@ class HiZOO(ZOOptimizer):
         return super().probe(closure, direction)
 
     def values_from_g(self, g, group):
-        _, lp, lm, n = self._measured[self._direction]
-        l0 = self._center[0] / self._center[1]
+        _, lp, lm, n = self.measurements()[self.direction]
+        l0 = self.center()
         eps = group["eps"]
         h = (lp / n + lm / n - 2 * l0).abs().to(torch.float64) / (2 * eps * eps)
         return {"alpha_h": h * self.alpha, "coef": -(g * group["lr"])}
@@ -325,7 +325,7 @@ class FZOO(MeZO):
     directions u_i, and the step normalised by the spread of the losses:
         ℓ0 = L(θ),  ℓ_i = L(θ + ε·u_i),  g_i = (ℓ_i - ℓ0)/ε,  σ = std(ℓ_1 .. ℓ_N)  (unbiased),
         θ <- θ - η/σ · (1/N)·Σ_i g_i·u_i     (N+1 forward passes a step)
-    Direction i is the core's direction i of the step (seed zo_noise.direction_seed), applied by the core's
+    Direction i is the core's direction i of the step (seed zo.noise.direction_seed), applied by the core's
     several-direction update (each with η/N) with coef -η/N·g_i/σ.  A step whose σ is 0 or not finite is skipped.
     We follow the paper.  The authors' code (DKmiyan/FZOO trainer.py) departs in two constants: its σ is the
     population std (N in the denominator, not N-1: σ smaller by √((N-1)/N), 0.935 at N = 8), and its step
@@ -342,7 +342,8 @@ class FZOO(MeZO):
                      for mode, d in MEZO_PAPER.items()}
 
     def __init__(self, params, lr=1e-9, eps=1e-3, weight_decay=0.0, seed=0, direction="rademacher",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, num_directions=8, **kw):
+                 chunk_numel=None, noise_block=NOISE_BLOCK, *, num_directions=None, **kw):
+        num_directions = self.default_directions if num_directions is None else num_directions
         if isinstance(num_directions, bool) or not isinstance(num_directions, int) or num_directions < 2:
             raise ValueError(f"Invalid FZOO num_directions={num_directions!r}: need an int >= 2 (σ is the spread of "
                              "their losses)")
@@ -354,7 +355,7 @@ class FZOO(MeZO):
     def probe(self, closure, direction: int | None = None):
         """ℓ0 and the one-sided probes of every direction (or of `direction`) on one batch; returns (mean ℓ_i, ℓ0)."""
         directions = range(self.num_directions) if direction is None else [direction]
-        return self.probe_directions(closure, directions), self._center[0] / self._center[1]
+        return self.probe_directions(closure, directions), self.center()
 
     @torch.no_grad()
     def probe_directions(self, closure, directions):
@@ -363,22 +364,18 @@ class FZOO(MeZO):
         l0 = self.center_loss(closure)
         for q in directions:
             self.probe_one_sided(closure, q, l0)
-        return torch.stack([self._measured[q][1] / self._measured[q][3] for q in directions]).mean()
+        measured = self.measurements()
+        return torch.stack([measured[q][1] / measured[q][3] for q in directions]).mean()
 
-    def _sigma(self) -> torch.Tensor:
-        if self._sigma_cache is None:
-            # in direction order: ranks that probed different directions first must sum in the same order
-            losses = torch.stack([lp / n for _, lp, _, n in self.measurements().values()]).to(torch.float64)
-            self._sigma_cache = losses.std()
-        return self._sigma_cache
+    def sigma(self) -> torch.Tensor:
+        """σ of this step's measured directions (a pure function of them: the same value at every call)."""
+        # in direction order: ranks that probed different directions first must sum in the same order
+        losses = torch.stack([lp / n for _, lp, _, n in self.measurements().values()]).to(torch.float64)
+        return losses.std()
 
-    def _reset_step(self):
-        super()._reset_step()
-        self._sigma_cache = None
-
-    def _finite(self, g):
-        sigma = self._sigma()
-        return super()._finite(g) & torch.isfinite(sigma) & (sigma > 0)
+    def finite(self, g):
+        sigma = self.sigma()
+        return super().finite(g) & torch.isfinite(sigma) & (sigma > 0)
 
     def values_from_g(self, g, group):
-        return {"coef": -(g * group["lr"]) / self._sigma()}
+        return {"coef": -(g * group["lr"]) / self.sigma()}

@@ -1,11 +1,12 @@
-"""Low-rank ZO methods on the core protocol of zo.ZOOptimizer: LOZO, LOZO-M and SubZero.
+"""Low-rank ZO methods on the core protocol of zo.core.ZOOptimizer: LOZO, LOZO-M and SubZero.
 
 Each weight matrix W (m x n, any tensor of two or more dimensions viewed as shape[0] x the rest; LoRA's A and B and the
 prefix key/value tensors are matrices too) is perturbed along a rank-r direction A·Bᵀ whose factors are drawn from the
-counter noise (zo_noise.counter_noise: a pure function of seed, tensor, stream and element position, Gaussian or ±1
-as --zo_direction says) and applied in place with addmm_ (BLAS on CPU, cuBLAS on CUDA: these methods' fast path on
+counter noise (ZOOptimizer.noise, zo.noise's counter stream: a pure function of seed, tensor, stream and element
+position, Gaussian or ±1 as --zo_direction says) and applied in place with addmm_ (BLAS on CPU, cuBLAS on CUDA: these methods' fast path on
 every device; no dense m x n direction is ever formed).  Vectors (biases, norms) get a full element-wise direction z
-as the authors' code gives them, through the core's rule sweeps (C / Triton kernels).
+as the authors' code gives them, through the core's rule sweeps (C / Triton kernels); the matrices through
+sweep_tensor, the core's call for the tensors a method sweeps itself (the stash is the core's).
 
 Sharding (FSDP2, dimension 0): a shard holding rows [a, b) of W perturbs by A[a:b]·Bᵀ.  LOZO draws the rows of A at
 their element positions (row i of A is positions i·r .. i·r+r-1 of its stream), so a shard draws exactly its slice;
@@ -20,10 +21,11 @@ import math
 
 import torch
 
-import zo_noise
 from parallel import local_part
-from zo import NOISE_BLOCK, Rule, ZOOptimizer, _cpu
-from zo_family import MEZO_PAPER, ModeDefault, borrowed
+from zo.core import NOISE_BLOCK, Rule, TensorSweep, ZOOptimizer
+from zo.hparams import shared
+from zo.noise import step_seed
+from zo.methods.family import MEZO_PAPER, ModeDefault, borrowed
 
 __all__ = ["LOZO", "LOZOM", "SubZero"]
 
@@ -37,17 +39,12 @@ class _LowRank(ZOOptimizer):
     streams = ("z",)
     update_values = ("coef",)
 
-    def __init__(self, params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, *, rank, interval,
-                 **kw):
-        for name, value in (("rank", rank), ("interval", interval)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {self.title} {name}={value!r}: need a positive int")
-        self.rank, self.interval = rank, interval
+    def __init__(self, params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw):
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
         if kw.get("keep_direction"):
             raise ValueError(f"{self.title} regenerates its small factors each sweep; keep_direction (a dense copy of "
                              "the direction) does not apply: drop it")
-        if any(p.device.type == "cuda" for p in self._params()):
+        if any(p.device.type == "cuda" for group in self.param_groups for p in group["params"]):
             logger.info("%s: matrices are swept by addmm_ (cuBLAS), vectors by the core's element-wise path",
                         self.title)
 
@@ -65,15 +62,8 @@ class _LowRank(ZOOptimizer):
             return None
         return p.shape[0], p.numel() // p.shape[0]
 
-    def _elementwise(self, p) -> bool:
+    def elementwise(self, p) -> bool:
         return self.matrix_shape(p) is None
-
-    def _draw(self, seed, index, stream, start, count, group, device) -> torch.Tensor:
-        """Elements [start, start+count) of the counter stream (seed, tensor index, stream), float32."""
-        key = zo_noise.counter_key(seed, index, stream)
-        if device.type == "cpu" and self.fast_paths and _cpu().available():
-            return _cpu().fill(torch.empty(count, dtype=torch.float32), key, start, group["direction"])
-        return zo_noise.counter_noise(key, start, count, group["direction"], device)
 
     def refresh_step(self, t: int | None = None) -> int:
         """The step whose seed draws the slowly changing factor in use at step t (every `interval` steps)."""
@@ -88,35 +78,19 @@ class _LowRank(ZOOptimizer):
                              f"holds {local}, not whole rows of its {n}-wide matrix view; shard on dimension 0")
         return offset // n, local // n
 
-    # -- the sweep of the matrices
-    def _sweep_structured(self, kind, k, carry):
-        first = kind == "perturb" and self._offset == 0
-        for index, group_index, group, p in self._entries():
-            if not p.requires_grad or self._elementwise(p):
-                continue
-            m, n = self.matrix_shape(p)
-            data = local_part(p).detach()
-            row0, rows = self._rows(p, n)
-            x = data.view(rows, n) if data.is_contiguous() else data.reshape(rows, n).contiguous()
-            stash = self._stashes(p) and (kind != "update" or self._restoring)
-            if stash and first:
-                self._stash[p] = x.clone() if p not in self._stash else self._stash[p].copy_(x)
-            if stash and kind == "restore":
-                x.copy_(self._stash[p])
-            else:
-                a, b = self._factors(index, group, p, (m, n), row0, rows, x.dtype)
-                if kind != "update":
-                    x.addmm_(a, b.T, alpha=k * group["eps"])
-                else:
-                    if stash:
-                        x.copy_(self._stash[p])
-                    elif self._offset:
-                        x.addmm_(a, b.T, alpha=-self._offset * group["eps"])
-                    values = self._update_values(group_index, group)
-                    if bool(values["ok"]):   # a host sync: the matrices' path is torch operations
-                        self._update_matrix(index, group, p, x, a, b, values)
-            if x.data_ptr() != data.data_ptr():
-                data.copy_(x.view_as(data))
+    # -- the sweep of the matrices (the core's sweeps handle the stash)
+    def sweep_tensor(self, s: TensorSweep):
+        m, n = self.matrix_shape(s.p)
+        row0, rows = self._rows(s.p, n)
+        x = s.x.view(rows, n)
+        a, b = self._factors(s.index, s.group, s.p, (m, n), row0, rows, x.dtype)
+        if s.kind != "update":
+            x.addmm_(a, b.T, alpha=s.scale)
+            return
+        if s.restore_scale:
+            x.addmm_(a, b.T, alpha=s.restore_scale)
+        if bool(s.values["ok"]):   # a host sync: the matrices' path is torch operations
+            self._update_matrix(s.index, s.group, s.p, x, a, b, s.values)
 
     def _update_matrix(self, index, group, p, x, a, b, values):
         """x <- x·decay + coef·A·Bᵀ (the update of LOZO and SubZero)."""
@@ -143,22 +117,23 @@ class LOZO(_LowRank):
     name, title = "lozo", "LOZO"
     mode_defaults = {**borrowed(MEZO_PAPER, "LOZO's authors"),
                      "ft": ModeDefault(1e-6, 1e-3, "LOZO's README (OPT-13B, full parameters)")}
+    hyperparameters = (shared("rank", 2), shared("interval", 50, flag="zo_nu"))
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, rank=2, interval=50, **kw):
-        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, rank=rank,
-                         interval=interval, **kw)
+                 chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
+        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
 
     @classmethod
     def memory(cls):
         return f"{cls.title}: no memory beyond the model (rank-r factors, regenerated each sweep)"
 
     def _v(self, index, group, n, t, device, dtype):
-        seed = zo_noise.step_seed(group["seed"], self.refresh_step(t))
-        return self._draw(seed, index, 1, 0, n * self.rank, group, device).view(n, self.rank).to(device, dtype)
+        seed = step_seed(group["seed"], self.refresh_step(t))
+        return self.noise(index, 1, 0, n * self.rank, group=group, device=device,
+                          seed=seed).view(n, self.rank).to(device, dtype)
 
     def _factors(self, index, group, p, shape, row0, rows, dtype):
-        u = self._draw(self._seed, index, 0, row0 * self.rank, rows * self.rank, group, p.device)
+        u = self.noise(index, 0, row0 * self.rank, rows * self.rank, group=group, device=p.device)
         return (u.view(rows, self.rank).to(p.device, dtype),
                 self._v(index, group, shape[1], self.step_count, p.device, dtype))
 
@@ -178,14 +153,7 @@ class LOZOM(LOZO):
     extra_state = ("factor_momentum", "factor_basis")
     step_values = ("beta",)
     update_values = ("gm", "neg_lr")
-
-    def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, rank=2, interval=50, beta=0.9, **kw):
-        if not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid LOZO-M beta={beta}: need 0 <= beta < 1 (the authors use 0.9)")
-        self.beta = float(beta)
-        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, rank=rank,
-                         interval=interval, **kw)
+    hyperparameters = LOZO.hyperparameters + (shared("beta1", 0.9, keyword="beta"),)
 
     @classmethod
     def memory(cls):
@@ -236,12 +204,12 @@ class SubZero(_LowRank):
 
     name, title = "subzero", "SubZero"
     mode_defaults = borrowed(MEZO_PAPER, "SubZero's authors")
+    hyperparameters = (shared("rank", 8), shared("interval", 2000, flag="zo_T"))
 
     def __init__(self, params, lr=1e-6, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
-                 chunk_numel=None, noise_block=NOISE_BLOCK, *, rank=8, interval=2000, **kw):
+                 chunk_numel=None, noise_block=NOISE_BLOCK, **kw):
         self._subspaces: dict[int, tuple] = {}
-        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, rank=rank,
-                         interval=interval, **kw)
+        super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
 
     @classmethod
     def memory(cls):
@@ -269,17 +237,17 @@ class SubZero(_LowRank):
         refresh = self.refresh_step()
         held = self._subspaces.get(index)
         if held is None or held[0] != refresh:
-            seed = zo_noise.step_seed(group["seed"], refresh)
+            seed = step_seed(group["seed"], refresh)
             m, n = shape
             r = self.rank
-            u = torch.linalg.qr(self._draw(seed, index, 1, 0, m * r, group, device).view(m, r))[0]
-            v = torch.linalg.qr(self._draw(seed, index, 2, 0, n * r, group, device).view(n, r))[0]
+            u = torch.linalg.qr(self.noise(index, 1, 0, m * r, group=group, device=device, seed=seed).view(m, r))[0]
+            v = torch.linalg.qr(self.noise(index, 2, 0, n * r, group=group, device=device, seed=seed).view(n, r))[0]
             held = self._subspaces[index] = (refresh, u.contiguous(), v.contiguous())
         return held[1], held[2]
 
     def _factors(self, index, group, p, shape, row0, rows, dtype):
         u, v = self._subspace(index, group, shape, p.device)
         r = self.rank
-        core = self._draw(self._seed, index, 0, 0, r * r, group, p.device).view(r, r)
+        core = self.noise(index, 0, 0, r * r, group=group, device=p.device).view(r, r)
         scale = math.sqrt(shape[0] * shape[1]) / r
         return (u[row0:row0 + rows] @ core * scale).to(dtype), v.to(dtype)

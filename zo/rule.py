@@ -18,12 +18,14 @@ The same functions are evaluated two ways:
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 
-__all__ = ["Rule", "Expr", "Graph", "Leaf", "Values", "sqrt", "where", "sign", "absolute", "sweep", "trace",
+__all__ = ["Rule", "SweepSpec", "Expr", "Graph", "Leaf", "Values", "sqrt", "where", "sign", "absolute", "sweep",
+           "trace",
            "FRAMEWORK_SCALARS", "SWEEP_KINDS"]
 
 SWEEP_KINDS = ("perturb", "update", "update_stash")
@@ -38,6 +40,23 @@ class Rule(NamedTuple):
     direction: Any
     step: Any = None
     state: dict = {}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A method as the sweeps and the kernels see it, frozen (and hashable: the kernels of a spec are built once):
+    its rule and the names of its noise streams, state buffers, step values (known when a step begins) and update
+    values (derived from the projected gradient after the probes)."""
+    rule: Callable
+    streams: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+    step_values: tuple[str, ...] = ()
+    update_values: tuple[str, ...] = ()
+
+    @property
+    def scalars(self) -> tuple[str, ...]:
+        """The method's scalars in kernel order: step values, then update values (the framework's come after)."""
+        return self.step_values + self.update_values
 
 
 # ------------------------------------------------------------------------------------------ expressions
@@ -98,7 +117,7 @@ class Expr:
         if isinstance(other, (bool, int, float, np.floating, np.integer)):
             return self.graph.const(float(other))
         raise TypeError(f"a rule combined a traced value with {type(other).__name__} {other!r}: use numbers, the "
-                        "rule's noise, state and step values, and the helpers of zo_rule")
+                        "rule's noise, state and step values, and the helpers of zo.rule")
 
     def _op(self, op, *others, kind="float"):
         args = (self,) + tuple(self._lift(o) for o in others)
@@ -209,7 +228,7 @@ def sweep(kind: str, rule, x, noise: Values, state: dict, s: Values, *, stash=No
         raise ValueError(f"sweep kind {kind!r}: choose from {SWEEP_KINDS}")
     r = rule(noise, Values("state", state), s)
     if not isinstance(r, Rule):
-        raise TypeError(f"a rule returns zo_rule.Rule(direction=..., step=..., state={{...}}), got {type(r).__name__}")
+        raise TypeError(f"a rule returns zo.Rule(direction=..., step=..., state={{...}}), got {type(r).__name__}")
     u = r.direction
     if kind == "perturb":
         return {"x": x + u * s.perturb_scale}

@@ -1,18 +1,19 @@
 """CPU sweeps: C kernels emitted from a rule's expression graph, compiled once with the system C compiler.
 
-For each rule (zo_rule) this module traces the three sweep kinds, keeps what each output needs, and writes one C
-function per (sweep kind, parameter dtype, state dtype, noise mode): the counter noise of zo_noise generated in
-registers (zo_cpu_prelude.c), the rule's arithmetic one statement per graph node, no temporaries, one pass over memory.
+For each rule (zo.rule) this module traces the three sweep kinds, keeps what each output needs, and writes one C
+function per (sweep kind, parameter dtype, state dtype, noise mode): the counter noise of zo.noise generated in
+registers (cpu_prelude.c), the rule's arithmetic one statement per graph node, no temporaries, one pass over memory.
 Each statement is one IEEE-754 operation in the compute dtype (-ffp-contract=off: no fused multiply-add; sqrt is the
 correctly rounded instruction), in the order of the torch evaluation, so the kernels equal the torch path bit for bit.
 
 The library of a rule is compiled once per process and cached on disk under the hash of its source
 ($ZO_KERNEL_CACHE, else ~/.cache/zo-adamu/kernels, else a temp folder); `BUILDS` records each build and its seconds.
-A library is checked against zo_noise's torch definition when it loads.  Without a C compiler, with
+A library is checked against zo.noise's torch definition when it loads.  Without a C compiler, with
 ZO_NO_CKERNEL=1, or for dtypes without kernels, callers take the torch path, which computes the same numbers.
 
-Noise modes: "g" / "r" generate Gaussian / Rademacher noise; "gs" / "rs" also write it to float32 buffers (the first
-sweep of a step with a kept direction); "k" reads those buffers.
+Where a sweep's noise comes from (`job(noise_source=...)`): "draw" generates it (Gaussian or Rademacher, as
+`direction` says), "draw_and_keep" also writes it to float32 buffers (the first sweep of a step with a kept
+direction), "kept" reads those buffers.  Each (direction, source) is one C function, named by a short suffix.
 """
 from __future__ import annotations
 
@@ -32,10 +33,10 @@ from pathlib import Path
 
 import torch
 
-import zo_noise
-import zo_rule
+from zo import noise as zo_noise
+from zo import rule as zo_rule
 
-__all__ = ["available", "error", "fill", "convert", "kernels_for", "Kernels", "run", "BUILDS", "NOISE_MODES",
+__all__ = ["available", "error", "fill", "convert", "kernels_for", "Kernels", "run", "BUILDS", "NOISE_SOURCES",
            "STATE_DTYPES"]
 
 logger = logging.getLogger(__name__)
@@ -46,10 +47,14 @@ _LOAD = {"f32": "{}", "f64": "{}", "bf16": "zo_bf2f({})", "f16": "zo_h2f({})"}
 _STORE = {"f32": "{}", "f64": "{}", "bf16": "zo_f2bf({})", "f16": "zo_f2h({})"}
 # parameter dtype -> state dtypes with kernels; the compute dtype is the parameter's, 16-bit state is widened exactly
 STATE_DTYPES = {"f32": ("f32", "bf16", "f16"), "f64": ("f64",)}
-NOISE_MODES = {"perturb": ("g", "r", "gs", "rs", "k"), "update": ("g", "r", "k"), "update_stash": ("g", "r", "k")}
+NOISE_SOURCES = ("draw", "draw_and_keep", "kept")
+# (direction, noise source) -> the suffix of its C functions; an update never keeps (its noise is the step's last use)
+_SUFFIX = {("gaussian", "draw"): "g", ("rademacher", "draw"): "r", ("gaussian", "draw_and_keep"): "gs",
+           ("rademacher", "draw_and_keep"): "rs", ("gaussian", "kept"): "k", ("rademacher", "kept"): "k"}
+_SUFFIXES = {"perturb": ("g", "r", "gs", "rs", "k"), "update": ("g", "r", "k"), "update_stash": ("g", "r", "k")}
 _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/", "lt": "<", "le": "<=", "gt": ">", "ge": ">="}
 _CFLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared", "-std=gnu11")
-_PRELUDE = Path(__file__).with_name("zo_cpu_prelude.c")
+_PRELUDE = Path(__file__).with_name("cpu_prelude.c")
 
 BUILDS: list[dict] = []   # {"library", "seconds", "cached"} of every library loaded in this process
 
@@ -146,7 +151,7 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
 def _source(rule, streams, buffers, scalars, tn: str, mn: str) -> tuple[str, list[str]]:
     """The C source of every sweep function of a rule for parameter dtype tn and state dtype mn, and their names."""
     parts, names = [], []
-    for kind, modes in NOISE_MODES.items():
+    for kind, modes in _SUFFIXES.items():
         graph, outputs, leaves = zo_rule.trace(kind, rule, streams, buffers, scalars)
         for mode in modes:
             name = f"zo_{kind}_{tn}_{mn}_{mode}"
@@ -297,13 +302,13 @@ def convert(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ per-rule kernels
 class Kernels:
-    """The compiled sweeps of one rule, one library per (parameter dtype, state dtype) built on first use (most runs
-    need one pair: compiling all of them up front took ~4x longer).  `scalars`: the order of the values array;
-    `calls`: kernel calls made."""
+    """The compiled sweeps of one rule (a zo.rule.SweepSpec), one library per (parameter dtype, state dtype) built on
+    first use (most runs need one pair: compiling all of them up front took ~4x longer).  `scalars`: the order of the
+    values array; `calls`: kernel calls made."""
 
-    def __init__(self, rule, streams, buffers, scalars):
-        self.rule, self.streams, self.buffers = rule, tuple(streams), tuple(buffers)
-        self.method_scalars = tuple(scalars)
+    def __init__(self, spec):
+        self.rule, self.streams, self.buffers = spec.rule, tuple(spec.streams), tuple(spec.buffers)
+        self.method_scalars = tuple(spec.scalars)
         self.scalars = self.method_scalars + zo_rule.FRAMEWORK_SCALARS
         self.n_streams, self.n_buffers = len(self.streams), len(self.buffers)
         self.calls = 0
@@ -333,18 +338,20 @@ class Kernels:
             return False
         return self._library(tn, mn) is not None
 
-    def job(self, kind: str, mode: str, x: torch.Tensor, stash, buffers: list, kept: list, start: int, n: int,
-            pos: int, keys, vals):
-        """A call sweeping elements [start, start+n) of the flat tensors (run later, maybe on a worker thread);
-        `pos` is the noise position of element `start`; keys / vals: ctypes arrays from keys_array / values_array."""
+    def job(self, kind: str, *, direction: str, noise_source: str, x: torch.Tensor, stash, buffers: list, kept: list,
+            start: int, count: int, position: int, keys, values):
+        """A call sweeping elements [start, start+count) of the flat tensors (run later, maybe on a worker thread):
+        `kind` one of zo.rule.SWEEP_KINDS, `direction` gaussian / rademacher, `noise_source` one of NOISE_SOURCES,
+        `kept` the float32 noise buffers (one per stream) for a kept direction; `position` is the noise position of
+        element `start`; keys / values: ctypes arrays from keys_array / values_array."""
         tn = DTYPE_NAMES[x.dtype]
         mn = DTYPE_NAMES[buffers[0].dtype] if buffers else tn
-        fn = self._library(tn, mn)[f"zo_{kind}_{tn}_{mn}_{mode}"]
+        fn = self._library(tn, mn)[f"zo_{kind}_{tn}_{mn}_{_SUFFIX[direction, noise_source]}"]
         ptrs = (ctypes.c_uint64 * (2 + len(buffers) + self.n_streams))(
             _ptr(x, start), _ptr(stash, start) if stash is not None else 0, *(_ptr(b, start) for b in buffers),
             *(_ptr(k, start) for k in kept), *([0] * (self.n_streams - len(kept))))
         self.calls += 1
-        return functools.partial(fn, ptrs, n, pos, keys, vals)
+        return functools.partial(fn, ptrs, count, position, keys, values)
 
     @staticmethod
     def keys_array(keys) -> ctypes.Array:
@@ -363,14 +370,14 @@ _RULES: dict[tuple, Kernels | None] = {}
 _RULES_LOCK = threading.Lock()
 
 
-def kernels_for(rule, streams, buffers, scalars) -> Kernels | None:
-    """The sweeps of `rule` (noise `streams`, state `buffers`, step and update `scalars`), compiled per dtype pair on
-    first use; None where no C kernels can be built (the torch path then runs)."""
-    key = (rule, tuple(streams), tuple(buffers), tuple(scalars))
+def kernels_for(spec) -> Kernels | None:
+    """The sweeps of a zo.rule.SweepSpec (its rule, noise streams, state buffers, step and update values), compiled
+    per dtype pair on first use; None where no C kernels can be built (the torch path then runs)."""
+    key = (spec.rule, tuple(spec.streams), tuple(spec.buffers), tuple(spec.scalars))
     if key not in _RULES:
         with _RULES_LOCK:
             if key not in _RULES:
-                _RULES[key] = Kernels(rule, streams, buffers, scalars) if _base() is not None else None
+                _RULES[key] = Kernels(spec) if _base() is not None else None
     return _RULES[key]
 
 

@@ -8,9 +8,10 @@ from typing import NamedTuple
 
 import torch
 
-import zo_rule
-from zo import NOISE_BLOCK, Rule, ZOOptimizer
-from zo_family import ModeDefault
+from zo import rule as zo_rule
+from zo.core import NOISE_BLOCK, Rule, ZOOptimizer
+from zo.hparams import Hyper
+from zo.methods.family import ModeDefault
 
 __all__ = ["anneal", "AdaMUSchedule", "AdaMUScalars", "ZOAdaMU"]
 
@@ -28,16 +29,34 @@ def anneal(t: float, T1: int, T2: int, T3: int, phi: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * (t - T1) / denom))
 
 
+# The schedule's hyper-parameters (--zo_t1 .. --zo_alpha_floor): they reach the optimizer as its `schedule`.
+SCHEDULE = (
+    Hyper("T1", None, "end of the warm-up (default 0.0512 x max_steps)", symbol="T1", kind=int, low=0, flag="zo_t1",
+          via="schedule"),
+    Hyper("T2", None, "end of the annealing (default 0.8 x max_steps)", symbol="T2", kind=int, low=1, flag="zo_t2",
+          via="schedule"),
+    Hyper("T3", None, "schedule horizon (default max_steps)", symbol="T3", kind=int, low=1, flag="zo_t3",
+          via="schedule"),
+    Hyper("phi_alpha", 1.0, "annealing rate of alpha", symbol="φα", above=0.0, via="schedule"),
+    Hyper("phi_beta1", 0.1, "annealing rate of beta1", symbol="φβ1", above=0.0, via="schedule"),
+    Hyper("phi_beta2", 1.5, "annealing rate of beta2", symbol="φβ2", above=0.0, via="schedule"),
+    Hyper("alpha_floor", None, "keep alpha >= this after T2 (the paper text's 0.5)", low=0.0, high=1.0,
+          via="schedule"),
+)
+_DEFAULT = {h.name: h.default for h in SCHEDULE}
+
+
 @dataclass(frozen=True)
 class AdaMUSchedule:
-    """(alpha, beta1, beta2) of ZO-AdaMU as functions of the 0-based completed-step count t."""
+    """(alpha, beta1, beta2) of ZO-AdaMU as functions of the 0-based completed-step count t (T1 .. T3: the paper's
+    at 20k steps; the rates: SCHEDULE's declarations)."""
     T1: int = 1024
     T2: int = 16000
     T3: int = 20000
-    phi_alpha: float = 1.0
-    phi_beta1: float = 0.1
-    phi_beta2: float = 1.5
-    alpha_floor: float | None = None  # "paper-text mode": alpha >= floor once t >= T2
+    phi_alpha: float = _DEFAULT["phi_alpha"]
+    phi_beta1: float = _DEFAULT["phi_beta1"]
+    phi_beta2: float = _DEFAULT["phi_beta2"]
+    alpha_floor: float | None = _DEFAULT["alpha_floor"]  # "paper-text mode": alpha >= floor once t >= T2
 
     def __post_init__(self):
         if self.T1 < 0 or self.T1 >= self.T2:
@@ -99,22 +118,33 @@ class ZOAdaMU(ZOOptimizer):
     buffer_note = "in --zo_state_dtype, default the parameter dtype"
     step_values = AdaMUScalars._fields + ("sigma",)
     update_values = ("coef", "sign_g")
-    _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
     # the ZO-AdaMU paper's best values per mode, as printed (its LoRA and prefix rows look swapped against MeZO's)
     mode_defaults = {"ft": ModeDefault(1e-4, 1e-3, "ZO-AdaMU paper, Appendix B, Table 3 (best of its grid)"),
                      "prefix": ModeDefault(1e-4, 1e-2, "ZO-AdaMU paper, Appendix B, Table 3 (best of its grid)"),
                      "lora": ModeDefault(1e-2, 1e-1, "ZO-AdaMU paper, Appendix B, Table 3 (best of its grid)")}
+    hyperparameters = SCHEDULE + (
+        Hyper("signed_momentum", True, "store m = sign(g) u as the released code does (--no_zo_signed_momentum: "
+                                       "m = u, the paper's Algorithm 1)", kind=bool),
+        Hyper("state_dtype", None, "momentum dtype (default: the parameter dtype)", kind=str,
+              choices=("float32", "bfloat16", "float16"), convert=lambda name: getattr(torch, name)),
+    )
 
     def __init__(self, params, lr=1e-4, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, schedule: AdaMUSchedule | None = None,
-                 sigma=1e-8, signed_momentum=True, state_dtype=None, **kw):
-        if state_dtype not in self._STATE_DTYPES:
-            raise ValueError(f"Invalid state_dtype: {state_dtype} (choose from {self._STATE_DTYPES})")
+                 sigma=1e-8, **kw):
         if not sigma > 0:
             raise ValueError(f"Invalid sigma: {sigma} (need > 0: it keeps √(v+σ) away from zero)")
         self.schedule = schedule if schedule is not None else AdaMUSchedule()
-        self.sigma, self.signed_momentum, self.state_dtype = float(sigma), bool(signed_momentum), state_dtype
+        self.sigma = float(sigma)
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block, **kw)
+
+    @classmethod
+    def compose(cls, parts, *, max_steps):
+        """The schedule from --zo_t1 .. --zo_alpha_floor (those given) scaled to the run's max_steps."""
+        try:
+            return {"schedule": AdaMUSchedule.for_max_steps(max_steps, **parts)}
+        except ValueError as error:
+            raise ValueError(f"ZO-AdaMU schedule: {error}. Pass --zo_t1 < --zo_t2 <= --zo_t3.") from None
 
     @staticmethod
     def rule(noise, state, s):

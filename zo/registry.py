@@ -1,14 +1,20 @@
-"""The registry of ZO optimizers: --zo_optim name -> class.  The one module that imports every method (the methods
-import the core, zo; the core imports none of them); args.py, the trainer, the scripts and the benchmarks read it."""
+"""The registry of ZO optimizers: --zo_optim name -> class, each method's default LR / ε per mode, and the per-method
+--zo_* flags derived from the methods' hyper-parameter declarations (zo.hparams).  The one module that imports every
+method (the methods import the core, zo.core; the core imports none of them); args.py, the trainer, the scripts
+(`python -m zo.registry defaults|forwards|list`) and the benchmarks read it."""
 from __future__ import annotations
 
-from zo import ZOOptimizer
-from zo_adamu import AdaMUSchedule, ZOAdaMU
-from zo_family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
-from zo_lowrank import LOZO, LOZOM, SubZero
+import inspect
+from typing import Any, NamedTuple
 
-__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "get", "describe", "describe_all", "forward_passes", "mode_defaults",
-           "default_source", "defaults_table", "taking_several_directions", "directions_help", "short"]
+from zo import hparams
+from zo.core import ZOOptimizer
+from zo.methods.adamu import AdaMUSchedule, ZOAdaMU
+from zo.methods.family import FZOO, HiZOO, MeZO, ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
+from zo.methods.lowrank import LOZO, LOZOM, SubZero
+
+__all__ = ["AdaMUSchedule", "OPTIMIZERS", "MODES", "Flag", "flags", "keywords", "accepted_keywords", "get", "describe",
+           "describe_all", "forward_passes", "mode_defaults", "default_source", "defaults_table", "taking_several_directions", "directions_help", "short"]
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {cls.name: cls for cls in (
     MeZO, ZOAdaMU, ZOSGDSign, ZOSGDMMT, ZOSGDCons, ZOAdam, HiZOO, LOZO, LOZOM, SubZero, FZOO)}
@@ -21,6 +27,74 @@ def get(name: str) -> type[ZOOptimizer]:
         return OPTIMIZERS[name]
     except KeyError:
         raise ValueError(f"unknown ZO optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}") from None
+
+
+class Flag(NamedTuple):
+    """A --zo_* flag derived from the methods' hyper-parameter declarations (zo.hparams)."""
+    name: str                 # without the dashes
+    kind: type                # float, int, bool or str
+    default: Any              # the methods' common default, or None where they differ (each then takes its own)
+    help: str
+    low: Any
+    high: Any
+    above: Any
+    choices: tuple | None
+    methods: tuple            # the --zo_optim names it applies to
+
+
+def flags() -> list[Flag]:
+    """Every per-method --zo_* flag, in the order the methods declare them: one per flag name, shared by the
+    methods that read it (whose declarations must then agree on all but the default)."""
+    users: dict[str, list] = {}
+    for name, cls in OPTIMIZERS.items():
+        for h in hparams.declarations(cls):
+            users.setdefault(h.flag_name, []).append((name, cls, h))
+    out = []
+    for flag, found in users.items():
+        first = found[0][2]
+        for name, _, h in found[1:]:
+            if (h.kind, h.low, h.high, h.above, h.choices, h.help) != (first.kind, first.low, first.high, first.above,
+                                                                        first.choices, first.help):
+                raise TypeError(f"--{flag}: {name} declares it differently from {found[0][0]}; share one declaration "
+                                "(zo.hparams.SHARED)")
+        defaults = [h.default for _, _, h in found]
+        titles = " / ".join(dict.fromkeys(cls.title for _, cls, _ in found))
+        text = f"{titles}: {first.help}" + (f" [{first.symbol}]" if first.symbol else "")
+        default = defaults[0] if all(d == defaults[0] for d in defaults) else None
+        if default is None and any(d is not None for d in defaults):
+            text += " (default: " + ", ".join(f"{cls.title} {h.default}" for _, cls, h in found) + ")"
+        out.append(Flag(flag, first.kind, default, text + ".", first.low, first.high, first.above, first.choices,
+                        tuple(dict.fromkeys(name for name, _, _ in found))))
+    return out
+
+
+def keywords(name: str, values: dict, *, max_steps: int) -> dict:
+    """Constructor keywords of --zo_optim `name` from flag values ({flag name: value}); a flag left at None leaves
+    the method's own default."""
+    cls = get(name)
+    kwargs, parts = {}, {}
+    for h in hparams.declarations(cls):
+        value = values.get(h.flag_name)
+        if value is None:
+            continue
+        value = h.convert(value) if h.convert is not None and isinstance(value, str) else value
+        (parts if h.via is not None else kwargs)[h.arg] = value
+    kwargs.update(cls.compose(parts, max_steps=max_steps))
+    return kwargs
+
+
+def accepted_keywords(cls) -> set[str]:
+    """Keyword arguments a method's constructor takes: those of its signatures (through the **kwargs each hands to
+    its base's, down to the core's) and its declared hyper-parameters."""
+    names = {h.arg for h in hparams.declarations(cls) if h.via is None}
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        parameters = inspect.signature(vars(klass)["__init__"]).parameters.values()
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if klass is ZOOptimizer or not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return names
 
 
 def describe(name: str) -> str:
@@ -85,7 +159,7 @@ def short(x: float) -> str:
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
 
 
-USAGE = """usage: python zo_methods.py COMMAND
+USAGE = """usage: python -m zo.registry COMMAND
   defaults OPTIM MODE      DEFAULT_LR=... and DEFAULT_EPS=... of a method in a training mode (ft, lora, prefix)
   forwards OPTIM [Q]       training forward passes a step of a method (with Q directions a step)
   list                     the --zo_optim names"""

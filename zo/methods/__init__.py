@@ -1,0 +1,1 @@
+"""The ZO methods, one module per family; each is a `zo.core.ZOOptimizer` subclass that the registry lists."""
