@@ -7,7 +7,7 @@
 #   OPTIMS="mezo lozo adam" MODES=lora FORWARDS=400 EVAL_FORWARDS=200 JOBS=2 \
 #       LRS_mezo="3e-4 1e-3 3e-3" LRS_lozo="1e-4 3e-4 1e-3" LRS_adam="3e-5 1e-4 3e-4" bash grid.sh
 #   python report.py result/grid --plot result/grid/plots                        # the table and the curves
-# OPTIMS: --zo_optim names (python zo_methods.py list), and `adam`: first-order training (--trainer regular, torch's
+# OPTIMS: --zo_optim names (python -m zo.registry list), and `adam`: first-order training (--trainer regular, torch's
 # AdamW with weight decay 0, i.e. Adam). LRS_<optim> gives one method its own LR list; where neither it nor LRS is
 # set, each method starts from its registry LR for the mode, and EPSS unset gives each its registry ε (python run.py
 # --help lists both with their sources).
