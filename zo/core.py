@@ -3,10 +3,10 @@
 An element-wise ZO method is one small class: its noise `streams`, its per-parameter state `buffers`, its per-step
 scalars (`step_values`, known when the step begins; `update_values`, derived from the projected gradient g after the
 probes) and one pure per-element `rule(noise, state, s) -> zo.rule.Rule(direction, step, state)`.  The class hands
-these to the sweeps (zo.sweeps) as one frozen zo.rule.SweepSpec; the sweeps choose the backend (C kernels on CPU,
-fused Triton kernels on CUDA, torch operations elsewhere: the reference the kernels equal bit for bit).  The noise is
-defined in zo.noise.  `ZOOptimizer` is the protocol: probe / step / settle, skipped steps, the stash, the kept
-direction, the carried perturbation, state and checkpoints.
+these to the sweeps (zo.sweeps) as one frozen zo.rule.SweepSpec; the sweeps choose the backend (C kernels on CPU, fused
+Triton kernels on CUDA, torch operations elsewhere: the reference the kernels equal bit for bit).  The noise is defined
+in zo.noise.  `ZOOptimizer` is the protocol: probe / step / settle, skipped steps, the stash, the kept direction, the
+carried perturbation, state and checkpoints.
 
 Step protocol (sweep = one pass over the trainable tensors regenerating the noise):
   probe(closure): first probe of a step +εu, -2εu (2 sweeps); later probes +2εu, -2εu (2 sweeps);
@@ -25,6 +25,8 @@ Step protocol (sweep = one pass over the trainable tensors regenerating the nois
   those bit-exactly; True stashes every tensor, False none (MeZO memory).
   keep_direction=True (opt-in, small models) keeps the step's noise streams in float32 buffers (one per stream): one
   noise sweep per step instead of three.
+  16-bit weights: last_rounded_away is the share of a step's updates that rounded to nothing; stochastic_rounding=True
+  (opt-in) rounds them at random instead of to nearest, unbiased and reproducible from the seed (zo.sweeps).
 
 Methods that are not one element-wise rule (candidate updates, a loss at θ, one-sided probes, low-rank directions)
 use the public calls below, never the core's private members:
@@ -96,7 +98,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
-                 rng="auto", carry_perturbation=False, cuda_graphs=True, **hyperparameters):
+                 rng="auto", carry_perturbation=False, cuda_graphs=True, stochastic_rounding=False, **hyperparameters):
         for keyword, value in hparams.take(self, hyperparameters).items():
             setattr(self, keyword, value)   # each declared hyper-parameter, default applied and range checked
         if hyperparameters:
@@ -107,12 +109,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         if keep_direction and carry_perturbation:
             raise ValueError("keep_direction and carry_perturbation do not combine: a kept direction already costs "
                              "one noise sweep per step; choose one")
+        if stochastic_rounding and self.stochastic_rounding_refused():
+            raise ValueError(self.stochastic_rounding_refused())
         clash = set(self.step_values + self.update_values) & set(zo_rule.FRAMEWORK_SCALARS)
         if clash:
             raise TypeError(f"{type(self).__name__} names step values {sorted(clash)}, which the framework sets")
-        self.rng = rng
-        self.carry_perturbation = bool(carry_perturbation)
-        self.cuda_graphs = bool(cuda_graphs)
+        self.rng, self.carry_perturbation, self.cuda_graphs = rng, bool(carry_perturbation), bool(cuda_graphs)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, direction=direction,
                         chunk_numel=chunk_numel, noise_block=noise_block)
         super().__init__(params, defaults)
@@ -120,9 +122,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.keep_direction = bool(keep_direction)
         self._sweeper = Sweeper(self.sweep_spec(), self, rng=rng, exact_restore=self.exact_restore,
                                 keep_direction=self.keep_direction, cuda_graphs=self.cuda_graphs,
-                                buffer_init=self.buffer_init)
+                                buffer_init=self.buffer_init, stochastic_rounding=stochastic_rounding)
         self._seed, self._step_values = 0, {}
-        self.last_projected_grad = self.last_loss_plus = self.last_loss_minus = None
+        self.last_projected_grad = self.last_loss_plus = self.last_loss_minus = self.last_rounded_away = None
         self.last_schedule: dict[str, float] = {}
         self._global_state()
         self._reset_step()
@@ -150,6 +152,13 @@ class ZOOptimizer(torch.optim.Optimizer):
             return 1, (f"its direction or update reads its optimizer state ({', '.join(state)}), which several "
                        "directions a step would advance once per direction")
         return None, ""
+
+    @classmethod
+    def stochastic_rounding_refused(cls) -> str:
+        """Why the method cannot round its updates stochastically ('' where it can): it sweeps some tensors itself."""
+        return "" if cls.sweep_tensor is ZOOptimizer.sweep_tensor else (
+            f"{cls.title} writes its low-rank updates itself, not through the element-wise update sweep that rounds "
+            "stochastically: use a method with element-wise directions, or round to nearest")
 
     @classmethod
     def sweep_spec(cls) -> SweepSpec:
@@ -203,9 +212,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """The noise position of the first element this process holds of p: 0 for a whole tensor; for a shard of a
         DTensor (FSDP2 shards dimension 0 over the ranks) its offset in the flattened full tensor, so a sharded run
         draws exactly the unsharded run's directions."""
-        if not isinstance(p, parallel.DTensor):
-            return 0
-        return parallel.shard_offset(p)
+        return parallel.shard_offset(p) if isinstance(p, parallel.DTensor) else 0
 
     # -- validation / bookkeeping
     def add_param_group(self, group):
@@ -245,8 +252,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         first = next(iter(self._params()))
         st = self.state[first]
         if "zo_kind" not in st:
-            st.update(zo_kind=self.name, zo_step=0,
-                      zo_skipped=torch.zeros((), dtype=torch.int64, device=first.device))
+            st.update(zo_kind=self.name, zo_step=0, zo_skipped=torch.zeros((), dtype=torch.int64, device=first.device))
         return st
 
     @property
@@ -487,8 +493,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def probe_directions(self, closure, directions):
         """probe() each of these directions of this step on the closure's batch; returns the mean ℓ+."""
-        losses = [self.probe(closure, direction=q)[0] for q in directions]
-        return torch.stack(losses).mean()
+        return torch.stack([self.probe(closure, direction=q)[0] for q in directions]).mean()
 
     def record_direction(self, direction: int, projected_grad, loss_plus=float("nan"), loss_minus=float("nan"),
                          probes: int = 1):
@@ -523,8 +528,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def finite(self, g) -> torch.Tensor:
         """Whether an update may be applied: g finite, and L(θ) too where the method measured it (on device)."""
-        ok = torch.isfinite(g)
-        return ok if self._center is None else ok & torch.isfinite(self._center[0])
+        return torch.isfinite(g) if self._center is None else torch.isfinite(g) & torch.isfinite(self._center[0])
 
     def _direction_weight(self) -> float:
         """Each direction's update takes lr·weight: 1/Q over Q directions, the average of their estimates."""
@@ -592,5 +596,5 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.last_projected_grad = g
         self.last_loss_plus = sum(m[1] for m in measured) / n
         self.last_loss_minus = sum(m[2] for m in measured) / n
-        self.last_schedule = self.schedule_values(t)
+        self.last_schedule, self.last_rounded_away = self.schedule_values(t), self._sweeper.rounded_away()
         self._reset_step()

@@ -25,6 +25,9 @@ the definition they reproduce bit for bit.
   * rng="torch" (the default for other devices, and for CUDA without Triton): the flat tensor is cut into blocks of
     `noise_block` elements; block b of stream s is `normal_()` (or ±1) of a float32 vector of that block's size, drawn
     by a torch.Generator on the parameter's device seeded with mix(step seed, index, b, s).
+  * stochastic rounding of 16-bit weights (opt-in): element j of tensor `index` takes 32 random bits from the counter
+    stream counter_key(seed, index, ROUNDING_STREAM) whatever `rng` says: the low half of h(j div 2) for even j, the
+    high half for odd j (one hash per pair, as the Gaussian noise); stochastic_round spells out how they round.
 """
 from __future__ import annotations
 
@@ -36,12 +39,15 @@ import torch
 
 __all__ = ["NOISE_BLOCK", "DIRECTIONS", "RNGS", "GOLDEN", "FMIX1", "FMIX2", "LN", "LN2", "SIN", "COS", "step_seed",
            "direction_seed", "mix", "counter_key", "resolve_rng", "sqrt_rn", "splitmix", "box_muller", "counter_noise",
-           "block_noise", "sample_direction"]
+           "block_noise", "sample_direction", "ROUNDING_STREAM", "rounding_bits", "stochastic_round"]
 
 NOISE_BLOCK = 1 << 20
 DIRECTIONS = ("gaussian", "rademacher")
 RNGS = ("auto", "counter", "torch")
 M64 = (1 << 64) - 1
+# the stream number of the rounding bits: far above any method's stream numbers (0, 1, ...), so the bits that round
+# an update are independent of the direction that made it
+ROUNDING_STREAM = 0x524F554E44
 GOLDEN, FMIX1, FMIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
 
 
@@ -207,3 +213,40 @@ def sample_direction(seed: int, index: int, numel: int, *, stream: int = 0, dire
         return counter_noise(counter_key(seed, index, stream), 0, numel, direction, device)
     out = torch.empty(numel, dtype=torch.float32, device=device)
     return block_noise(out, torch.Generator(device=device), seed, index, 0, stream, direction, noise_block)
+
+
+def rounding_bits(key: int, start: int, n: int, device) -> torch.Tensor:
+    """The 32 random bits of elements [start, start+n) of counter stream `key`, as int64 in [0, 2^32): element j is
+    the low half of h(j div 2) for even j, the high half for odd j."""
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    p0, p1 = start >> 1, (start + n - 1) >> 1
+    h = splitmix(key, torch.arange(p0, p1 + 1, dtype=torch.int64, device=device))
+    off = start - 2 * p0
+    return torch.stack([h & 0xFFFFFFFF, _lsr(h, 32)], -1).view(-1)[off:off + n].contiguous()
+
+
+def stochastic_round(v: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 `v` rounded to bfloat16 / float16 up (in magnitude) with probability (|v| - lo) / (hi - lo) between
+    the two neighbours lo <= |v| <= hi, from the 32 random bits of each element (`rounding_bits`); integer steps and
+    exact float operations only, which every kernel repeats bit for bit.  Unbiased, E[result] = v, except: NaN stays
+    NaN, beyond the largest finite value it may round to inf, and float16 inputs below 2^-25 (all far below half the
+    smallest subnormal) overstate the probability of rounding up by less than 2^-24.
+      bfloat16: the bits of v plus the top 16 random bits, cut to the top 16 (a carry is the round up).
+      float16, |v| >= 2^-14: the same with the exponent rebiased and 13 random bits; |v| < 2^-14 (subnormal): w =
+      |v|·2^24 (exact), up where (2^24-1 - top 24 random bits)·2^-24 < w - trunc(w) (both exact; so that
+      all-zero bits truncate and all-one bits round up in every case, like the carry above)."""
+    u = v.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if dtype == torch.bfloat16:
+        out = torch.where(v.isnan(), 0x7FC0, (u + (bits >> 16)) >> 16)
+    elif dtype == torch.float16:
+        a, sign = u & 0x7FFFFFFF, (u >> 16) & 0x8000
+        normal = ((a + 0xC8000000 + (bits >> 19)) & 0xFFFFFFFF) >> 13
+        w = v.abs() * 16777216.0
+        whole = w.to(torch.int32)
+        up = ((bits >> 8) ^ 0xFFFFFF).to(torch.float32) * 2.0 ** -24 < w - whole.to(torch.float32)
+        out = torch.where(a < 0x38800000, whole.to(torch.int64) + up.to(torch.int64), normal)
+        out = torch.where(a >= 0x47800000, torch.where(a > 0x7F800000, 0x7E00, 0x7C00), out) | sign
+    else:
+        raise ValueError(f"stochastic rounding is to bfloat16 or float16, not {dtype}")
+    return out.to(torch.int32).to(torch.int16).view(dtype)

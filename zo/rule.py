@@ -207,20 +207,27 @@ class Values:
 
 
 class Leaf(NamedTuple):
-    """A traced input: what a backend loads for it.  role: "x", "stash", "noise", "state", "scalar"; name: the stream,
-    buffer or scalar name; step: 0 for this step, 1 for the next (a carried perturbation)."""
+    """A traced input: what a backend loads for it.  role: "x", "stash", "noise", "state", "scalar", "bits" (the
+    rounding bits of a stochastic update); name: the stream, buffer or scalar name; step: 0 for this step, 1 for the
+    next (a carried perturbation)."""
     role: str
     name: str = ""
     step: int = 0
 
 
 def sweep(kind: str, rule, x, noise: Values, state: dict, s: Values, *, stash=None, rounded=None,
-          next_noise: Values | None = None, next_s: Values | None = None) -> dict:
+          next_noise: Values | None = None, next_s: Values | None = None, stochastic=None,
+          count: bool = False) -> dict:
     """New values of one sweep, per element: {"x": ..., buffer: ...} (buffers only where they change).
 
       perturb       x + perturb_scale·u
       update        y = x + restore_scale·u (update_stash: y = stash); x = y·decay + step where g is finite, else y;
                     each state buffer takes its new value where g is finite, else keeps its own
+      stochastic    (update only) the updated x = stochastic(y·decay + step): rounded to x's storage dtype at random
+                    (zo.noise.stochastic_round), so a step below half an ulp survives on average; a skipped step
+                    stores y as always
+      count         (update only) also "rounded_away": 1.0 where g is finite and the update changed x in T but not
+                    the stored value (rounded(x) equals rounded(y), what a restore alone stores), else 0.0
       carry         (update only, with next_noise / next_s) then + perturb_scale·u' of the next step, built from the
                     rounded new weights and state; the stash, if any, takes the rounded new weights
     `rounded(name, value)` rounds a value to the storage dtype of x or of a buffer (and back to T)."""
@@ -239,7 +246,13 @@ def sweep(kind: str, rule, x, noise: Values, state: dict, s: Values, *, stash=No
     if r.step is None:
         raise ValueError("the rule gives no step: an update sweep needs Rule(step=...)")
     y = stash if kind == "update_stash" else x + u * s.restore_scale
-    out = {"x": where(s.ok, y * s.decay + r.step, y)}
+    z = y * s.decay + r.step
+    new = z if stochastic is None else stochastic(z)
+    out = {"x": where(s.ok, new, y)}
+    if count:
+        kept, before = rounded("x", new), rounded("x", y)
+        same = where(kept < before, 0.0, where(kept > before, 0.0, 1.0))
+        out["rounded_away"] = where(s.ok, where(z < y, same, where(z > y, same, 0.0)), 0.0)
     for name, value in r.state.items():
         out[name] = where(s.ok, value, state[name])
     if next_noise is None:
@@ -253,9 +266,13 @@ def sweep(kind: str, rule, x, noise: Values, state: dict, s: Values, *, stash=No
     return out
 
 
-def trace(kind: str, rule, streams, buffers, scalars, carry: bool = False):
+def trace(kind: str, rule, streams, buffers, scalars, carry: bool = False, stochastic: bool = False,
+          count: bool = False):
     """The graph of one sweep of `rule`: (graph, {output: Expr}, {node: Leaf} of the inputs it reads).
-    `scalars` are the method's scalar names (step values and update values); the framework's are added."""
+    `scalars` are the method's scalar names (step values and update values); the framework's are added.
+    stochastic: the update rounds x by an "sround" node (args: the value and the element's 32 random bits, a leaf
+    of role "bits" and kind "bits", which no arithmetic accepts); count: the output "rounded_away" (not stored: a
+    backend adds it up)."""
     graph = Graph()
     leaves: dict[int, Leaf] = {}
 
@@ -277,9 +294,11 @@ def trace(kind: str, rule, streams, buffers, scalars, carry: bool = False):
     def rounded(name, value):
         return graph.add("round", (value.node,), name)
 
-    kw = {}
+    kw = dict(rounded=rounded, count=count)
     if carry:
-        kw = dict(next_noise=noise_values(1), next_s=scalar_values(1), rounded=rounded)
+        kw.update(next_noise=noise_values(1), next_s=scalar_values(1))
+    if stochastic:
+        kw["stochastic"] = lambda value: graph.add("sround", (value.node, leaf("bits", kind="bits").node), "x")
     out = sweep(kind, rule, leaf("x"), noise_values(0), state, scalar_values(0),
                 stash=leaf("stash") if kind == "update_stash" else None, **kw)
     return graph, out, leaves

@@ -9,6 +9,13 @@ decides *how*, tensor by tensor, as torch keeps `_fused_adamw` out of the `AdamW
 It owns what those paths keep between sweeps: the exact-restore stash, the kept direction, the torch generators,
 the Triton device buffers and graphs, and the diagnostics (sweeps, noise draws, graph replays, timings).
 
+16-bit weights (bfloat16, float16): an update sweep computes the new value in float32 and rounds it once to the
+weight's dtype, to nearest, or with stochastic_rounding at random from bits of the counter stream ROUNDING_STREAM of
+the direction's seed (zo.noise.stochastic_round: reproducible, the same on every path, unbiased); every path also
+counts the elements whose update rounded to nothing (zo.rule.sweep's "rounded_away"), read by `rounded_away()`.
+Weights of 32 or 64 bits are neither counted (their updates round away only below ~1e-7 relative) nor rounded
+stochastically.
+
 A method describes itself once, as a frozen `zo.rule.SweepSpec` (rule, streams, buffers, step and update value
 names); each sweep gets a frozen `SweepStep` (the direction's seed, where the parameters rest, the step's values).
 Tensors a method sweeps itself (low-rank directions: `host.elementwise(p)` is False) get the stash handling here and
@@ -27,7 +34,9 @@ from zo import rule as zo_rule
 from parallel import local_part
 
 __all__ = ["Sweeper", "SweepStep", "TensorSweep", "cpu_backend", "triton_backend", "compute_dtype",
-           "kernels_available", "triton_available", "kernel_builds"]
+           "kernels_available", "triton_available", "kernel_builds", "ROUNDED_DTYPES"]
+
+ROUNDED_DTYPES = (torch.bfloat16, torch.float16)   # weights whose updates are counted and may round stochastically
 
 
 @functools.cache
@@ -102,8 +111,12 @@ class Sweeper:
     answers noise_offset, buffer_dtype, elementwise, sweep_tensor)."""
 
     def __init__(self, spec: zo_rule.SweepSpec, host, *, rng: str, exact_restore: bool | None,
-                 keep_direction: bool, cuda_graphs: bool, buffer_init: dict | None = None):
+                 keep_direction: bool, cuda_graphs: bool, buffer_init: dict | None = None,
+                 stochastic_rounding: bool = False):
         self.spec, self.host = spec, host
+        self.stochastic_rounding = bool(stochastic_rounding)
+        self._away: dict[torch.device, torch.Tensor] = {}   # rounded-away updates per device (int64, on the device)
+        self._counted = 0                                    # 16-bit elements updated since rounded_away()
         self.rng, self.exact_restore = rng, exact_restore
         self.keep_direction, self.cuda_graphs = keep_direction, cuda_graphs
         self.buffer_init = dict(buffer_init or {})
@@ -147,6 +160,36 @@ class Sweeper:
         """Elements held by the sweeps: the exact-restore stash and the kept noise."""
         return {"stash": sum(t.numel() for t in self.stash.values()),
                 "kept noise": sum(t.numel() for kept in self.kept.values() for t in kept)}
+
+    def rounded_away(self) -> torch.Tensor | None:
+        """The share of the 16-bit elements updated since the last call whose update rounded to nothing (float64
+        0-dim on the first parameter's device; no host synchronisation), or None where none was updated."""
+        if not self._counted:
+            return None
+        for device, sweeps in self._device_sweeps.items():   # the fused kernels' count, at a fixed address
+            self._add_away(device, sweeps.away[1].clone(), 0)
+            sweeps.away.zero_()
+        devices = list(self._away)
+        away = sum((self._away[d].to(devices[0]) for d in devices[1:]), self._away[devices[0]])
+        share = away.to(torch.float64) / self._counted
+        self._away, self._counted = {}, 0
+        return share
+
+    def _add_away(self, device, away, counted: int):
+        """Count `away` rounded-away elements (an int64 tensor on `device`, or an int) out of `counted`."""
+        device = torch.device(device)
+        held = self._away.get(device)
+        if held is None:
+            held = self._away[device] = torch.zeros((), dtype=torch.int64, device=device)
+        held.add_(away)
+        self._counted += counted
+
+    def rounding(self, p, rule_kind: str) -> tuple[bool, bool]:
+        """(stochastic, count) for a sweep of p: only updates of 16-bit weights round stochastically (when asked)
+        and are counted."""
+        if rule_kind == "perturb" or p.dtype not in ROUNDED_DTYPES:
+            return False, False
+        return self.stochastic_rounding, True
 
     def new_direction(self):
         """The kept noise (keep_direction) no longer holds the direction about to be swept."""
@@ -238,14 +281,16 @@ class Sweeper:
             # group's ε and direction); every per-step value is read from device memory, so one captured graph
             # serves every step.  The graph stores how many noise draws its capture counted.
             def capture():
-                before = self.noise_calls
+                before, counted = self.noise_calls, self._counted
                 self._sweep_tensors(kind, step, k, carry)
                 drawn, self.noise_calls = self.noise_calls - before, before
-                return drawn
+                counted, self._counted = self._counted - counted, counted
+                return drawn, counted
             key = (kind, k, carry, step.offset, tuple((g["eps"], g["direction"]) for g in self.host.param_groups))
-            drawn = self._device_sweeps[layout.devices[0]].replay(key, layout.key, capture, layout.every)
-            if drawn is not None:
-                self.noise_calls += drawn
+            done = self._device_sweeps[layout.devices[0]].replay(key, layout.key, capture, layout.every)
+            if done is not None:
+                self.noise_calls += done[0]
+                self._counted += done[1]   # the replayed kernels add what rounded away to the device's count
                 self.replays += 1
                 return
         self._sweep_tensors(kind, step, k, carry)
@@ -254,6 +299,7 @@ class Sweeper:
         kernels = self._cpu_kernels() if self.fast_paths else None
         first = kind == "perturb" and step.offset == 0
         jobs, writebacks, touched, arrays, structured = [], [], [], {}, []
+        slots, counted = [], 0   # the C updates' rounded-away counts (one slot a job) and the elements they cover
         for index, group_index, group, p in self.entries():
             if not p.requires_grad:
                 continue  # frozen after construction: untouched, index kept so other directions don't shift
@@ -283,8 +329,10 @@ class Sweeper:
                     key = (kind, group_index)
                     if key not in arrays:
                         arrays[key] = kernels.values_array(self._values(step, kind, k, group_index, group))
-                    keys = kernels.keys_array([zo_noise.counter_key(step.seed, index, s)
-                                               for s in range(len(self.spec.streams))])
+                    stochastic, count = self.rounding(p, rule_kind)
+                    streams = range(len(self.spec.streams)) if not stochastic else \
+                        [*range(len(self.spec.streams)), zo_noise.ROUNDING_STREAM]
+                    keys = kernels.keys_array([zo_noise.counter_key(step.seed, index, s) for s in streams])
                     buffers = [self.buffer(p, name) for name in self.spec.buffers]
                     source = self._noise_source(kind)
                     kept = self._kept_noise(p) if self.keep_direction else []
@@ -295,14 +343,18 @@ class Sweeper:
                         jobs.append(kernels.job(
                             rule_kind, direction=group["direction"], noise_source=source, x=flat,
                             stash=self.stash.get(p) if stash else None, buffers=buffers, kept=kept, start=start,
-                            count=n, position=self.host.noise_offset(p) + start, keys=keys, values=arrays[key]))
+                            count=n, position=self.host.noise_offset(p) + start, keys=keys, values=arrays[key],
+                            stochastic=stochastic, away=slots if count else None))
                         self.noise_calls += len(self.spec.streams) if source != "kept" else 0
+                        counted += n if count else 0
                     else:
                         self._torch_chunk(rule_kind, step, k, index, group_index, group, p, flat, start, n, stash)
                 touched += [data] if fast and contiguous else []
             if not contiguous:
                 writebacks.append((data, flat))  # also keeps the copy alive until the kernels have run
         cpu_backend().run(jobs) if jobs else None
+        if counted:
+            self._add_away("cpu", sum(slot.value for slot in slots), counted)
         for index, group_index, group, p in structured:
             self._sweep_structured(kind, step, k, first, index, group_index, group, p)
         for data, flat in writebacks:
@@ -330,8 +382,18 @@ class Sweeper:
         kind = "perturb" if rule_kind == "perturb" else "update"
         values = self._torch_values(self._values(step, kind, k, group_index, group), p.device, dtype)
         held = self.stash[p][start:start + n].to(dtype) if rule_kind == "update_stash" else None
-        out = zo_rule.sweep(rule_kind, self.spec.rule, x.to(dtype), noise, state, values, stash=held)
-        x.copy_(out["x"])  # the single rounding back to the storage dtype
+        stochastic, count = self.rounding(p, rule_kind)
+        kw = {}
+        if stochastic:
+            key = zo_noise.counter_key(step.seed, index, zo_noise.ROUNDING_STREAM)
+            bits = zo_noise.rounding_bits(key, self.host.noise_offset(p) + start, n, p.device)
+            kw["stochastic"] = lambda value: zo_noise.stochastic_round(value, bits, p.dtype).to(dtype)
+        storage = {"x": p.dtype, **{name: self.host.buffer_dtype(p) for name in self.spec.buffers}}
+        out = zo_rule.sweep(rule_kind, self.spec.rule, x.to(dtype), noise, state, values, stash=held, count=count,
+                            rounded=lambda name, value: value.to(storage[name]).to(dtype), **kw)
+        x.copy_(out["x"])  # the single rounding back to the storage dtype (exact after a stochastic one)
+        if count:
+            self._add_away(p.device, (out["rounded_away"] != 0).sum(), n)
         for name in self.spec.buffers:
             if name in out:
                 self.buffer(p, name)[start:start + n].copy_(out[name])
@@ -444,8 +506,10 @@ class Sweeper:
         """The sweep of one whole tensor by one fused kernel (the same arithmetic as the torch path)."""
         self.noise_calls += len(self.spec.streams) * (2 if carry else 1)  # a carried update draws the next one too
         rule_kind = "perturb" if kind != "update" else "update_stash" if stash else "update"
+        stochastic, count = self.rounding(p, rule_kind)
+        self._counted += flat.numel() if count else 0
         self._device_sweeps[p.device].sweep(
             rule_kind, flat, index=index, group_index=group_index, gaussian=group["direction"] == "gaussian",
             perturb_scale=(k if kind != "update" else 1) * group["eps"], restore_scale=step.offset * -group["eps"],
             stash=self.stash[p] if stash else None, buffers=[self.buffer(p, b) for b in self.spec.buffers],
-            carry=carry, pos=self.host.noise_offset(p))
+            carry=carry, pos=self.host.noise_offset(p), stochastic=stochastic, count=count)

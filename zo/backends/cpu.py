@@ -45,8 +45,14 @@ DTYPE_NAMES = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16
 _C_TYPE = {"f32": "float", "f64": "double", "bf16": "uint16_t", "f16": "uint16_t"}
 _LOAD = {"f32": "{}", "f64": "{}", "bf16": "zo_bf2f({})", "f16": "zo_h2f({})"}
 _STORE = {"f32": "{}", "f64": "{}", "bf16": "zo_f2bf({})", "f16": "zo_f2h({})"}
-# parameter dtype -> state dtypes with kernels; the compute dtype is the parameter's, 16-bit state is widened exactly
-STATE_DTYPES = {"f32": ("f32", "bf16", "f16"), "f64": ("f64",)}
+# parameter dtype -> state dtypes with kernels; the compute dtype is float64 for float64 weights, else float32 (16-bit
+# weights and state are widened exactly and rounded once when stored, as the torch path's copy_)
+STATE_DTYPES = {"f32": ("f32", "bf16", "f16"), "f64": ("f64",), "bf16": ("bf16", "f32", "f16"),
+                "f16": ("f16", "f32", "bf16")}
+_COMPUTE = {"f32": "float", "f64": "double", "bf16": "float", "f16": "float"}
+# stochastic rounding of an updated 16-bit weight (zo_noise.stochastic_round), back to float32: exact
+_SROUND = {"bf16": "zo_bf2f(zo_sr_bf16({}, {}))", "f16": "zo_h2f(zo_sr_f16({}, {}))"}
+_HALF = ("bf16", "f16")
 NOISE_SOURCES = ("draw", "draw_and_keep", "kept")
 # (direction, noise source) -> the suffix of its C functions; an update never keeps (its noise is the step's last use)
 _SUFFIX = {("gaussian", "draw"): "g", ("rademacher", "draw"): "r", ("gaussian", "draw_and_keep"): "gs",
@@ -70,10 +76,11 @@ def _constants() -> str:
 # ------------------------------------------------------------------------------------------ emission
 def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode: str, streams, buffers,
           scalars) -> str:
-    """One C sweep function: `fname(ptrs, n, pos, keys, vals)` with ptrs = [x, stash, buffers..., kept noise...]
-    (chunk pointers), pos = the noise position of the chunk's first element, keys = the streams' counter keys,
-    vals = the scalars in the order of `scalars`."""
-    T, M = _C_TYPE[tn], _C_TYPE[mn]
+    """One C sweep function: `fname(ptrs, n, pos, keys, vals)` with ptrs = [x, stash, buffers..., kept noise...,
+    rounded-away count] (chunk pointers; the count an int64 the sweep adds to, for an update of 16-bit weights),
+    pos = the noise position of the chunk's first element, keys = the streams' counter keys (then the rounding
+    bits' key, for a stochastic update), vals = the scalars in the order of `scalars`."""
+    T, X, M = _COMPUTE[tn], _C_TYPE[tn], _C_TYPE[mn]
     storage = {"x": tn, **{b: mn for b in buffers}}
     names = {}
     lines = []
@@ -92,7 +99,8 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
             expr = {"x": lambda: _LOAD[tn].format("x[J]"), "stash": lambda: _LOAD[tn].format("src[J]"),
                     "state": lambda: _LOAD[mn].format(f"m{buffers.index(name)}[J]"),
                     "noise": lambda: (f"({T})nz{streams.index(name)}[J]" if mode == "k"
-                                      else f"({T})z{streams.index(name)}[S]")}[role]()
+                                      else f"({T})z{streams.index(name)}[S]"),
+                    "bits": lambda: "zo_rbits(kr, (uint64_t)(pos + (J)))"}[role]()
         elif op == "const":
             expr = f"(({T}){graph.const_value(attr).hex()})" if graph.const_value(attr) == graph.const_value(attr) \
                 else f"(({T})NAN)"
@@ -101,19 +109,24 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
         elif op == "neg":
             expr = f"-{a[0]}"
         elif op == "sqrt":
-            expr = f"{'sqrtf' if tn == 'f32' else 'sqrt'}({a[0]})"
+            expr = f"{'sqrtf' if T == 'float' else 'sqrt'}({a[0]})"
         elif op == "abs":
-            expr = f"{'fabsf' if tn == 'f32' else 'fabs'}({a[0]})"
+            expr = f"{'fabsf' if T == 'float' else 'fabs'}({a[0]})"
         elif op == "where":
             expr = f"{a[0]} ? {a[1]} : {a[2]}"
         elif op == "round":
             dt = storage[attr]
-            expr = a[0] if dt == tn else _LOAD[dt].format(_STORE[dt].format(a[0]))
+            expr = a[0] if dt not in _HALF else _LOAD[dt].format(_STORE[dt].format(a[0]))
+        elif op == "sround":
+            expr = _SROUND[storage[attr]].format(*a) if storage[attr] in _HALF else a[0]
         else:
             raise ValueError(f"the C emitter has no operation {op!r}")
         names[node] = f"v{node}"
-        lines.append(f"{'int' if graph.kinds[node] == 'bool' else T} v{node} = {expr};")
+        lines.append(f"{dict(bool='int', bits='uint32_t').get(graph.kinds[node], T)} v{node} = {expr};")
     for out, value in outputs.items():
+        if out == "rounded_away":
+            lines.append(f"away_ += {names[value.node]} != 0;")
+            continue
         target = "x[J]" if out == "x" else f"m{buffers.index(out)}[J]"
         lines.append(f"{target} = {(_STORE[tn] if out == 'x' else _STORE[mn]).format(names[value.node])};")
     if mode in ("gs", "rs"):  # keep every stream for the later sweeps of the step
@@ -121,14 +134,17 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
     body = " \\\n    ".join(lines)
     gen = "zo_gauss2" if mode[0] == "g" else "zo_rad2"
     draw = " ".join(f"float z{i}[2]; {gen}(k{i}, p, z{i});" for i in range(len(streams)))
-    params = ([f"{T}* restrict x", f"const {T}* restrict src"] + [f"{M}* restrict m{i}" for i in range(len(buffers))]
+    counting, stochastic = "rounded_away" in outputs, any(r.role == "bits" for r in leaves.values())
+    params = ([f"{X}* restrict x", f"const {X}* restrict src"] + [f"{M}* restrict m{i}" for i in range(len(buffers))]
               + [f"float* restrict nz{i}" for i in range(len(streams))] + ["int64_t n", "int64_t pos"]
-              + [f"uint64_t k{i}" for i in range(len(streams))]
+              + [f"uint64_t k{i}" for i in range(len(streams))] + ["uint64_t kr"] * stochastic
+              + ["int64_t* restrict count"] * counting
               + [("int " if s == "ok" else f"{T} ") + f"s{i}" for i, s in enumerate(scalars)])
-    casts = ([f"({T}*)(uintptr_t)ptrs[0]", f"(const {T}*)(uintptr_t)ptrs[1]"]
+    casts = ([f"({X}*)(uintptr_t)ptrs[0]", f"(const {X}*)(uintptr_t)ptrs[1]"]
              + [f"({M}*)(uintptr_t)ptrs[{2 + i}]" for i in range(len(buffers))]
              + [f"(float*)(uintptr_t)ptrs[{2 + len(buffers) + i}]" for i in range(len(streams))] + ["n", "pos"]
-             + [f"keys[{i}]" for i in range(len(streams))]
+             + [f"keys[{i}]" for i in range(len(streams))] + [f"keys[{len(streams)}]"] * stochastic
+             + [f"(int64_t*)(uintptr_t)ptrs[{2 + len(buffers) + len(streams)}]"] * counting
              + [("vals[%d] != 0.0" % i) if s == "ok" else f"({T})vals[{i}]" for i, s in enumerate(scalars)])
     ok = f"s{scalars.index('ok')}"
 
@@ -140,6 +156,8 @@ def _emit(fname: str, graph, outputs: dict, leaves: dict, tn: str, mn: str, mode
     loop = f"if ({ok}) {one_loop(1)}\n    else {one_loop(0)}" if "OK" in names.values() else one_loop(1)
     if mode != "k":
         loop = f"#define GEN(p) {draw}\n    {loop}\n#undef GEN"
+    if counting:   # a local sum the loops can vectorise, added to the job's count once
+        loop = f"int64_t away_ = 0;\n    {loop}\n    *count += away_;"
     return (f"#define BODY(J, S, OK) {{ \\\n    {body} }}\n#define BODY1(J, S) BODY(J, S, 1)\n"
             f"#define BODY0(J, S) BODY(J, S, 0)\n"
             f"static void {fname}_body({', '.join(params)}) {{\n    (void)src; (void)pos; (void){ok};\n    {loop}\n}}\n"
@@ -152,12 +170,16 @@ def _source(rule, streams, buffers, scalars, tn: str, mn: str) -> tuple[str, lis
     """The C source of every sweep function of a rule for parameter dtype tn and state dtype mn, and their names."""
     parts, names = [], []
     for kind, modes in _SUFFIXES.items():
-        graph, outputs, leaves = zo_rule.trace(kind, rule, streams, buffers, scalars)
-        for mode in modes:
-            name = f"zo_{kind}_{tn}_{mn}_{mode}"
-            parts.append(_emit(name, graph, outputs, leaves, tn, mn, mode, tuple(streams), tuple(buffers),
-                               tuple(scalars) + zo_rule.FRAMEWORK_SCALARS))
-            names.append(name)
+        # updates of 16-bit weights count what rounds away, to nearest or (suffix _sr) stochastically
+        half = tn in _HALF and kind != "perturb"
+        for rounding in ("", "_sr") if half else ("",):
+            graph, outputs, leaves = zo_rule.trace(kind, rule, streams, buffers, scalars, count=half,
+                                                   stochastic=rounding == "_sr")
+            for mode in modes:
+                name = f"zo_{kind}_{tn}_{mn}_{mode}{rounding}"
+                parts.append(_emit(name, graph, outputs, leaves, tn, mn, mode, tuple(streams), tuple(buffers),
+                                   tuple(scalars) + zo_rule.FRAMEWORK_SCALARS))
+                names.append(name)
     return "".join(parts), names
 
 
@@ -339,17 +361,24 @@ class Kernels:
         return self._library(tn, mn) is not None
 
     def job(self, kind: str, *, direction: str, noise_source: str, x: torch.Tensor, stash, buffers: list, kept: list,
-            start: int, count: int, position: int, keys, values):
+            start: int, count: int, position: int, keys, values, stochastic: bool = False, away: list | None = None):
         """A call sweeping elements [start, start+count) of the flat tensors (run later, maybe on a worker thread):
         `kind` one of zo.rule.SWEEP_KINDS, `direction` gaussian / rademacher, `noise_source` one of NOISE_SOURCES,
         `kept` the float32 noise buffers (one per stream) for a kept direction; `position` is the noise position of
-        element `start`; keys / values: ctypes arrays from keys_array / values_array."""
+        element `start`; keys / values: ctypes arrays from keys_array / values_array.  An update of 16-bit weights
+        rounds stochastically where `stochastic` (keys then end with the rounding bits' key) and counts what rounds
+        away into a ctypes int64 it appends to `away` (required then)."""
         tn = DTYPE_NAMES[x.dtype]
         mn = DTYPE_NAMES[buffers[0].dtype] if buffers else tn
-        fn = self._library(tn, mn)[f"zo_{kind}_{tn}_{mn}_{_SUFFIX[direction, noise_source]}"]
-        ptrs = (ctypes.c_uint64 * (2 + len(buffers) + self.n_streams))(
+        half = tn in _HALF and kind != "perturb"
+        suffix = _SUFFIX[direction, noise_source] + ("_sr" if half and stochastic else "")
+        fn = self._library(tn, mn)[f"zo_{kind}_{tn}_{mn}_{suffix}"]
+        slot = ctypes.c_int64(0)
+        if half:
+            away.append(slot)
+        ptrs = (ctypes.c_uint64 * (3 + len(buffers) + self.n_streams))(
             _ptr(x, start), _ptr(stash, start) if stash is not None else 0, *(_ptr(b, start) for b in buffers),
-            *(_ptr(k, start) for k in kept), *([0] * (self.n_streams - len(kept))))
+            *(_ptr(k, start) for k in kept), *([0] * (self.n_streams - len(kept))), ctypes.addressof(slot))
         self.calls += 1
         return functools.partial(fn, ptrs, count, position, keys, values)
 

@@ -38,6 +38,24 @@ ZO_INLINE uint16_t zo_f2h(float f) {   /* float -> IEEE half, round to nearest e
     uint32_t o = x >= 0x47800000u ? special : (x < 0x38800000u ? sub : nrm);
     return (uint16_t)(o | (sign >> 16));
 }
+/* stochastic rounding of an updated weight (zo_noise.stochastic_round, step by step): r = the element's 32 random
+ * bits, the low half of h(j / 2) for even j, the high half for odd j */
+ZO_INLINE uint32_t zo_rbits(uint64_t key, uint64_t j) { return (uint32_t)(zo_hash(key, j >> 1) >> ((j & 1) << 5)); }
+ZO_INLINE uint16_t zo_sr_bf16(float f, uint32_t r) {   /* the bits plus 16 random ones, cut: a carry rounds up */
+    uint32_t o = (zo_f2u(f) + (r >> 16)) >> 16;
+    return (f != f) ? (uint16_t)0x7FC0 : (uint16_t)o;
+}
+ZO_INLINE uint16_t zo_sr_f16(float f, uint32_t r) {
+    uint32_t x = zo_f2u(f), sign = x & 0x80000000u;
+    x ^= sign;
+    uint32_t special = x > 0x7F800000u ? 0x7E00u : 0x7C00u;
+    uint32_t nrm = (x + 0xC8000000u + (r >> 19)) >> 13;                   /* rebias, 13 random bits, cut */
+    float w = zo_u2f(x < 0x38800000u ? x : 0u) * 0x1p24f;                  /* subnormal: |f|·2^24 < 2^10, exact */
+    int32_t whole = (int32_t)w;                                              /* in range: no undefined conversion */
+    uint32_t sub = (uint32_t)whole + ((float)((r >> 8) ^ 0xFFFFFFu) * 0x1p-24f < w - (float)whole);
+    uint32_t o = x >= 0x47800000u ? special : (x < 0x38800000u ? sub : nrm);
+    return (uint16_t)(o | (sign >> 16));
+}
 ZO_INLINE float zo_quadrant(int32_t q, int32_t swap, float r, float S, float C) {
     /* cos(q·π/2 + πt'/2) from the sine and cosine of the reduced angle, by bit selection (no branch) */
     int32_t mask = -((swap ^ q) & 1);
