@@ -182,6 +182,13 @@ class _ZOCoreArguments:
     zo_cuda_graphs: bool = flag(True, "On CUDA with Triton, replay each kind of weight sweep as a captured CUDA "
                                       "graph (identical results; --no_zo_cuda_graphs launches per tensor).",
                                 only_with=ZO, identity=False)
+    zo_stochastic_rounding: bool = flag(
+        False, "Round each update of 16-bit weights (--load_float16 / --load_bfloat16) to the weight dtype at random, "
+               "up with probability the fraction of an ulp, from bits drawn from the step's seed (reproducible, "
+               "bit-identical on resume), instead of to nearest, where steps below half an ulp vanish (the training "
+               "log's update_rounded_away is the share that did). float32 weights are never rounded: no effect on "
+               "them (LoRA adapters of a 16-bit model may be float32). Not with the low-rank methods (lozo, lozo_m, "
+               "subzero).", only_with=ZO, identity="unless_default")
 
     def optimizer_class(self):
         return zo_methods.get(self.zo_optim)
@@ -197,6 +204,8 @@ class _ZOCoreArguments:
         kwargs = dict(eps=self.zo_eps, exact_restore=restore,
                       keep_direction=self.zo_keep_direction, carry_perturbation=self.zo_carry_perturbation,
                       cuda_graphs=self.zo_cuda_graphs)
+        if self.zo_stochastic_rounding:   # only when on: the constructors of methods that refuse it never see it
+            kwargs["stochastic_rounding"] = True
         if self.zo_direction is not None:
             kwargs["direction"] = self.zo_direction
         if "num_directions" in accepted_keywords(self.optimizer_class()):
@@ -294,6 +303,8 @@ class RunConfig:
                     continue
                 suite = f.metadata.get("suite")
                 counts = suite["identity"] if suite is not None else f.name not in HF_NOT_IDENTITY
+                if counts == "unless_default":   # a flag added later: runs without it keep the run ids they had
+                    counts = getattr(group, f.name) != f.default
                 yield name, f.name, getattr(group, f.name), counts
 
     def as_dict(self) -> dict:
@@ -512,6 +523,15 @@ def check(config: RunConfig) -> list[str]:
                 zo_args.optimizer_kwargs(hf.max_steps)
             except ValueError as error:
                 problems.append(str(error))
+        if zo_args.zo_stochastic_rounding:
+            refused = (zo_args.optimizer_class().stochastic_rounding_refused()
+                       if zo_args.zo_optim in zo_methods.OPTIMIZERS else "")
+            if refused:
+                problems.append(f"--zo_stochastic_rounding with --zo_optim {zo_args.zo_optim}: {refused}.")
+            if not (model.load_float16 or model.load_bfloat16):
+                problems.append("--zo_stochastic_rounding rounds updates of 16-bit weights; without --load_float16 or "
+                                "--load_bfloat16 the weights are float32, which it leaves alone: drop it or load "
+                                "16-bit weights.")
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
             problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
                             "already costs one noise sweep per step); drop one of them.")

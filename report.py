@@ -182,6 +182,19 @@ def identity_flags() -> set[str] | None:
     return names
 
 
+def defaults_left_out() -> dict:
+    """Flags that enter a run's identity only away from their default (added after runs were recorded), with that
+    default: a recorded default counts as not recorded, so older result files group with newer ones."""
+    try:
+        import dataclasses
+
+        import args
+    except ImportError:
+        return {}
+    return {f.name: f.default for _, cls in args.GROUPS for f in dataclasses.fields(cls)
+            if (f.metadata.get("suite") or {}).get("identity") == "unless_default"}
+
+
 def mode_of(config: dict) -> str:
     """As args.RunConfig.mode, from a recorded configuration."""
     if config.get("trainer", "none") == "none":
@@ -203,7 +216,7 @@ def optimizer_of(config: dict) -> str:
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
-    flags = identity_flags()
+    flags, left_out = identity_flags(), defaults_left_out()
     groups: dict[tuple, Group] = {}
     for run in runs:
         config = run.config
@@ -211,7 +224,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
         gkey = (config.get("task_name", "?"), model, mode_of(config), optimizer_of(config))
         group = groups.setdefault(gkey, Group(*gkey))
         ckey = tuple(sorted([(k, json.dumps(v, sort_keys=True)) for k, v in config.items()
-                             if k not in IGNORED_FLAGS and (flags is None or k in flags)]
+                             if k not in IGNORED_FLAGS and (flags is None or k in flags)
+                             and not (k in left_out and v == left_out[k])]
                             # not a flag, and it changes every prompt: never one configuration across versions
                             + [(PROMPT_VERSION, json.dumps(run.data.get(PROMPT_VERSION, NOT_RECORDED)))]))
         configuration = next((c for c in group.configurations if c.key == ckey), None)

@@ -347,8 +347,9 @@ class ZOTrainer(SuiteTrainer):
         return super()._load_best_model()
 
     def log(self, logs, start_time=None):
-        """Training log lines also carry the last projected gradient and loss at θ-εu, the skip count and
-        ZO-AdaMU's schedule; there is no gradient norm to report."""
+        """Training log lines also carry the last projected gradient and loss at θ-εu, the skip count,
+        ZO-AdaMU's schedule and, with 16-bit weights, the share of the last step's element updates that rounded to
+        nothing (update_rounded_away: their new value rounds to the old one); there is no gradient norm to report."""
         if "loss" in logs:
             logs.pop("grad_norm", None)
             optimizer = self._zo_optimizer
@@ -356,6 +357,8 @@ class ZOTrainer(SuiteTrainer):
                 logs["projected_grad"] = float(optimizer.last_projected_grad)
                 logs["loss_minus"] = float(optimizer.last_loss_minus)
             logs["skipped_steps"] = int(optimizer.skipped_steps)
+            if optimizer.last_rounded_away is not None:
+                logs["update_rounded_away"] = round(float(optimizer.last_rounded_away), 6)
             logs.update({k: round(v, 6) for k, v in optimizer.last_schedule.items()})
         super().log(logs, start_time)
 

@@ -3,6 +3,7 @@ ulp (6e-5) and rounds away: every update sweep counts the share of such elements
 update_rounded_away), and --zo_stochastic_rounding rounds the updated value at random instead, from bits of the step
 seed: unbiased, reproducible, bit-identical on resume, and the same bits on every path (C kernels, Triton's
 interpreter, torch)."""
+import copy
 import importlib.util
 import json
 import math
@@ -14,12 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+import args
 import zo
-from conftest import ROOT
+from conftest import ROOT, tiny_model
 from zo import noise as zo_noise
 from zo.backends import cpu as zo_cpu
 from zo.methods.adamu import AdaMUSchedule, ZOAdaMU
 from zo.methods.family import MeZO
+from zo.methods.lowrank import LOZO
 
 needs_kernels = pytest.mark.skipif(not zo.kernels_available(), reason="no C compiler: only the torch path exists")
 HALF = [torch.bfloat16, torch.float16]
@@ -236,3 +239,63 @@ def test_the_triton_kernels_equal_the_torch_path():
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(found) == 4 and all(case == dict(ran=True, torch_launched=False, shares=True, equal=True)
                                    for case in found.values()), found
+
+
+# ------------------------------------------------------------------------------- flags, trainer, resume
+TRAIN = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--max_steps", "100"]
+
+
+def test_the_flag_is_off_by_default_and_part_of_the_run_identity_only_when_on(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    off = args.parse(TRAIN + ["--load_bfloat16"])
+    on = args.parse(TRAIN + ["--load_bfloat16", "--zo_stochastic_rounding"])
+    assert "zo_stochastic_rounding" not in off.identity() and on.identity()["zo_stochastic_rounding"] is True
+    assert off.run_id() != on.run_id()
+    import report
+    import runs
+    assert "sr" in runs.describe(on).split("-") and "sr" not in runs.describe(off).split("-")
+    assert report.defaults_left_out() == {"zo_stochastic_rounding": False}   # old results group with new ones
+    assert "stochastic_rounding" not in off.zo.optimizer_kwargs(100)
+    assert on.zo.optimizer_kwargs(100)["stochastic_rounding"] is True
+    with pytest.raises(args.UsageError, match="--zo_stochastic_rounding rounds updates of 16-bit weights"):
+        args.parse(TRAIN + ["--zo_stochastic_rounding"])
+    with pytest.raises(args.UsageError, match="zo_optim lozo: LOZO writes its low-rank updates itself"):
+        args.parse(TRAIN + ["--load_float16", "--zo_stochastic_rounding", "--zo_optim", "lozo"])
+    with pytest.raises(ValueError, match="low-rank updates itself"):
+        LOZO(nn.Linear(4, 4).parameters(), stochastic_rounding=True)
+
+
+def make_trainer(model, folder, steps=6, save=False, stochastic=True):
+    from transformers import TrainingArguments
+    from args import ZOArguments
+    from test_trainer_zo import records
+    from trainer_zo import TaskEval, ZOTrainer
+    from utils import ListDataset, Objective, TrainCollator
+    targs = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=8, max_steps=steps,
+                              learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
+                              save_strategy="steps" if save else "no", save_steps=3, report_to="none",
+                              remove_unused_columns=False, seed=0, use_cpu=True, max_grad_norm=0.0,
+                              disable_tqdm=True)
+    return ZOTrainer(model=model, args=targs, train_dataset=ListDataset(records()), data_collator=TrainCollator(258),
+                     objective=Objective(), task_eval=TaskEval(None, [], None, None, None),
+                     zo_args=ZOArguments(zo_optim="mezo", zo_eps=1e-3, zo_stochastic_rounding=stochastic))
+
+
+def test_the_log_reports_it_and_a_resumed_run_is_bit_identical(tmp_path):
+    from test_trainer_zo import StopAfter
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    straight, resumed = copy.deepcopy(base), copy.deepcopy(base)
+    trainer = make_trainer(straight, tmp_path / "straight")
+    trainer.train()
+    logged = [e for e in trainer.state.log_history if "loss" in e]
+    assert logged and all(0.0 <= e["update_rounded_away"] <= 1.0 for e in logged)
+    nearest = copy.deepcopy(base)
+    make_trainer(nearest, tmp_path / "nearest", stochastic=False).train()
+    assert not all(torch.equal(a, b) for a, b in zip(straight.parameters(), nearest.parameters()))
+    interrupted = make_trainer(copy.deepcopy(base), tmp_path / "run", save=True)
+    interrupted.add_callback(StopAfter(3))
+    interrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    make_trainer(resumed, tmp_path / "run", save=True).train(resume_from_checkpoint=str(checkpoint))
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
