@@ -51,8 +51,11 @@ ZO_INLINE uint16_t zo_sr_f16(float f, uint32_t r) {
     uint32_t special = x > 0x7F800000u ? 0x7E00u : 0x7C00u;
     uint32_t nrm = (x + 0xC8000000u + (r >> 19)) >> 13;                   /* rebias, 13 random bits, cut */
     float w = zo_u2f(x < 0x38800000u ? x : 0u) * 0x1p24f;                  /* subnormal: |f|·2^24 < 2^10, exact */
-    int32_t whole = (int32_t)w;                                              /* in range: no undefined conversion */
-    uint32_t sub = (uint32_t)whole + ((float)((r >> 8) ^ 0xFFFFFFu) * 0x1p-24f < w - (float)whole);
+    /* w < 2^10 always; the test that says so lets gcc vectorise the conversion (else "control flow in loop") */
+    int32_t whole = (int32_t)(w < 1024.0f ? w : 0.0f);
+    /* (int32_t): the 24-bit value converts exactly either way, and a signed conversion vectorises (AVX2 has no
+     * unsigned one) */
+    uint32_t sub = (uint32_t)whole + ((float)(int32_t)((r >> 8) ^ 0xFFFFFFu) * 0x1p-24f < w - (float)whole);
     uint32_t o = x >= 0x47800000u ? special : (x < 0x38800000u ? sub : nrm);
     return (uint16_t)(o | (sign >> 16));
 }
