@@ -45,7 +45,6 @@ x <- y·(1-lr·λ) + step.  Scalars are rounded once from double to T.
 """
 from __future__ import annotations
 
-import math
 from itertools import chain
 
 import torch
@@ -54,7 +53,7 @@ import parallel
 from zo import hparams
 from zo import noise as zo_noise
 from zo import rule as zo_rule
-from zo.groups import param_groups_for_model
+from zo.groups import check_group, param_groups_for_model
 from zo.noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
 from zo.rule import Rule, SweepSpec
 from zo.sweeps import Sweeper, SweepStep, TensorSweep, kernel_builds, kernels_available, triton_available
@@ -210,32 +209,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- validation / bookkeeping
     def add_param_group(self, group):
         super().add_param_group(group)
-        g = self.param_groups[-1]
-        lr, eps, wd, seed = g["lr"], g["eps"], g["weight_decay"], g["seed"]
-        if not lr >= 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"Invalid eps (perturbation scale): {eps}")
-        if not wd >= 0:
-            raise ValueError(f"Invalid weight_decay value: {wd}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (need a non-negative int)")
-        if g["direction"] not in DIRECTIONS:
-            raise ValueError(f"Invalid direction: {g['direction']!r} (choose from {DIRECTIONS})")
-        nb, cn = g["noise_block"], g["chunk_numel"]
-        if not (isinstance(nb, int) and nb >= 1):
-            raise ValueError(f"Invalid noise_block: {nb!r}")
-        if cn is not None and not (isinstance(cn, int) and cn >= 1 and cn % nb == 0):
-            raise ValueError(f"Invalid chunk_numel: {cn!r} (must be a positive multiple of noise_block={nb}, "
-                             "the unit in which the noise is defined)")
-        for p in g["params"]:
-            if not p.is_floating_point():
-                raise ValueError(f"ZO optimizers need floating-point parameters, got {p.dtype}")
-        for other in self.param_groups[:-1]:
-            # one probe measures one directional derivative: eps and seed must be global
-            if (other["eps"], other["seed"]) != (eps, seed):
-                raise ValueError(f"all param groups must share eps and seed, got eps {other['eps']} vs {eps}, "
-                                 f"seed {other['seed']} vs {seed}")
+        check_group(self.param_groups[-1], self.param_groups[:-1])
 
     def _params(self):
         return chain.from_iterable(g["params"] for g in self.param_groups)
