@@ -9,11 +9,12 @@ sweep first needs them (a CPU-only install never imports Triton).
 """
 from zo.core import ZOOptimizer, kernel_builds, kernels_available, param_groups_for_model, triton_available
 from zo.noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
+from zo.probe import PROBE_MODES, ForwardProbe
 from zo.rule import Rule
 
 __all__ = ["ZOOptimizer", "Rule", "registry", "OPTIMIZERS", "get", "param_groups_for_model", "DIRECTIONS",
            "NOISE_BLOCK", "RNGS", "step_seed", "direction_seed", "sample_direction", "kernels_available",
-           "triton_available", "kernel_builds"]
+           "triton_available", "kernel_builds", "PROBE_MODES", "ForwardProbe"]
 
 
 def __getattr__(name):

@@ -6,7 +6,8 @@ probes) and one pure per-element `rule(noise, state, s) -> zo.rule.Rule(directio
 these to the sweeps (zo.sweeps) as one frozen zo.rule.SweepSpec; the sweeps choose the backend (C kernels on CPU,
 fused Triton kernels on CUDA, torch operations elsewhere: the reference the kernels equal bit for bit).  The noise is
 defined in zo.noise.  `ZOOptimizer` is the protocol: probe / step / settle, skipped steps, the stash, the kept
-direction, the carried perturbation, state and checkpoints.
+direction, the carried perturbation, state and checkpoints.  probe_mode forward / onepass (zo.probe, attach(model)):
+no perturb or restore sweep (the offset tells the forwards which sign to apply); the update sweeps θ itself.
 
 Step protocol (sweep = one pass over the trainable tensors regenerating the noise):
   probe(closure): first probe of a step +εu, -2εu (2 sweeps); later probes +2εu, -2εu (2 sweeps);
@@ -52,6 +53,7 @@ import torch
 import parallel
 from zo import hparams
 from zo import noise as zo_noise
+from zo import probe as zo_probe
 from zo import rule as zo_rule
 from zo.groups import check_group, param_groups_for_model
 from zo.noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
@@ -95,7 +97,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
-                 rng="auto", carry_perturbation=False, cuda_graphs=True, **hyperparameters):
+                 rng="auto", carry_perturbation=False, cuda_graphs=True, probe_mode="inplace", **hyperparameters):
         for keyword, value in hparams.take(self, hyperparameters).items():
             setattr(self, keyword, value)   # each declared hyper-parameter, default applied and range checked
         if hyperparameters:
@@ -109,7 +111,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         clash = set(self.step_values + self.update_values) & set(zo_rule.FRAMEWORK_SCALARS)
         if clash:
             raise TypeError(f"{type(self).__name__} names step values {sorted(clash)}, which the framework sets")
-        self.rng = rng
+        self.rng, self._forward = rng, None
+        self.probe_mode = zo_probe.check_mode(probe_mode, carry_perturbation, keep_direction)
         self.carry_perturbation = bool(carry_perturbation)
         self.cuda_graphs = bool(cuda_graphs)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, direction=direction,
@@ -133,6 +136,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     timings = property(lambda self: self._sweeper.timings, lambda self, value: setattr(self._sweeper, "timings", value),
                        doc="None, or a list to which each sweep appends (kind, seconds of host time) (benchmarks).")
     sweeps = property(lambda self: self._sweeper.count, doc="Sweeps run.")
+    forward_probe = property(lambda self: self._forward, doc="The zo.probe.ForwardProbe of attach(model), or None.")
+    perturbation = property(lambda self: self._offset, doc="k of θ + k·ε·u, where the parameters rest (in place) or "
+                            "where the forwards see them (probe_mode forward).")
     noise_calls = property(lambda self: self._sweeper.noise_calls, doc="Noise draws (per tensor, stream and chunk).")
     replays = property(lambda self: self._sweeper.replays, doc="Sweeps run as a replayed CUDA graph.")
 
@@ -310,8 +316,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _sweep(self, kind, k=0, carry=False):
         """One pass over the trainable tensors (zo.sweeps): "perturb" θ += k·ε·u; "restore" the same, or the stash;
         "update" the restore fused with the update (and, with carry, the next step's +ε·u')."""
-        step = SweepStep(self._seed, self._offset, self._step_values, self._update_values, self._next,
-                         self._restoring)
+        forward = self._forward is not None   # forward-time probes: θ is never written, only updated
+        if forward and kind != "update":
+            return
+        step = SweepStep(self._seed, 0 if forward else self._offset, self._step_values, self._update_values,
+                         self._next, self._restoring and not forward)
         self._sweeper.run(kind, step, k=k, carry=carry)
 
     def perturbed(self, p: torch.Tensor, k: float = 1.0) -> torch.Tensor:
@@ -320,6 +329,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not self._begun:
             self._begin_step()
         return self._sweeper.perturbed(SweepStep(self._seed, 0, self._step_values), p, k)
+
+    def perturbed_rows(self, p: torch.Tensor, k: float, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of perturbed(p, k), p seen as (p.shape[0], -1), drawing only their noise (embeddings)."""
+        if not self._begun:
+            self._begin_step()
+        return self._sweeper.perturbed_rows(SweepStep(self._seed, 0, self._step_values), p, k, rows)
+
+    def attach(self, model) -> None:
+        """probe_mode forward / onepass: zo.probe.ForwardProbe wraps the model's modules (refusing what it cannot
+        handle) and makes the state buffers (`buffer(p, name)`) before any probe."""
+        self._forward = zo_probe.ForwardProbe(model, self, self._sweeper.buffer)
 
     # -- protocol
     def _perturb(self, k):
@@ -359,6 +379,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._offset = 0
 
     def _begin_step(self):
+        if self._forward is None and self.probe_mode != "inplace":
+            raise RuntimeError(f"probe_mode {self.probe_mode!r}: call attach(model) before the first probe")
         t = self.step_count
         self._begun = True
         self._use_direction(0)
@@ -432,10 +454,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._to_direction(direction)
         eps = self.param_groups[0]["eps"]
         try:
-            self._perturb(1 - self._offset)  # from θ (+1) or from θ-εu (+2)
-            lp = torch.as_tensor(closure()).detach()
-            self._perturb(-2)
-            lm = torch.as_tensor(closure()).detach()
+            if self.probe_mode == "onepass":   # one forward of the doubled batch: (ℓ+, ℓ-)
+                lp, lm = (torch.as_tensor(x).detach() for x in self._forward.both(closure))
+            else:
+                self._perturb(1 - self._offset)  # from θ (+1) or from θ-εu (+2)
+                lp = torch.as_tensor(closure()).detach()
+                self._perturb(-2)
+                lm = torch.as_tensor(closure()).detach()
         except BaseException:
             self.abort()
             raise
