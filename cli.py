@@ -44,7 +44,8 @@ def flag(default, help: str, *, choices=None, low=None, high=None, above=None, o
     """A dataclass field for one flag. low/high: inclusive bounds, above: exclusive lower bound (None: unset is
     allowed). only_with = ("group.field", allowed values): the flag means something only with that setting.
     identity=False: the flag does not change what a run computes (logging, where results go), so a checkpoint may be
-    resumed with another value."""
+    resumed with another value; identity="changed": it counts only when set away from its default (a flag added
+    after runs existed, whose default computes what they computed, so their run ids stay)."""
     extra = {"choices": choices, "low": low, "high": high, "above": above, "only_with": only_with,
              "identity": identity}
     return field(default=default, metadata={"help": help, "suite": extra})

@@ -260,6 +260,55 @@ def test_a_packed_batch_is_refused_in_one_pass():
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), tiny_model("llama").parameters()))
 
 
+@pytest.mark.parametrize("extra,fix", [
+    (["--non_diff"], "--zo_probe onepass doubles the batch, but --non_diff"),
+    (["--zo_exact_restore", "always"], "drop --zo_exact_restore"),
+    (["--zo_carry_perturbation"], "drop --zo_carry_perturbation"),
+    (["--zo_optim", "zo_sgd_cons"], "zo_sgd_cons applies candidate updates"),
+])
+def test_flags_that_presume_in_place_probes_or_couple_the_halves_are_refused(extra, fix):
+    import args
+    from cli import UsageError
+    argv = ["--trainer", "zo", "--train_set_seed", "0", "--num_train", "8", "--max_steps", "2", "--zo_probe",
+            "onepass", *extra]
+    with pytest.raises(UsageError, match=fix.replace("-", r"\-")):
+        args.parse(argv)
+    config = args.parse(["--trainer", "zo", "--train_set_seed", "0", "--num_train", "8", "--max_steps", "2"])
+    assert "zo_probe" not in config.identity()   # the default keeps earlier runs' ids
+    assert args.parse(argv[:-len(extra)]).identity()["zo_probe"] == "onepass"
+
+
+# ------------------------------------------------------------------------------------------------ in the trainer
+@pytest.mark.parametrize("mode", ["forward", "onepass"])
+def test_trainer_runs_resume_bit_identically_and_save_the_plain_keys(tmp_path, mode):
+    from safetensors.torch import load_file
+    from test_trainer_zo import StopAfter, make_trainer
+    base = tiny_model("llama", dtype=torch.bfloat16)
+    straight, resumed = copy.deepcopy(base), copy.deepcopy(base)
+    make_trainer(straight, tmp_path / "straight", steps=4, probe=mode, lr=1e-2).train()
+    interrupted = make_trainer(copy.deepcopy(base), tmp_path / "run", steps=4, save="steps", save_steps=2,
+                               probe=mode, lr=1e-2)
+    interrupted.add_callback(StopAfter(2))
+    interrupted.train()
+    assert "stash" not in interrupted._zo_optimizer.memory_buffers()
+    saved = load_file(str(tmp_path / "run" / "checkpoint-2" / "model.safetensors"))
+    plain = {k for k in base.state_dict() if k != "lm_head.weight"}   # the tied head is saved once
+    assert set(saved) == plain
+    trainer = make_trainer(resumed, tmp_path / "run", steps=4, save="steps", save_steps=2, probe=mode, lr=1e-2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    for (n, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), n
+    assert any(not torch.equal(a, b) for a, b in zip(straight.parameters(), base.parameters()))
+
+
+@pytest.mark.parametrize("mode_args", [["--prefix_tuning", "--num_prefix", "2"], ["--lora"]])
+def test_run_py_trains_with_one_pass_probes(tmp_path, monkeypatch, tiny_llama_dir, mode_args):
+    from test_run_training import train
+    result, _ = train(tmp_path, monkeypatch, tiny_llama_dir, "--task_name", "SST2", "--trainer", "zo",
+                      "--learning_rate", "1e-2", "--zo_probe", "onepass", *mode_args)
+    assert result["config"]["zo_probe"] == "onepass" and "accuracy" in result
+
+
 # ------------------------------------------------------------------------------------------------ memory
 RSS_SCRIPT = r"""
 import json, resource, sys, torch
