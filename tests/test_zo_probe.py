@@ -101,6 +101,25 @@ def test_forward_probes_give_the_in_place_losses_and_weights_in_fp32(kind, name)
     assert any(not torch.equal(p, start[n]) for n, p in models["forward"].named_parameters())
 
 
+@pytest.mark.parametrize("name", ["lozo", "subzero", "hizoo"])
+def test_structured_and_state_reading_methods_probe_the_same_directions(name):
+    """Low-rank directions (perturbed through the method's own sweep of a copy) and HiZOO (a loss at θ, a state in
+    the direction): the losses of the in-place run within LOSS_RTOL."""
+    losses = {mode: run(build("llama"), mode, name=name)[1] for mode in ("inplace", "forward", "onepass")}
+    for mode in ("forward", "onepass"):
+        for got, want in zip(losses[mode], losses["inplace"]):
+            assert all(abs(a - b) <= LOSS_RTOL * abs(b) for a, b in zip(got, want)), (mode, got, want)
+
+
+def test_one_sided_probes_equal_the_in_place_ones_with_exact_restore_bit_for_bit():
+    """FZOO probes θ+εu_q from θ for each q: forward-time probes read θ itself, the in-place run its stash: the same
+    losses and weights, bit for bit (without a stash the in-place run drifts by a rounding per restore)."""
+    a, b = build("llama"), build("llama")
+    want = run(a, "inplace", name="fzoo", exact_restore=True)[1]
+    assert run(b, "forward", name="fzoo")[1] == want
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
 @pytest.mark.parametrize("mode", ["forward", "onepass"])
 def test_a_resumed_run_is_bit_identical_within_a_probe_mode(mode):
     straight = build("llama")
@@ -240,6 +259,11 @@ def test_forward_probes_need_the_model_attached():
     opt = zo_methods.get("mezo")(zo.param_groups_for_model(model, 0.0), lr=1e-3, probe_mode="forward")
     with pytest.raises(RuntimeError, match="attach"):
         opt.step(lambda: lm_loss(batch())(model))
+
+
+def test_a_method_that_rejects_candidates_from_a_stash_refuses_forward_probes():
+    with pytest.raises(ValueError, match=r"in-place probes \(--zo_probe inplace"):
+        optimizer(tiny_model("llama"), "forward", "zo_sgd_cons")
 
 
 def test_mixture_of_experts_is_refused_in_one_pass_only():
