@@ -165,21 +165,33 @@ def in_checkpoint(path: Path, folder: Path) -> bool:
                                   for part in path.relative_to(folder).parent.parts)
 
 
-def identity_flags() -> set[str] | None:
-    """Flags that define a run (args.py); None where args.py cannot be imported (then every recorded flag counts)."""
+def identity_flags() -> dict[str, object] | None:
+    """Flags that define a run (args.py), each with the default at which it does not count (identity="changed": a
+    flag added later, absent from older results) or a marker that it always counts; None where args.py cannot be
+    imported (then every recorded flag counts)."""
     try:
         import dataclasses
 
         import args
     except ImportError:
         return None
-    names = set()
+    names = {}
     for _, cls in args.GROUPS:
         for f in dataclasses.fields(cls):
             suite = f.metadata.get("suite")
             if f.init and (suite["identity"] if suite is not None else f.name not in args.HF_NOT_IDENTITY):
-                names.add(f.name)
+                names[f.name] = f.default if suite is not None and suite["identity"] == "changed" else _ALWAYS
     return names
+
+
+_ALWAYS = object()
+
+
+def _counts(flags: dict | None, name: str, value) -> bool:
+    """Whether a recorded flag tells configurations apart (identity_flags)."""
+    if flags is None:
+        return True
+    return name in flags and (flags[name] is _ALWAYS or value != flags[name])
 
 
 def mode_of(config: dict) -> str:
@@ -211,7 +223,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         gkey = (config.get("task_name", "?"), model, mode_of(config), optimizer_of(config))
         group = groups.setdefault(gkey, Group(*gkey))
         ckey = tuple(sorted([(k, json.dumps(v, sort_keys=True)) for k, v in config.items()
-                             if k not in IGNORED_FLAGS and (flags is None or k in flags)]
+                             if k not in IGNORED_FLAGS and _counts(flags, k, v)]
                             # not a flag, and it changes every prompt: never one configuration across versions
                             + [(PROMPT_VERSION, json.dumps(run.data.get(PROMPT_VERSION, NOT_RECORDED)))]))
         configuration = next((c for c in group.configurations if c.key == ckey), None)
