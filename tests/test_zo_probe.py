@@ -226,11 +226,14 @@ def test_one_pass_equals_two_forward_probes(kind, adapter):
 
 def test_gpt2_learned_positions_follow_the_doubled_batch():
     """GPT-2 looks positions up per row from the (2B, T) ids the batch carries, so a left-padded row keeps its
-    positions in both halves (with (1, T) positions the padded row would differ between one and two passes)."""
+    positions in both halves; (1, T) ids, one row shared by the batch, cannot be split into halves: refused by name."""
     inputs = batch(3, 10)
     assert inputs["position_ids"][0, 3] == 0 and inputs["position_ids"][1, 3] == 3
     losses = {mode: run(build("gpt2"), mode, steps=1, inputs=inputs)[1][0] for mode in ("forward", "onepass")}
     assert losses["forward"] == pytest.approx(losses["onepass"], rel=1e-6)
+    shared = {**inputs, "position_ids": torch.arange(10)[None]}   # (1, T): one row of positions for every row
+    with pytest.raises(ValueError, match=r"wpe \(Embedding\) got no batch-first input of even size \(\(1, 10\)\)"):
+        run(build("gpt2"), "onepass", steps=1, inputs=shared)
 
 
 # ------------------------------------------------------------------------------------------------ refusals

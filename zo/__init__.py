@@ -1,6 +1,7 @@
 """Zeroth-order optimizers for fine-tuning (torch.optim.Optimizer subclasses), as one layered library:
 
     registry  ->  methods  ->  core  ->  sweeps  ->  backends (C, Triton)  ->  rule, noise
+                               core  ->  probe (forward-time probes; imports only torch)
 
 The suite enters it at three points: the registry (`--zo_optim` name -> class, each method's hyper-parameters and
 default LR / ε), the optimizer protocol (`ZOOptimizer`: probe, step, settle, state, checkpoints) and
