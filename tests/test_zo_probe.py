@@ -236,6 +236,21 @@ def test_gpt2_learned_positions_follow_the_doubled_batch():
         run(build("gpt2"), "onepass", steps=1, inputs=shared)
 
 
+def test_detach_puts_every_forward_back_and_the_state_dict_never_changes():
+    """The wrappers are instance attributes; detach() removes them, and puts back one that was there before (as
+    accelerate's device hooks install); state_dict keys and tensors are the plain model's throughout."""
+    model, plain = build("llama"), build("llama")
+    own = model.model.norm.forward = lambda x: x   # noqa: E731
+    opt = optimizer(model, "forward")
+    assert model.model.norm.forward is not own and "forward" in vars(model.model.layers[0].mlp.up_proj)
+    assert list(model.state_dict()) == list(plain.state_dict())
+    state = model.state_dict()
+    assert all(state[n].data_ptr() == p.data_ptr() for n, p in model.named_parameters())
+    opt.forward_probe.detach()
+    assert model.model.norm.forward is own
+    assert all("forward" not in vars(m) for n, m in model.named_modules() if n != "model.norm")
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 class Gate(nn.Module):
     """A parameter read next to a child module: where it is read is unknowable to the wrappers."""

@@ -145,7 +145,9 @@ class ForwardProbe:
         names = list(entry.batched) if entry.kind == "batched" else ["forward"]
         for attr in names:
             original = getattr(entry.module, attr)
-            self._originals.append((entry.module, attr, attr in vars(entry.module)))
+            # an instance attribute already there (accelerate's device hooks replace `forward` so) is put back on
+            # detach(); otherwise the class's method shows through again
+            self._originals.append((entry.module, attr, original if attr in vars(entry.module) else None))
 
             def wrapper(*args, _entry=entry, _original=original, _attr=attr, **kwargs):
                 return self._call(_entry, _original, _attr, args, kwargs)
@@ -153,10 +155,11 @@ class ForwardProbe:
 
     def detach(self):
         """Remove every wrapper: the modules compute with their stored parameters again."""
-        for module, attr, had_own in reversed(self._originals):
-            if had_own:
-                raise RuntimeError(f"{type(module).__name__}.{attr} was an instance attribute before; not removed")
-            delattr(module, attr)
+        for module, attr, own in reversed(self._originals):
+            if own is not None:
+                setattr(module, attr, own)
+            else:
+                delattr(module, attr)
         self._originals = []
 
     # -- the signs
