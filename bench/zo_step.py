@@ -15,9 +15,9 @@ On one model and one batch, in one process, after warm-up, the median over `--re
               reference's loss (LM head over every position, cross-entropy masked to the option tokens)
     F_ref     one forward pass of that reference loss (so R's sweeps can be told apart from its forwards)
 and the peak memory of inference alone and of each optimizer's training: the RSS high-water mark of a fresh
-subprocess per measurement on CPU (VmHWM of /proc/self/status; ru_maxrss where there is no /proc: on Linux a
-child spawned by a large parent inherits the parent's ru_maxrss through vfork/exec), torch.cuda.max_memory_allocated
-on GPU.
+subprocess per measurement on CPU (VmHWM of /proc/self/status, reset after the model is loaded; ru_maxrss where
+there is no /proc: on Linux a child spawned by a large parent inherits the parent's ru_maxrss through vfork/exec),
+torch.cuda.max_memory_allocated on GPU (reset after loading).
 
     python bench/zo_step.py                                   # embedded model, 16 x 64 SST2 tokens, full-parameter
     python bench/zo_step.py --threads 1 --reps 7
@@ -471,6 +471,8 @@ def memory_child(args):
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_rss_high_water()
     what = args.memory_child
     if what == "inference":
         fn = forward_fn(model, batch)
@@ -490,6 +492,17 @@ def memory_child(args):
         fn()
     sync()
     print(json.dumps({"peak_bytes": int(torch.cuda.max_memory_allocated() if cuda else rss_high_water())}))
+
+
+def reset_rss_high_water() -> None:
+    """Start the RSS high-water mark afresh after loading, as the GPU's peak statistics are reset: the loader's
+    transient peak (a 16-bit model is converted from the fp32 file, mapped meanwhile) would otherwise hide the peak
+    of the steps measured.  Linux's clear_refs; elsewhere nothing (the load's peak then counts)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def rss_high_water() -> int:
