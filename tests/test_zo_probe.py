@@ -318,6 +318,9 @@ def test_flags_that_presume_in_place_probes_or_couple_the_halves_are_refused(ext
     config = args.parse(["--trainer", "zo", "--train_set_seed", "0", "--num_train", "8", "--max_steps", "2"])
     assert "zo_probe" not in config.identity()   # the default keeps earlier runs' ids
     assert args.parse(argv[:-len(extra)]).identity()["zo_probe"] == "onepass"
+    import runs   # the run's readable name says so too, and the default leaves names as they were
+    assert "onepass" in runs.describe(args.parse(argv[:-len(extra)])).split("-")
+    assert not {"inplace", "forward", "onepass"} & set(runs.describe(config).split("-"))
 
 
 # ------------------------------------------------------------------------------------------------ in the trainer
