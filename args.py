@@ -173,6 +173,13 @@ class _ZOCoreArguments:
         "auto", "Keep a copy of the weights during a step so probes restore them exactly: auto (16-bit weights "
                 "only, where rounding drift is large), always (fp32 too; one parameter-sized buffer) or never "
                 "(MeZO's memory; fp32 drift stays ~1e-7).", choices=("auto", "always", "never"), only_with=ZO)
+    zo_probe: str = flag(
+        "inplace", "How a probe perturbs the weights: inplace (writes θ±εu into the weights and restores them: three "
+                   "weight sweeps a step; 16-bit weights need the stash of --zo_exact_restore auto), forward (each "
+                   "module computes with θ±εu as a temporary while its forward runs; the weights change only in the "
+                   "update: no stash, no drift, inference memory) or onepass (forward, with both signs in one forward "
+                   "of the doubled batch: first half θ+εu, second θ-εu; not with --non_diff or mixture-of-experts "
+                   "models).", choices=zo.PROBE_MODES, only_with=ZO, identity="unless_default")
     zo_keep_direction: bool = flag(False, "Keep each step's direction in memory: one noise sweep per step instead "
                                           "of three, for one parameter-sized buffer (small models).", only_with=ZO)
     zo_carry_perturbation: bool = flag(
@@ -201,7 +208,7 @@ class _ZOCoreArguments:
         """Keyword arguments of the chosen optimizer's constructor (besides params, lr, weight_decay and seed): the
         core's from the flags above, the method's from its declared hyper-parameters (zo.registry.keywords)."""
         restore = {"auto": None, "always": True, "never": False}[self.zo_exact_restore]
-        kwargs = dict(eps=self.zo_eps, exact_restore=restore,
+        kwargs = dict(eps=self.zo_eps, exact_restore=restore, probe_mode=self.zo_probe,
                       keep_direction=self.zo_keep_direction, carry_perturbation=self.zo_carry_perturbation,
                       cuda_graphs=self.zo_cuda_graphs)
         if self.zo_stochastic_rounding:   # only when on: the constructors of methods that refuse it never see it
@@ -535,11 +542,37 @@ def check(config: RunConfig) -> list[str]:
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
             problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
                             "already costs one noise sweep per step); drop one of them.")
-        problems += direction_problems(config)
+        problems += direction_problems(config) + probe_problems(config)
         if hf.deepspeed:
             problems.append("--deepspeed wraps the optimizer step in DeepSpeed's engine, which a ZO step does not "
                             "use; shard the weights with --fsdp full_shard instead (ZO sweeps each rank's shard).")
     problems += fsdp_problems(config)
+    return problems
+
+
+def probe_problems(config: RunConfig) -> list[str]:
+    """--zo_probe forward / onepass: what presumes probes that write the weights, and what couples a doubled batch."""
+    zo_args, mode = config.zo, config.zo.zo_probe
+    if mode == "inplace":
+        return []
+    problems = []
+    if "zo_exact_restore" in config.given:
+        problems.append(f"--zo_exact_restore {zo_args.zo_exact_restore} with --zo_probe {mode}: forward-time probes "
+                        "never write the weights, so there is nothing to restore; drop --zo_exact_restore.")
+    for name, why in (("zo_carry_perturbation", "rests the weights at the next step's θ+εu"),
+                      ("zo_keep_direction", "keeps the noise for the in-place sweeps")):
+        if getattr(zo_args, name):
+            problems.append(f"--{name} {why}, which --zo_probe {mode} never writes; drop --{name} or use --zo_probe "
+                            "inplace.")
+    if zo_args.zo_optim == "zo_sgd_cons":
+        problems.append(f"--zo_optim zo_sgd_cons applies candidate updates to the weights and rejects them from a "
+                        f"stash; --zo_probe {mode} keeps no stash: use --zo_probe inplace.")
+    if config.fsdp:
+        problems.append(f"--zo_probe {mode} swaps each module's parameters for perturbed temporaries, which FSDP2's "
+                        "sharded parameters do not allow; drop --fsdp or use --zo_probe inplace.")
+    if mode == "onepass" and config.train.non_diff:
+        problems.append("--zo_probe onepass doubles the batch, but --non_diff generates (the batch's rows stop "
+                        "together and every token regenerates the probe); use --zo_probe forward.")
     return problems
 
 

@@ -134,9 +134,17 @@ class PrefixTuning(nn.Module):
             raise ValueError(f"Prefix tuning needs a DynamicCache, got {type(cache).__name__} (a static cache "
                              f"cannot hold the prefix in front of the tokens).")
         for layer in range(self.num_layers):
-            k, v = self.layer_kv(layer)
-            cache.update(k.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1),
-                         v.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1), layer)
+            cache.update(*self.batch_kv(layer, batch=batch, dtype=dtype), layer)
+
+    # A ZO forward-time probe (zo.probe) runs this with perturbed parameters; in one pass, once per half of the batch.
+    zo_probe_batched = {"batch_kv": "batch"}
+
+    def batch_kv(self, layer: int, *, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of one layer expanded to the batch, each (batch, H_kv, P, D) in `dtype`: the only place the
+        prefix parameters are read while the model runs."""
+        k, v = self.layer_kv(layer)
+        return (k.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1),
+                v.to(dtype).unsqueeze(0).expand(batch, -1, -1, -1))
 
     # --- hooks on the causal-LM module -----------------------------------------------------------------------------
 

@@ -68,6 +68,8 @@ def describe(config) -> str:
             parts.append(f"dirs{config.zo.zo_num_directions}")
         if config.zo.zo_stochastic_rounding:   # the default leaves names as they were
             parts.append("sr")
+        if config.zo.zo_probe != "inplace":   # ditto
+            parts.append(config.zo.zo_probe)
     parts.append(f"steps{hf.max_steps}" if hf.max_steps > 0 else f"ep{_number(hf.num_train_epochs)}")
     # the global batch: what a step averages over, however it is split into processes and micro-batches
     batch = hf.per_device_train_batch_size * hf.gradient_accumulation_steps

@@ -2,12 +2,13 @@
 
 `SuiteTrainer` computes the suite's losses (utils.training_loss), evaluates the dev set by the task metric, and on
 SIGTERM, SIGINT or SIGUSR1 finishes the step, saves a complete checkpoint and stops (`interrupted` says which signal).
-`ZOTrainer` replaces the backward pass by seeded, in-place probes of a `zo.ZOOptimizer` (of each of the step's
-directions; with --zo_parallel directions, of this rank's share of them on the whole batch, the rest exchanged before
-the update) and lets the optimizer update at the accumulation boundary. The public hooks `compute_loss`,
-`training_step`, `create_optimizer`, `evaluate`, `save_model`, `log`, `train` and `get_train_dataloader` are
-overridden, so the HF training loop, schedulers, logging, checkpointing and resume are untouched. Three private
-methods are extended (each calls the original for everything it does not handle):
+`ZOTrainer` replaces the backward pass by seeded probes of a `zo.ZOOptimizer` (of each of the step's directions;
+with --zo_parallel directions, of this rank's share of them on the whole batch, the rest exchanged before the update)
+and lets the optimizer update at the accumulation boundary. Probes perturb the weights in place, or inside the
+modules' forwards (--zo_probe forward / onepass: the optimizer is attached to the model when it is created).
+The public hooks `compute_loss`, `training_step`, `create_optimizer`, `evaluate`, `save_model`, `log`, `train` and
+`get_train_dataloader` are overridden, so the HF training loop, schedulers, logging, checkpointing and resume are
+untouched. Three private methods are extended (each calls the original for everything it does not handle):
 * `_load_from_checkpoint` and `_load_best_model`: checkpoints of prefix-tuned runs hold the prefix only, and HF's two
   loaders know only full weights and peft's `PeftModel` adapters (which is how LoRA checkpoints are saved and loaded,
   by HF itself); there is no public hook for either load (adapters.py says who loads what).
@@ -291,21 +292,31 @@ class ZOTrainer(SuiteTrainer):
             self.optimizer = self.zo_args.optimizer_class()(
                 zo.param_groups_for_model(model, self.args.weight_decay), lr=self.args.learning_rate,
                 seed=self.args.seed, **kwargs)
+            if self.optimizer.probe_mode != "inplace":
+                self.optimizer.attach(model)   # --zo_probe forward / onepass: refuses unhandled modules by name
         return self.optimizer
 
-    def _probe_loss(self, model, inputs) -> torch.Tensor:
+    def _probe_loss(self, model, inputs):
         """The probe loss of the global batch: with several processes (data-parallel ZO) each rank's loss of its
-        shard, combined over the ranks by what each averages over, so every rank finds the same projected gradient."""
-        self.clock.forwards += 1
+        shard, combined over the ranks by what each averages over, so every rank finds the same projected gradient.
+        --zo_probe onepass: (ℓ+, ℓ-) of one forward of the doubled batch (counted as the two probes it replaces),
+        each half combined over the ranks on its own."""
+        probe = self._zo_optimizer.forward_probe if self._zo_optimizer.probe_mode == "onepass" else None
         if self.objective.non_diff:
+            self.clock.forwards += 1
             loss = non_diff_loss(model, inputs, self.task_eval)
         else:
             with self.compute_loss_context_manager():
-                loss = training_loss(model, inputs, self.objective)
+                loss_of = lambda m: training_loss(m, inputs, self.objective)   # noqa: E731
+                loss = loss_of(model) if probe is None else probe.losses(model, loss_of)
+            self.clock.forwards += 2 if isinstance(loss, tuple) else 1
         parallel.reshard(model)  # FSDP2: the next perturbation must reach what the next forward gathers
         if self.by_directions:
             return loss  # the whole batch on every rank: nothing to combine
-        return parallel.mean_over_ranks(loss, loss_weight(inputs, self.objective))
+        weight = loss_weight(inputs, self.objective)
+        if isinstance(loss, tuple):
+            return tuple(parallel.mean_over_ranks(part, weight) for part in loss)
+        return parallel.mean_over_ranks(loss, weight)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # Probes run in eval mode (dropout off) so both see the same function of the parameters.

@@ -7,14 +7,17 @@ On one model and one batch, in one process, after warm-up, the median over `--re
     S_adamu   one real ZO-AdaMU step
     S_NAME    with --optimizers: one real step of each named ZO optimizer (zo_methods.OPTIMIZERS), whose cost is
               reported against its own forwards (step_over_forwards) and against two (step_over_2fwd)
+    S_mezo_MODE  with --probe_modes: one MeZO step whose probes perturb inside the modules' forwards (zo.probe:
+              forward = two forward passes, onepass = one forward of the doubled batch)
+    D         with onepass among --probe_modes: one forward of the doubled batch (2B rows), under inference_mode
     R         one MeZO step written exactly as the reference code does it: global torch.manual_seed, torch.normal
               of every tensor in the parameter dtype, `param.data = param.data + ...`, four noise sweeps, and the
               reference's loss (LM head over every position, cross-entropy masked to the option tokens)
     F_ref     one forward pass of that reference loss (so R's sweeps can be told apart from its forwards)
 and the peak memory of inference alone and of each optimizer's training: the RSS high-water mark of a fresh
-subprocess per measurement on CPU (VmHWM of /proc/self/status; ru_maxrss where there is no /proc: on Linux a
-child spawned by a large parent inherits the parent's ru_maxrss through vfork/exec), torch.cuda.max_memory_allocated
-on GPU.
+subprocess per measurement on CPU (VmHWM of /proc/self/status, reset after the model is loaded; ru_maxrss where
+there is no /proc: on Linux a child spawned by a large parent inherits the parent's ru_maxrss through vfork/exec),
+torch.cuda.max_memory_allocated on GPU (reset after loading).
 
     python bench/zo_step.py                                   # embedded model, 16 x 64 SST2 tokens, full-parameter
     python bench/zo_step.py --threads 1 --reps 7
@@ -28,6 +31,10 @@ on GPU.
     python bench/zo_step.py --threads 1 --baseline 4e1682b    # also the optimizers of an older commit, same loop
     python bench/zo_step.py --threads 1 --breakdown           # where a step's time goes beyond its two forwards
     python bench/zo_step.py --threads 1 --optimizers all      # every optimizer: step cost and peak memory
+    python bench/zo_step.py --probe_modes all --dtype float32,bfloat16,float16   # issue 22's table: per probe mode
+        (inplace, forward, onepass) and weight dtype (one run per dtype, in a child process each): step / 2F, step / D,
+        the step's excess over 2F and over D in weight sweeps (one sweep = (S_mezo - 2F) / 3, the in-place step's
+        three sweeps), peak memory / inference (onepass also / inference at the doubled batch)
 
 --baseline COMMIT checks that commit out (`git worktree add --detach` into a temporary folder) and times its
 optimizers in a child process that runs that commit's code: MeZO and ZO-AdaMU (S_mezo_base, S_adamu_base) and each of
@@ -315,6 +322,22 @@ def reference_forward_fn(model, batch):
     return run
 
 
+def doubled(batch):
+    """The batch twice over (rows [0, B) then the same rows again), as a one-pass probe feeds the model."""
+    n = batch["input_ids"].shape[0]
+    return {k: torch.cat([v, v]) if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v for k, v in batch.items()}
+
+
+def probe_step_fn(mode, model, batch, args):
+    """A MeZO step with forward-time probes: the optimizer is attached to `model` (its wrappers pass through whenever
+    this optimizer is not probing, so the other measurements on the same model see the plain forward)."""
+    optimizer = make_optimizer("mezo", model, args, probe_mode=mode)
+    optimizer.attach(model)
+    objective = utils.Objective()
+    loss = lambda m: utils.training_loss(m, batch, objective)  # noqa: E731
+    return lambda: optimizer.step(lambda: optimizer.forward_probe.losses(model, loss))
+
+
 def zo_step_fn(optimizer, model, batch):
     objective = utils.Objective()
     closure = lambda: utils.training_loss(model, batch, objective)  # noqa: E731
@@ -405,6 +428,11 @@ def measure_times(model, batch, args):
                 make_optimizer("mezo", model, args, carry_perturbation=True, cuda_graphs=False), model, batch)
     for name in args.optimizers:
         fns[f"S_{name}"] = zo_step_fn(make_optimizer(name, model, args), model, batch)
+    for mode in args.probe_modes:
+        if mode != "inplace":
+            fns[f"S_mezo_{mode}"] = probe_step_fn(mode, model, batch, args)
+    if "onepass" in args.probe_modes:
+        fns["D"] = forward_fn(model, doubled(batch))
     remote = {}   # measured in the --baseline child: its steps report their own seconds
     if args.baseline:
         baseline = Baseline(args.baseline, model, batch, args, ["mezo", "zo_adamu", *args.optimizers])
@@ -443,6 +471,8 @@ def memory_child(args):
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    else:
+        reset_rss_high_water()
     what = args.memory_child
     if what == "inference":
         fn = forward_fn(model, batch)
@@ -450,6 +480,10 @@ def memory_child(args):
         fn = reference_step_fn(model, batch, args)
     elif what.startswith("opt:"):
         fn = zo_step_fn(make_optimizer(what[4:], model, args), model, batch)
+    elif what.startswith("probe:"):
+        fn = probe_step_fn(what[6:], model, batch, args)
+    elif what == "inference_doubled":
+        fn = forward_fn(model, doubled(batch))
     else:
         name, _, variant = what.partition("_")
         fn = zo_step_fn(make_optimizer(name, model, args, keep_direction=variant == "keep",
@@ -458,6 +492,17 @@ def memory_child(args):
         fn()
     sync()
     print(json.dumps({"peak_bytes": int(torch.cuda.max_memory_allocated() if cuda else rss_high_water())}))
+
+
+def reset_rss_high_water() -> None:
+    """Start the RSS high-water mark afresh after loading, as the GPU's peak statistics are reset: the loader's
+    transient peak (a 16-bit model is converted from the fp32 file, mapped meanwhile) would otherwise hide the peak
+    of the steps measured.  Linux's clear_refs; elsewhere nothing (the load's peak then counts)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def rss_high_water() -> int:
@@ -501,7 +546,10 @@ def main():
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--mode", choices=["ft", "lora", "prefix"], default="ft")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    parser.add_argument("--dtype", default="float32",
+                        help=f"weight dtype, or several comma-separated (one child run each): {', '.join(DTYPES)}")
+    parser.add_argument("--probe_modes", default="inplace",
+                        help=f"MeZO's probe modes to measure, comma-separated, or all: {', '.join(zo.PROBE_MODES)}")
     parser.add_argument("--direction", choices=list(zo.DIRECTIONS), default=None,
                         help="default: Gaussian (FZOO: its Rademacher)")
     parser.add_argument("--optimizers", default="",
@@ -534,6 +582,15 @@ def main():
     parser.add_argument("--data_dir", default=default_data)
     parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    dtypes = [d for d in args.dtype.split(",") if d]
+    if not dtypes or set(dtypes) - set(DTYPES):
+        parser.error(f"--dtype {args.dtype!r}: choose one or more (comma-separated) of {', '.join(DTYPES)}")
+    modes = list(zo.PROBE_MODES) if args.probe_modes == "all" else [m for m in args.probe_modes.split(",") if m]
+    if not modes or set(modes) - set(zo.PROBE_MODES):
+        parser.error(f"--probe_modes {args.probe_modes!r}: choose all, or from {', '.join(zo.PROBE_MODES)}")
+    args.probe_modes = ["inplace", *[m for m in modes if m != "inplace"]]   # in place: S_mezo, the reference
+    if len(dtypes) > 1:
+        return by_dtype(dtypes)
     names = list(zo_methods.OPTIMIZERS) if args.optimizers == "all" else [n for n in args.optimizers.split(",") if n]
     unknown = sorted(set(names) - set(zo_methods.OPTIMIZERS))
     if unknown:
@@ -603,6 +660,19 @@ def main():
                    "derived_step_over_2fwd": round(statistics.median(
                        1 + (sum(r["sweeps"]) + r["rest"]) / (2 * f) for r, f in zip(recs, samples["F"])), 4)}
             for name, recs in breakdown.items()}
+    if len(args.probe_modes) > 1:
+        sweep = report["sweep_seconds_mezo"]
+        report["D_over_2fwd"] = round(median["D"] / (2 * F), 4) if "D" in median else None
+        report["probe_modes"] = {}
+        for mode in args.probe_modes:
+            key = "S_mezo" if mode == "inplace" else f"S_mezo_{mode}"
+            entry = report["probe_modes"][mode] = {
+                "step_over_2fwd": round(median[key] / (2 * F), 4),
+                "paired_step_over_2fwd": paired(key, lambda s, f: s / (2 * f)),
+                "excess_over_2fwd_sweeps": round((median[key] - 2 * F) / sweep, 3) if sweep > 0 else None}
+            if "D" in median:
+                entry["step_over_D"] = round(median[key] / median["D"], 4)
+                entry["excess_over_D_sweeps"] = round((median[key] - median["D"]) / sweep, 3) if sweep > 0 else None
     if args.optimizers:
         # every optimizer in one table: its forwards a step, the step against those forwards and against two
         report["optimizers"] = {"mezo": {"forwards": 2}, "zo_adamu": {"forwards": 2}}
@@ -638,6 +708,8 @@ def main():
             kinds += ["mezo_keep", "adamu_keep"]
         if args.carry_perturbation:
             kinds += ["mezo_carry", "adamu_carry"]
+        kinds += [f"probe:{m}" for m in args.probe_modes if m != "inplace"]
+        kinds += ["inference_doubled"] if "onepass" in args.probe_modes else []
         peak = {k: measure_memory(args, k) for k in kinds}
         inf = peak["inference"]
         report["peak_mb"] = {k: round(v / 2**20, 1) for k, v in peak.items()}
@@ -654,11 +726,33 @@ def main():
                 report["optimizers"][name]["mem_over_inference"] = round(peak[key] / inf, 4)
         if "reference" in peak:
             report["mem_over_inference_reference"] = round(peak["reference"] / inf, 4)
+        for mode in report.get("probe_modes", {}):
+            peak_mode = peak["mezo" if mode == "inplace" else f"probe:{mode}"]
+            report["probe_modes"][mode]["mem_over_inference"] = round(peak_mode / inf, 4)
+            if "inference_doubled" in peak:
+                report["probe_modes"][mode]["mem_over_inference_doubled"] = round(
+                    peak_mode / peak["inference_doubled"], 4)
         for variant, flag in (("keep", "keep_direction"), ("carry", "carry_perturbation")):
             if getattr(args, flag):
                 report[flag].update(mem_over_inference_mezo=round(peak[f"mezo_{variant}"] / inf, 4),
                                     mem_over_inference_adamu=round(peak[f"adamu_{variant}"] / inf, 4))
     print(json.dumps(report))
+
+
+def by_dtype(dtypes):
+    """One child run of this script per weight dtype (the model is loaded in each); their reports under
+    "by_dtype", and the probe modes' figures side by side under "probe_table"."""
+    argv, reports = sys.argv[1:], {}
+    at = argv.index("--dtype") if "--dtype" in argv else None
+    for dtype in dtypes:
+        child = argv[:at] + ["--dtype", dtype] + argv[at + 2:] if at is not None else argv + ["--dtype", dtype]
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *child], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise SystemExit(f"--dtype {dtype} failed:\n{out.stderr[-3000:]}")
+        print(out.stderr, file=sys.stderr, end="", flush=True)
+        reports[dtype] = json.loads(out.stdout.strip().splitlines()[-1])
+    table = {dtype: r.get("probe_modes", {}) for dtype, r in reports.items()}
+    print(json.dumps({"by_dtype": reports, "probe_table": table}))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ def load_bench(name):
     ("scale", ["--procs", "1,x"], "--procs '1,x': give comma-separated process counts"),
     ("scale", ["--procs", "0,2"], "--procs '0,2': process counts must be >= 1"),
     ("scale", ["--modes", "dp,tp"], "--modes 'dp,tp': choose from dp, fsdp"),
+    ("zo_step", ["--dtype", "float32,float8"], "--dtype 'float32,float8': choose one or more (comma-separated) of"),
+    ("zo_step", ["--probe_modes", "inplace,sideways"], "--probe_modes 'inplace,sideways': choose all, or from"),
 ])
 def test_bad_flags_exit_with_a_clear_message(monkeypatch, capsys, script, argv, message):
     module = load_bench(script)

@@ -137,6 +137,17 @@ def test_seeds_and_tag_do_not_split_configurations_but_identity_flags_do(tmp_pat
     assert sorted(r.seed for c in group.configurations for r in c.runs) == ["0", "0/42", "1/42"]
 
 
+def test_a_flag_added_later_splits_configurations_only_away_from_its_default(tmp_path):
+    """--zo_probe came after results existed: an older result (no zo_probe) and one at the default are one
+    configuration; a forward-probe run is another."""
+    write_result(tmp_path, "old", {"accuracy": 0.5})
+    write_result(tmp_path, "new", {"accuracy": 0.5}, zo_probe="inplace")
+    write_result(tmp_path, "fwd", {"accuracy": 0.5}, zo_probe="forward")
+    runs, _ = report.find_results([tmp_path])
+    (group,) = report.group_runs(runs)
+    assert sorted(sorted(r.path.stem for r in c.runs) for c in group.configurations) == [["fwd"], ["new", "old"]]
+
+
 def trainer_state(folder, losses, devs):
     folder.mkdir(parents=True)
     history = [{"step": s, "loss": v} for s, v in losses] + [{"step": s, "eval_accuracy": v} for s, v in devs]

@@ -3,10 +3,11 @@
 An element-wise ZO method is one small class: its noise `streams`, its per-parameter state `buffers`, its per-step
 scalars (`step_values`, known when the step begins; `update_values`, derived from the projected gradient g after the
 probes) and one pure per-element `rule(noise, state, s) -> zo.rule.Rule(direction, step, state)`.  The class hands
-these to the sweeps (zo.sweeps) as one frozen zo.rule.SweepSpec; the sweeps choose the backend (C kernels on CPU, fused
-Triton kernels on CUDA, torch operations elsewhere: the reference the kernels equal bit for bit).  The noise is defined
-in zo.noise.  `ZOOptimizer` is the protocol: probe / step / settle, skipped steps, the stash, the kept direction, the
-carried perturbation, state and checkpoints.
+these to the sweeps (zo.sweeps) as one frozen zo.rule.SweepSpec; the sweeps choose the backend (C kernels on CPU,
+fused Triton kernels on CUDA, torch operations elsewhere: the reference the kernels equal bit for bit).  The noise is
+defined in zo.noise.  `ZOOptimizer` is the protocol: probe / step / settle, skipped steps, the stash, the kept
+direction, the carried perturbation, state and checkpoints.  probe_mode forward / onepass (zo.probe, attach(model)):
+no perturb or restore sweep (the offset tells the forwards which sign to apply); the update sweeps θ itself.
 
 Step protocol (sweep = one pass over the trainable tensors regenerating the noise):
   probe(closure): first probe of a step +εu, -2εu (2 sweeps); later probes +2εu, -2εu (2 sweeps);
@@ -25,8 +26,8 @@ Step protocol (sweep = one pass over the trainable tensors regenerating the nois
   those bit-exactly; True stashes every tensor, False none (MeZO memory).
   keep_direction=True (opt-in, small models) keeps the step's noise streams in float32 buffers (one per stream): one
   noise sweep per step instead of three.
-  16-bit weights: last_rounded_away is the share of a step's updates that rounded to nothing; stochastic_rounding=True
-  (opt-in) rounds them at random instead of to nearest, unbiased and reproducible from the seed (zo.sweeps).
+  16-bit weights: last_rounded_away, the share of updates rounded to nothing; stochastic_rounding=True (opt-in) rounds
+  them at random instead of to nearest, unbiased and reproducible from the seed (zo.sweeps).
 
 Methods that are not one element-wise rule (candidate updates, a loss at θ, one-sided probes, low-rank directions)
 use the public calls below, never the core's private members:
@@ -47,7 +48,6 @@ x <- y·(1-lr·λ) + step.  Scalars are rounded once from double to T.
 """
 from __future__ import annotations
 
-import math
 from itertools import chain
 
 import torch
@@ -55,8 +55,9 @@ import torch
 import parallel
 from zo import hparams
 from zo import noise as zo_noise
+from zo import probe as zo_probe
 from zo import rule as zo_rule
-from zo.groups import param_groups_for_model
+from zo.groups import check_group, param_groups_for_model
 from zo.noise import DIRECTIONS, NOISE_BLOCK, RNGS, direction_seed, sample_direction, step_seed
 from zo.rule import Rule, SweepSpec
 from zo.sweeps import Sweeper, SweepStep, TensorSweep, kernel_builds, kernels_available, triton_available
@@ -98,7 +99,8 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lr, eps=1e-3, weight_decay=0.0, seed=0, direction="gaussian",
                  chunk_numel=None, noise_block=NOISE_BLOCK, *, exact_restore=None, keep_direction=False,
-                 rng="auto", carry_perturbation=False, cuda_graphs=True, stochastic_rounding=False, **hyperparameters):
+                 rng="auto", carry_perturbation=False, cuda_graphs=True, stochastic_rounding=False,
+                 probe_mode="inplace", **hyperparameters):
         for keyword, value in hparams.take(self, hyperparameters).items():
             setattr(self, keyword, value)   # each declared hyper-parameter, default applied and range checked
         if hyperparameters:
@@ -114,7 +116,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         clash = set(self.step_values + self.update_values) & set(zo_rule.FRAMEWORK_SCALARS)
         if clash:
             raise TypeError(f"{type(self).__name__} names step values {sorted(clash)}, which the framework sets")
-        self.rng, self.carry_perturbation, self.cuda_graphs = rng, bool(carry_perturbation), bool(cuda_graphs)
+        self.rng, self.probe_mode = rng, zo_probe.check_mode(probe_mode, carry_perturbation, keep_direction)
+        self.carry_perturbation, self.cuda_graphs = bool(carry_perturbation), bool(cuda_graphs)
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, direction=direction,
                         chunk_numel=chunk_numel, noise_block=noise_block)
         super().__init__(params, defaults)
@@ -123,7 +126,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._sweeper = Sweeper(self.sweep_spec(), self, rng=rng, exact_restore=self.exact_restore,
                                 keep_direction=self.keep_direction, cuda_graphs=self.cuda_graphs,
                                 buffer_init=self.buffer_init, stochastic_rounding=stochastic_rounding)
-        self._seed, self._step_values = 0, {}
+        self._seed, self._step_values, self._forward = 0, {}, None
         self.last_projected_grad = self.last_loss_plus = self.last_loss_minus = self.last_rounded_away = None
         self.last_schedule: dict[str, float] = {}
         self._global_state()
@@ -136,6 +139,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     timings = property(lambda self: self._sweeper.timings, lambda self, value: setattr(self._sweeper, "timings", value),
                        doc="None, or a list to which each sweep appends (kind, seconds of host time) (benchmarks).")
     sweeps = property(lambda self: self._sweeper.count, doc="Sweeps run.")
+    forward_probe = property(lambda self: self._forward, doc="The zo.probe.ForwardProbe of attach(model), or None.")
+    perturbation = property(lambda self: self._offset, doc="k of θ + k·ε·u, where the parameters rest (in place) or "
+                            "where the forwards see them (probe_mode forward).")
     noise_calls = property(lambda self: self._sweeper.noise_calls, doc="Noise draws (per tensor, stream and chunk).")
     replays = property(lambda self: self._sweeper.replays, doc="Sweeps run as a replayed CUDA graph.")
 
@@ -217,32 +223,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     # -- validation / bookkeeping
     def add_param_group(self, group):
         super().add_param_group(group)
-        g = self.param_groups[-1]
-        lr, eps, wd, seed = g["lr"], g["eps"], g["weight_decay"], g["seed"]
-        if not lr >= 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-            raise ValueError(f"Invalid eps (perturbation scale): {eps}")
-        if not wd >= 0:
-            raise ValueError(f"Invalid weight_decay value: {wd}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed: {seed!r} (need a non-negative int)")
-        if g["direction"] not in DIRECTIONS:
-            raise ValueError(f"Invalid direction: {g['direction']!r} (choose from {DIRECTIONS})")
-        nb, cn = g["noise_block"], g["chunk_numel"]
-        if not (isinstance(nb, int) and nb >= 1):
-            raise ValueError(f"Invalid noise_block: {nb!r}")
-        if cn is not None and not (isinstance(cn, int) and cn >= 1 and cn % nb == 0):
-            raise ValueError(f"Invalid chunk_numel: {cn!r} (must be a positive multiple of noise_block={nb}, "
-                             "the unit in which the noise is defined)")
-        for p in g["params"]:
-            if not p.is_floating_point():
-                raise ValueError(f"ZO optimizers need floating-point parameters, got {p.dtype}")
-        for other in self.param_groups[:-1]:
-            # one probe measures one directional derivative: eps and seed must be global
-            if (other["eps"], other["seed"]) != (eps, seed):
-                raise ValueError(f"all param groups must share eps and seed, got eps {other['eps']} vs {eps}, "
-                                 f"seed {other['seed']} vs {seed}")
+        check_group(self.param_groups[-1], self.param_groups[:-1])
 
     def _params(self):
         return chain.from_iterable(g["params"] for g in self.param_groups)
@@ -342,8 +323,11 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _sweep(self, kind, k=0, carry=False):
         """One pass over the trainable tensors (zo.sweeps): "perturb" θ += k·ε·u; "restore" the same, or the stash;
         "update" the restore fused with the update (and, with carry, the next step's +ε·u')."""
-        step = SweepStep(self._seed, self._offset, self._step_values, self._update_values, self._next,
-                         self._restoring)
+        forward = self._forward is not None   # forward-time probes: θ is never written, only updated
+        if forward and kind != "update":
+            return
+        step = SweepStep(self._seed, 0 if forward else self._offset, self._step_values, self._update_values,
+                         self._next, self._restoring and not forward)
         self._sweeper.run(kind, step, k=k, carry=carry)
 
     def perturbed(self, p: torch.Tensor, k: float = 1.0) -> torch.Tensor:
@@ -352,6 +336,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         if not self._begun:
             self._begin_step()
         return self._sweeper.perturbed(SweepStep(self._seed, 0, self._step_values), p, k)
+
+    def perturbed_rows(self, p: torch.Tensor, k: float, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` of perturbed(p, k), p seen as (p.shape[0], -1), drawing only their noise (embeddings)."""
+        if not self._begun:
+            self._begin_step()
+        return self._sweeper.perturbed_rows(SweepStep(self._seed, 0, self._step_values), p, k, rows)
+
+    def attach(self, model) -> None:
+        """probe_mode forward / onepass: zo.probe.ForwardProbe wraps the model's modules (refusing what it cannot
+        handle) and makes the state buffers (`buffer(p, name)`) before any probe."""
+        self._forward = zo_probe.ForwardProbe(model, self, self._sweeper.buffer)
 
     # -- protocol
     def _perturb(self, k):
@@ -391,6 +386,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._offset = 0
 
     def _begin_step(self):
+        if self._forward is None and self.probe_mode != "inplace":
+            raise RuntimeError(f"probe_mode {self.probe_mode!r}: call attach(model) before the first probe")
         t = self.step_count
         self._begun = True
         self._use_direction(0)
@@ -464,10 +461,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._to_direction(direction)
         eps = self.param_groups[0]["eps"]
         try:
-            self._perturb(1 - self._offset)  # from θ (+1) or from θ-εu (+2)
-            lp = torch.as_tensor(closure()).detach()
-            self._perturb(-2)
-            lm = torch.as_tensor(closure()).detach()
+            if self.probe_mode == "onepass":   # one forward of the doubled batch: (ℓ+, ℓ-)
+                lp, lm = (torch.as_tensor(x).detach() for x in self._forward.both(closure))
+            else:
+                self._perturb(1 - self._offset)  # from θ (+1) or from θ-εu (+2)
+                lp = torch.as_tensor(closure()).detach()
+                self._perturb(-2)
+                lm = torch.as_tensor(closure()).detach()
         except BaseException:
             self.abort()
             raise

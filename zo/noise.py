@@ -188,6 +188,17 @@ def counter_noise(key: int, start: int, n: int, direction: str, device) -> torch
     return torch.stack([z0, z1], -1).view(-1)[off:off + n].contiguous()
 
 
+def counter_noise_at(key: int, positions: torch.Tensor, direction: str) -> torch.Tensor:
+    """The elements of the counter stream `key` at arbitrary positions (an int64 tensor of any shape), float32:
+    element j equals counter_noise(key, j, 1) bit for bit, since every element is a function of its position (the
+    rows of an embedding gathered by a forward-time probe draw exactly their slice of the full tensor's noise)."""
+    if direction == "rademacher":  # element j: bit j mod 64 of h(j div 64)
+        bit = (splitmix(key, positions >> 6) >> (positions & 63)) & 1   # arithmetic shift: bit b lands on bit 0
+        return torch.where(bit.bool(), -1.0, 1.0).to(torch.float32)
+    z0, z1 = box_muller(splitmix(key, positions >> 1))   # element 2p+1 is the sine of pair p
+    return torch.where((positions & 1).bool(), z1, z0)
+
+
 def block_noise(out: torch.Tensor, generator: torch.Generator, seed: int, index: int, start: int, stream: int,
                 direction: str, block: int) -> torch.Tensor:
     """rng="torch": elements [start, start+len(out)) of the noise of tensor `index` into float32 `out` (`start` a

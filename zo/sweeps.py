@@ -430,9 +430,10 @@ class Sweeper:
                 break
         else:
             raise ValueError("perturbed(): not a parameter of this optimizer")
-        if not self.host.elementwise(p):
-            raise ValueError("perturbed(): this tensor's direction is not element-wise")
         out = local_part(p).detach().reshape(-1).clone()
+        if not self.host.elementwise(p):   # the method's own perturbation, applied to the copy
+            self.host.sweep_tensor(TensorSweep("perturb", index, group_index, group, p, out, scale=k * group["eps"]))
+            return out.view_as(local_part(p))
         kernels = self._cpu_kernels() if self.fast_paths else None
         if kernels is not None and self._cpu_path(p, kernels):   # the C perturb sweep on the copy
             values = kernels.values_array(self._values(step, "perturb", k, group_index, group))
@@ -454,6 +455,30 @@ class Sweeper:
             finally:
                 self.keep_direction = keep
         return out.view_as(local_part(p))
+
+    @torch.no_grad()
+    def perturbed_rows(self, step: SweepStep, p: torch.Tensor, k: float, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `rows` (int64) of θ + k·ε·u, p seen as (p.shape[0], -1): perturbed(step, p, k)[rows] bit for bit,
+        drawing only those rows' noise and state (counter noise is a function of the element position), so an
+        embedding probe costs its gathered rows, not the vocabulary.  Elsewhere (rng="torch", a structured
+        direction) it gathers from the whole perturbed tensor."""
+        data = local_part(p).detach()
+        if (not self.host.elementwise(p) or self.resolved_rng(p.device) != "counter"
+                or self.host.noise_offset(p) or data.numel() != p.numel()):
+            return self.perturbed(step, p, k).reshape(p.shape[0], -1)[rows]
+        index, group_index, group = next((i, gi, g) for i, gi, g, q in self.entries() if q is p)
+        width = p[0].numel()
+        positions = (rows[:, None] * width + torch.arange(width, device=p.device)).view(-1)
+        dtype = compute_dtype(p.dtype)
+        noise = zo_rule.Values("the noise", {
+            name: zo_noise.counter_noise_at(zo_noise.counter_key(step.seed, index, i), positions,
+                                            group["direction"]).to(dtype)
+            for i, name in enumerate(self.spec.streams)})
+        state = {name: self.buffer(p, name)[positions].to(dtype) for name in self.spec.buffers}
+        values = self._torch_values(self._values(step, "perturb", k, group_index, group), p.device, dtype)
+        x = data.reshape(p.shape[0], -1)[rows].view(-1).to(dtype)
+        out = zo_rule.sweep("perturb", self.spec.rule, x, noise, state, values)["x"]
+        return out.to(p.dtype).view(len(rows), width)
 
     # -- the C kernels
     def _cpu_kernels(self):

@@ -205,9 +205,10 @@ class ZOSGDCons(MeZO):
         if kw.get("carry_perturbation"):
             raise ValueError("ZO-SGD-Cons ends a step at θ or at a judged candidate, never at the next step's "
                              "perturbation: drop carry_perturbation")
-        if exact_restore is False:
+        if exact_restore is False or kw.get("probe_mode", "inplace") != "inplace":
             raise ValueError("ZO-SGD-Cons rejects a candidate by returning to a stash of θ, so it needs "
-                             "exact_restore (--zo_exact_restore auto or always), not never")
+                             "exact_restore (--zo_exact_restore auto or always), not never, and in-place probes "
+                             "(--zo_probe inplace: forward-time probes keep no stash)")
         self._sign, self.last_choice = 1.0, None
         super().__init__(params, lr, eps, weight_decay, seed, direction, chunk_numel, noise_block,
                          exact_restore=True, **kw)
