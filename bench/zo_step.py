@@ -335,13 +335,17 @@ def probe_step_fn(mode, model, batch, args):
     optimizer.attach(model)
     objective = utils.Objective()
     loss = lambda m: utils.training_loss(m, batch, objective)  # noqa: E731
-    return lambda: optimizer.step(lambda: optimizer.forward_probe.losses(model, loss))
+    step = lambda: optimizer.step(lambda: optimizer.forward_probe.losses(model, loss))  # noqa: E731
+    step.optimizer = optimizer   # its last_rounded_away goes in the report
+    return step
 
 
 def zo_step_fn(optimizer, model, batch):
     objective = utils.Objective()
     closure = lambda: utils.training_loss(model, batch, objective)  # noqa: E731
-    return lambda: optimizer.step(closure)
+    step = lambda: optimizer.step(closure)  # noqa: E731
+    step.optimizer = optimizer   # its last_rounded_away goes in the report
+    return step
 
 
 def breakdown_step_fn(optimizer, model, batch, record):
@@ -460,7 +464,10 @@ def measure_times(model, batch, args):
         del record[:len(record) - args.reps]   # the timed repetitions only
     if args.baseline:
         baseline.close()
-    return {name: statistics.median(v) for name, v in times.items()}, times, breakdown
+    # the share of the last step's updates that rounded to nothing (None where the weights are fp32)
+    rounded = {name: None if fn.optimizer.last_rounded_away is None else round(float(fn.optimizer.last_rounded_away), 6)
+               for name, fn in fns.items() if hasattr(fn, "optimizer")}
+    return {name: statistics.median(v) for name, v in times.items()}, times, breakdown, rounded
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -607,7 +614,7 @@ def main():
     torch.set_num_threads(args.threads)
     model, batch = load(args)
     n_train = sum(p.numel() for _, p in trainable(model))
-    median, samples, breakdown = measure_times(model, batch, args)
+    median, samples, breakdown, rounded = measure_times(model, batch, args)
     F = median["F"]
     report = {"device": device_name(args.threads), "threads": args.threads, "model": args.model, "mode": args.mode,
               "dtype": args.dtype, "batch": args.batch, "seq": args.seq, "direction": args.direction,
@@ -669,7 +676,8 @@ def main():
             entry = report["probe_modes"][mode] = {
                 "step_over_2fwd": round(median[key] / (2 * F), 4),
                 "paired_step_over_2fwd": paired(key, lambda s, f: s / (2 * f)),
-                "excess_over_2fwd_sweeps": round((median[key] - 2 * F) / sweep, 3) if sweep > 0 else None}
+                "excess_over_2fwd_sweeps": round((median[key] - 2 * F) / sweep, 3) if sweep > 0 else None,
+                "rounded_away": rounded.get(key)}
             if "D" in median:
                 entry["step_over_D"] = round(median[key] / median["D"], 4)
                 entry["excess_over_D_sweeps"] = round((median[key] - median["D"]) / sweep, 3) if sweep > 0 else None
