@@ -269,7 +269,9 @@ def load_model(config: arguments.RunConfig):
     world = parallel.launched_world_size()
     model = models.load_model(model_args.model_name, float16=model_args.load_float16,
                               bfloat16=model_args.load_bfloat16, int8=model_args.load_int8,
-                              untie_emb=model_args.untie_emb, auto_device=model_args.auto_device,
+                              untie_emb=model_args.untie_emb,
+                              # --zo_offload: loaded in host memory; the trainer's Offloader places it
+                              auto_device=model_args.auto_device and config.zo.zo_offload == "none",
                               device=config.hf.device if world > 1 else None,
                               fsdp_size=world if config.fsdp else 1,
                               fsdp_offload="offload" in arguments.fsdp_options(config))

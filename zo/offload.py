@@ -149,8 +149,8 @@ class Offloader:
         self.model, self.optimizer = model, None
         self.blocks_name, modules = find_blocks(model)
         owner: dict[int, str] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            inside = next((i for i, m in enumerate(modules) if any(q is p for q in m.parameters())), None)
+        for name, p in model.named_parameters(remove_duplicate=False):   # every name a parameter has
+            inside = name[len(self.blocks_name) + 1:].split(".")[0] if name.startswith(self.blocks_name + ".") else None
             where = f"block {inside}" if inside is not None else "resident"
             if owner.setdefault(id(p), where) != where:
                 raise ValueError(f"--zo_offload: parameter {name} is shared by {owner[id(p)]} and {where}; a streamed "
