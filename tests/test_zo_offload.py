@@ -299,3 +299,27 @@ def test_several_processes_and_fsdp_are_refused(monkeypatch):
     problems = args.offload_problems(config)
     assert any("--fsdp shards every tensor" in p for p in problems)
     assert any("this launch has 2 processes" in p for p in problems)
+
+
+# ------------------------------------------------------------------------------------------------ the benchmark
+def test_the_benchmark_runs_end_to_end_on_the_stand_in_and_says_its_gpu_figures_are_unmeasured():
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "offload.py"), "--shape", "tiny", "--steps", "2",
+                           "--method", "zo_adamu"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["gpu_measured"] is False and "unmeasured" in report["note"]
+    assert report["streamed"]["peak_gpu_gb"] is None and report["resident"]["peak_gpu_gb"] is None
+    assert report["equal_weights"] is True and report["resident"]["fits"] is True
+    streamed = report["streamed"]
+    # each step uploads every block once and writes back every block it updated: 2 blocks, weights and momentum
+    block = streamed["memory_bytes"]["block"]
+    assert streamed["bytes_up_per_step"] > 0 and streamed["bytes_down_per_step"] <= streamed["bytes_up_per_step"]
+    assert streamed["bytes_up_per_step"] == 2 * block
+    assert report["plan"]["layers"] == 2 and report["plan"]["host_gb"] == pytest.approx(2 * report["plan"]["block_gb"],
+                                                                                         abs=1e-3)
