@@ -204,8 +204,9 @@ class _ZOCoreArguments:
                 "each step's update is applied to a block when it next arrives; embeddings, final norm and head stay "
                 "on the GPU). Needs --zo_probe onepass (or forward) and an element-wise method (not hizoo, fzoo, "
                 "zo_sgd_cons, lozo, lozo_m, subzero); one process, not with --fsdp. Without CUDA the blocks stream to a "
-                "CPU stand-in (the same code, no memory saved).", choices=zo.offload.OFFLOAD_MODES, only_with=ZO,
-        identity="unless_default")
+                "CPU stand-in (the same code, no memory saved). Identical results (the resident run's bits), so not "
+                "part of a run's identity: a checkpoint resumes streamed or resident.", choices=zo.offload.OFFLOAD_MODES,
+        only_with=ZO, identity=False)
 
     def optimizer_class(self):
         return zo_methods.get(self.zo_optim)
