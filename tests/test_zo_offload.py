@@ -84,6 +84,26 @@ def test_two_forwards_a_step_and_several_directions_stream_bit_for_bit(mode, dir
     assert offloader.applied == [K * len(directions or [0])] * 2
 
 
+@pytest.mark.parametrize("adapter", ["lora", "prefix"])
+def test_adapters_stream_bit_for_bit_and_only_what_trains_goes_back(adapter):
+    """LoRA: the frozen base weights of a block go up every step, only lora_A / lora_B come back; the prefix lives
+    outside the blocks and is updated resident."""
+    from test_zo_probe import build
+    resident = build("llama", adapter=adapter)
+    opt = optimizer(resident, "onepass")
+    want = steps(resident, opt, K)
+    model = build("llama", adapter=adapter)
+    offloader = Offloader(model, "cpu")
+    opt2 = optimizer(model, "onepass")
+    offloader.bind(opt2)
+    assert steps(model, opt2, K) == want
+    offloader.flush()
+    assert_same(resident, opt, model, opt2)
+    trained = sum(p.numel() * 4 for b in offloader.blocks for p in b.trainable)
+    assert offloader.moved["down"] == K * trained   # steps 2, 3 and the flush write back what trained, nothing else
+    assert offloader.moved["up"] == (K + 1) * offloader.memory()["host"]
+
+
 def test_resident_tensors_stay_on_the_device_and_blocks_rest_on_the_host():
     model, opt, offloader = streamed("llama")
     name, blocks = find_blocks(model)
@@ -240,8 +260,10 @@ def test_trainer_runs_stream_checkpoint_and_resume_as_the_resident_run(tmp_path,
     with pytest.raises(Killed):
         killed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
     model = copy.deepcopy(base)
-    make_trainer(model, tmp_path / "run", name, steps=4, save="steps", save_steps=2, probe="onepass", offload="cpu",
-                 lr=1e-2).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    resumed = make_trainer(model, tmp_path / "run", name, steps=4, save="steps", save_steps=2, probe="onepass",
+                           offload="cpu", lr=1e-2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert resumed.offloader.applied == [2, 2]   # steps 3 and 4, once each: step 3 found nothing pending
     for (n, a), b in zip(resident.named_parameters(), model.parameters()):
         assert torch.equal(a, b), n
 
