@@ -346,3 +346,20 @@ def test_the_benchmark_runs_end_to_end_on_the_stand_in_and_says_its_gpu_figures_
     assert streamed["bytes_up_per_step"] == 2 * block
     assert report["plan"]["layers"] == 2 and report["plan"]["host_gb"] == pytest.approx(2 * report["plan"]["block_gb"],
                                                                                          abs=1e-3)
+
+
+def test_run_py_trains_streamed_to_the_resident_result(tmp_path, monkeypatch, tiny_llama_dir):
+    """run.py end to end (load in host memory, stream, evaluate streamed, write the result): the same metrics and
+    losses as the resident run, and the same run name (streaming is not part of a run's identity)."""
+    from test_run_training import train
+    argv = ["--task_name", "SST2", "--trainer", "zo", "--zo_optim", "zo_adamu", "--learning_rate", "1e-2",
+            "--zo_probe", "onepass", "--train_as_classification", "--eval_strategy", "steps", "--eval_steps", "2"]
+    for sub in ("resident", "streamed"):
+        (tmp_path / sub).mkdir()
+    want, name = train(tmp_path / "resident", monkeypatch, tiny_llama_dir, *argv)
+    got, streamed_name = train(tmp_path / "streamed", monkeypatch, tiny_llama_dir, *argv, "--zo_offload", "cpu")
+    assert streamed_name == name
+    for key in ("accuracy", "dev_accuracy"):
+        assert got[key] == want[key], key
+    assert got["predictions"] == want["predictions"]   # every test example's scores, from the trained weights
+    assert got["config"]["zo_offload"] == "cpu"
