@@ -366,7 +366,10 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
     global_step = trainer.state.global_step or (runs.saved_step(resume.checkpoint) if resume.checkpoint else 0)
     result = evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
                                      eval_samples, settings)
-    return (None if result is None else (*result, trainer.clock.record(global_step))), None
+    record = trainer.clock.record(global_step)
+    if getattr(trainer, "offloader", None) is not None:   # --zo_offload: what streamed, and the bytes it moved
+        record["offload"] = trainer.offloader.report()
+    return (None if result is None else (*result, record)), None
 
 
 def resume_command(config: arguments.RunConfig) -> str:

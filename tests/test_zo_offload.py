@@ -362,4 +362,7 @@ def test_run_py_trains_streamed_to_the_resident_result(tmp_path, monkeypatch, ti
     for key in ("accuracy", "dev_accuracy"):
         assert got[key] == want[key], key
     assert got["predictions"] == want["predictions"]   # every test example's scores, from the trained weights
-    assert got["config"]["zo_offload"] == "cpu"
+    assert got["config"]["zo_offload"] == "cpu" and "offload" not in want["training"]
+    streamed = got["training"]["offload"]
+    assert streamed["blocks_of"] == "model.layers" and streamed["blocks"] == 2
+    assert streamed["bytes_up"] >= 3 * streamed["host"] > 0 and streamed["bytes_down"] > 0

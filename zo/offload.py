@@ -292,6 +292,11 @@ class Offloader:
             hook.remove()
         self._hooks = []
 
+    def report(self) -> dict:
+        """For a run's training record: the device, the blocks, their bytes (memory()) and the bytes copied so far."""
+        return {"device": str(self.device), "blocks_of": self.blocks_name, **self.memory(),
+                "bytes_up": self.moved["up"], "bytes_down": self.moved["down"]}
+
     def memory(self) -> dict[str, int]:
         """Bytes: resident on the device (parameters and buffers), the largest block with its state, the most blocks in
         flight at once (IN_FLIGHT), and on the host (the streamed blocks and their state)."""
