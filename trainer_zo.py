@@ -30,6 +30,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -307,6 +308,8 @@ class ZOTrainer(SuiteTrainer):
                 self.optimizer.attach(model)   # --zo_probe forward / onepass: refuses unhandled modules by name
             if self.offloader is not None:
                 self.offloader.bind(self.optimizer)   # streamed tensors: updated when their block next arrives
+                logger.info("--zo_offload: %s", {k: f"{v / 2 ** 20:.1f} MiB" if k != "blocks" else v
+                                                 for k, v in self.offloader.memory().items()})
         return self.optimizer
 
     def _probe_loss(self, model, inputs):
@@ -367,7 +370,10 @@ class ZOTrainer(SuiteTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self.settle()
-        return super().save_model(output_dir, _internal_call)
+        with warnings.catch_warnings():
+            # --zo_offload: the device map says "cpu" for the streamed blocks, which the host copy saves as it is
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            return super().save_model(output_dir, _internal_call)
 
     def _load_best_model(self) -> None:
         self.settle()  # otherwise a later settle would subtract this step's perturbation from the loaded weights
