@@ -32,8 +32,10 @@ arrival applies the queue in order and counts (`applied`, per block), and the wr
 fails inside a block (an exception; the post-hook runs with always_call) drops the device copy and puts the queue
 back, so the host never holds a half-applied step and the next arrival applies it again from the host's θ.
 flush() applies every queue and waits for every write-back: the host then holds θ, which is what checkpoints save
-(the trainer flushes before evaluation, saving and the end of training; pending updates are never saved, so a
-checkpoint of a streamed run is an ordinary one and resumes streamed or resident alike).
+(state_dict() and load_state_dict() of the model and of the bound optimizer flush first, and the trainer flushes
+before evaluation, saving and the end of training; pending updates are never saved, so a checkpoint of a streamed
+run is an ordinary one and resumes streamed or resident alike).  16-bit weights: a streamed tensor's rounded-away
+updates (update_rounded_away) are counted when its update is applied, in the next step's figure.
 
 The CPU stand-in: device "cpu" makes the device copy a separate CPU tensor and every copy synchronous; the code path
 is otherwise the one CUDA runs (tests compare it bit for bit with the resident run).  Refused (refusal): in-place
@@ -175,7 +177,11 @@ class Offloader:
                         module._buffers[key] = buf.to(self.device)
         # where the weights rest, for HF's Trainer and accelerate: a map of more than one device leaves them in place
         model.hf_device_map = {"": str(self.device), **{b.name: "cpu" for b in self.blocks}}
-        self._hooks = [model.register_forward_pre_hook(self._model_begins)]
+        # whoever saves or loads the weights sees θ: every pending update applied and written back first (a load
+        # then overwrites it, so no update of the old weights lands on the loaded ones)
+        self._hooks = [model.register_forward_pre_hook(self._model_begins),
+                       model.register_state_dict_pre_hook(lambda *_: self.flush()),
+                       model.register_load_state_dict_pre_hook(lambda *_: self.flush())]
         for i, b in enumerate(self.blocks):
             self._hooks.append(b.module.register_forward_pre_hook(partial(self._arrive, i)))
             self._hooks.append(b.module.register_forward_hook(partial(self._leave, i), always_call=True))
@@ -198,6 +204,8 @@ class Offloader:
             for p, name in b.state:
                 optimizer.sweeper.buffer(p, name)   # made on the host before the first step
         self.optimizer = optimizer
+        self._hooks += [optimizer.register_state_dict_pre_hook(lambda *_: self.flush()),
+                        optimizer.register_load_state_dict_pre_hook(lambda *_: self.flush())]
         optimizer.sweeper.only = {id(p) for p in self.resident}
         optimizer.sweeper.hold = self._hold
 
