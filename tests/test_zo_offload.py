@@ -369,3 +369,16 @@ def test_run_py_trains_streamed_to_the_resident_result(tmp_path, monkeypatch, ti
     streamed = got["training"]["offload"]
     assert streamed["blocks_of"] == "model.layers" and streamed["blocks"] == 2
     assert streamed["bytes_up"] >= 3 * streamed["host"] > 0 and streamed["bytes_down"] > 0
+
+
+def test_detach_flushes_and_the_optimizer_then_updates_every_tensor_at_once():
+    resident = tiny_model("llama")
+    opt = optimizer(resident, "onepass")
+    steps(resident, opt, 3)
+    model, opt2, offloader = streamed("llama")
+    steps(model, opt2, 2)
+    offloader.detach()   # step 2's update applied; from now on a resident run (on the host copy)
+    assert offloader.applied == [2, 2] and offloader.pending == [[], []]
+    steps(model, opt2, 1)
+    assert offloader.applied == [2, 2]
+    assert_same(resident, opt, model, opt2)

@@ -288,17 +288,21 @@ class Offloader:
             if self.pending[i]:
                 self._arrive(i)
                 self._leave(i, output=True)
+        self._streams.synchronize()   # before a prefetched copy is freed: its upload may still be writing it
         for b in self.blocks:
             if b.device is not None:
                 self._point(b, b.host)
                 b.device = b.host = b.ready = None
-        self._streams.synchronize()
 
     def detach(self) -> None:
-        """Remove the hooks (the weights stay where they are)."""
+        """flush(), then remove the hooks and give the optimizer back its whole sweeps (the weights stay where they
+        are: the blocks in host memory)."""
+        self.flush()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+        if self.optimizer is not None:
+            self.optimizer.sweeper.only = self.optimizer.sweeper.hold = None
 
     def report(self) -> dict:
         """For a run's training record: the device, the blocks, their bytes (memory()) and the bytes copied so far."""
