@@ -110,7 +110,11 @@ def test_resident_tensors_stay_on_the_device_and_blocks_rest_on_the_host():
     assert name == "model.layers" and offloader.blocks_name == name
     inside = {id(p) for p in blocks.parameters()}
     assert {id(p) for p in offloader.resident} == {id(p) for p in model.parameters()} - inside
+    held = []   # blocks holding a device copy while each block computes: this one and the next, uploading
+    for b in offloader.blocks:
+        b.module.register_forward_hook(lambda *_: held.append(sum(c.device is not None for c in offloader.blocks)))
     steps(model, opt, 1)
+    assert held and max(held) <= 2 and max(held) * offloader.memory()["block"] <= offloader.memory()["in_flight"]
     # between steps each block's parameters are its host tensors again, not a device copy
     host = [p.data.data_ptr() for b in offloader.blocks for p in b.params]
     steps(model, opt, 1)
