@@ -32,6 +32,7 @@ import cli
 import parallel
 import tasks
 import zo
+import zo.offload
 from zo import registry as zo_methods
 from cli import UsageError, condition_text, flag, normalise, range_text, screen
 
@@ -196,6 +197,16 @@ class _ZOCoreArguments:
                "log's update_rounded_away is the share that did). float32 weights are never rounded: no effect on "
                "them (LoRA adapters of a 16-bit model may be float32). Not with the low-rank methods (lozo, lozo_m, "
                "subzero).", only_with=ZO, identity="unless_default")
+
+    zo_offload: str = flag(
+        "none", "Where the weights rest: none (on the device) or cpu (one GPU: the model's decoder blocks and their "
+                "optimizer state in pinned host memory, streamed block by block while the previous block computes; "
+                "each step's update is applied to a block when it next arrives; embeddings, final norm and head stay "
+                "on the GPU). Needs --zo_probe onepass (or forward) and an element-wise method (not hizoo, fzoo, "
+                "zo_sgd_cons, lozo, lozo_m, subzero); one process, not with --fsdp. Without CUDA the blocks stream to a "
+                "CPU stand-in (the same code, no memory saved). Identical results (the resident run's bits), so not "
+                "part of a run's identity: a checkpoint resumes streamed or resident.", choices=zo.offload.OFFLOAD_MODES,
+        only_with=ZO, identity=False)
 
     def optimizer_class(self):
         return zo_methods.get(self.zo_optim)
@@ -542,7 +553,7 @@ def check(config: RunConfig) -> list[str]:
         if zo_args.zo_carry_perturbation and zo_args.zo_keep_direction:
             problems.append("--zo_carry_perturbation and --zo_keep_direction do not combine (a kept direction "
                             "already costs one noise sweep per step); drop one of them.")
-        problems += direction_problems(config) + probe_problems(config)
+        problems += direction_problems(config) + probe_problems(config) + offload_problems(config)
         if hf.deepspeed:
             problems.append("--deepspeed wraps the optimizer step in DeepSpeed's engine, which a ZO step does not "
                             "use; shard the weights with --fsdp full_shard instead (ZO sweeps each rank's shard).")
@@ -573,6 +584,32 @@ def probe_problems(config: RunConfig) -> list[str]:
     if mode == "onepass" and config.train.non_diff:
         problems.append("--zo_probe onepass doubles the batch, but --non_diff generates (the batch's rows stop "
                         "together and every token regenerates the probe); use --zo_probe forward.")
+    return problems
+
+
+def offload_problems(config: RunConfig) -> list[str]:
+    """--zo_offload cpu (zo.offload): one process, forward-time probes, a method whose update can wait for each block."""
+    zo_args = config.zo
+    if zo_args.zo_offload == "none":
+        return []
+    problems = []
+    if zo_args.zo_probe == "inplace":
+        problems.append("--zo_offload cpu streams each block once per forward, but --zo_probe inplace writes θ±εu into "
+                        "every weight three times a step (every block at once); add --zo_probe onepass (one pass "
+                        "per step) or forward.")
+    refused = (zo.offload.refusal(zo_args.optimizer_class()) if zo_args.zo_optim in zo_methods.OPTIMIZERS else "")
+    if refused:
+        problems.append(f"--zo_offload cpu applies each step's element-wise update to a block when it next arrives; "
+                        f"--zo_optim {zo_args.zo_optim}: {refused}. Use one of "
+                        f"{', '.join(n for n, c in zo_methods.OPTIMIZERS.items() if not zo.offload.refusal(c))}, or "
+                        "drop --zo_offload.")
+    if config.fsdp:
+        problems.append("--zo_offload cpu streams whole blocks to one GPU; --fsdp shards every tensor over the ranks "
+                        "(its offload option keeps the shards in host memory): choose one.")
+    world = parallel.launched_world_size()
+    if world > 1:
+        problems.append(f"--zo_offload cpu streams to one GPU and this launch has {world} processes; start one "
+                        "process (python run.py ...), or shard with --fsdp full_shard offload instead.")
     return problems
 
 

@@ -269,7 +269,9 @@ def load_model(config: arguments.RunConfig):
     world = parallel.launched_world_size()
     model = models.load_model(model_args.model_name, float16=model_args.load_float16,
                               bfloat16=model_args.load_bfloat16, int8=model_args.load_int8,
-                              untie_emb=model_args.untie_emb, auto_device=model_args.auto_device,
+                              untie_emb=model_args.untie_emb,
+                              # --zo_offload: loaded in host memory; the trainer's Offloader places it
+                              auto_device=model_args.auto_device and config.zo.zo_offload == "none",
                               device=config.hf.device if world > 1 else None,
                               fsdp_size=world if config.fsdp else 1,
                               fsdp_offload="offload" in arguments.fsdp_options(config))
@@ -364,7 +366,10 @@ def train_and_evaluate(config: arguments.RunConfig, resume: runs.ResumePlan, tas
     global_step = trainer.state.global_step or (runs.saved_step(resume.checkpoint) if resume.checkpoint else 0)
     result = evaluate_after_training(config, task, trainer.model, tokenizer, tokens, train_samples, dev_samples,
                                      eval_samples, settings)
-    return (None if result is None else (*result, trainer.clock.record(global_step))), None
+    record = trainer.clock.record(global_step)
+    if getattr(trainer, "offloader", None) is not None:   # --zo_offload: what streamed, and the bytes it moved
+        record["offload"] = trainer.offloader.report()
+    return (None if result is None else (*result, record)), None
 
 
 def resume_command(config: arguments.RunConfig) -> str:

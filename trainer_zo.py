@@ -18,7 +18,8 @@ untouched. Three private methods are extended (each calls the original for every
   because transformers 5 no longer lists tied weights in `_keys_to_ignore_on_save`; the head is the embedding matrix,
   which was loaded, so the warning is dropped for exactly those keys.
 With --zo_carry_perturbation the weights rest perturbed between steps; `evaluate`, `save_model`, loading the best
-model, the last step and `train`'s exit put them back first.
+model, the last step and `train`'s exit put them back first.  With --zo_offload cpu (zo.offload) the decoder blocks
+rest in host memory and stream through the device; the same points first apply every block's pending update.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import resource
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +261,16 @@ class ZOTrainer(SuiteTrainer):
 
     def __init__(self, *args, zo_args: ZOArguments, **kwargs):
         self.zo_args = zo_args
+        # --zo_offload cpu: the blocks move to host memory before HF's Trainer places the model (the Offloader's
+        # device map tells it and accelerate to leave them there); a CPU device gets the stand-in (tests)
+        self.offloader = None
+        if zo_args.zo_offload != "none":
+            from zo.offload import Offloader
+            device = kwargs["args"].device if "args" in kwargs else args[1].device
+            if device.type != "cuda":
+                logger.warning("--zo_offload %s without a CUDA device: the blocks stream to a CPU stand-in (the same "
+                               "code path; no memory is saved)", zo_args.zo_offload)
+            self.offloader = Offloader(kwargs["model"] if "model" in kwargs else args[0], device)
         super().__init__(*args, **kwargs)
         self._consecutive_skips = 0
         self._skips_seen = 0
@@ -294,6 +306,10 @@ class ZOTrainer(SuiteTrainer):
                 seed=self.args.seed, **kwargs)
             if self.optimizer.probe_mode != "inplace":
                 self.optimizer.attach(model)   # --zo_probe forward / onepass: refuses unhandled modules by name
+            if self.offloader is not None:
+                self.offloader.bind(self.optimizer)   # streamed tensors: updated when their block next arrives
+                logger.info("--zo_offload: %s", {k: f"{v / 2 ** 20:.1f} MiB" if k != "blocks" else v
+                                                 for k, v in self.offloader.memory().items()})
         return self.optimizer
 
     def _probe_loss(self, model, inputs):
@@ -333,11 +349,14 @@ class ZOTrainer(SuiteTrainer):
         return optimizer
 
     def settle(self) -> None:
-        """Put the weights back at θ if the next step's perturbation rests on them (--zo_carry_perturbation).
+        """Put the weights back at θ if the next step's perturbation rests on them (--zo_carry_perturbation), and
+        apply and write back every streamed block's pending update (--zo_offload: the host copy is what is saved).
         Called before anything reads the weights: evaluation, saving, loading the best model, the end of training."""
         optimizer = self._zo_optimizer
         if optimizer is not None and optimizer.carried:
             optimizer.settle()
+        if self.offloader is not None:
+            self.offloader.flush()
 
     def train(self, *args, **kwargs):
         try:
@@ -351,7 +370,10 @@ class ZOTrainer(SuiteTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         self.settle()
-        return super().save_model(output_dir, _internal_call)
+        with warnings.catch_warnings():
+            # --zo_offload: the device map says "cpu" for the streamed blocks, which the host copy saves as it is
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            return super().save_model(output_dir, _internal_call)
 
     def _load_best_model(self) -> None:
         self.settle()  # otherwise a later settle would subtract this step's perturbation from the loaded weights

@@ -15,7 +15,7 @@ from zo import registry as zo_methods
 TRAIN = ["--trainer", "zo", "--num_train", "8", "--train_set_seed", "0", "--max_steps", "100"]
 CORE_FLAGS = {"zo_optim", "zo_eps", "zo_direction", "zo_num_directions", "zo_parallel", "zo_exact_restore",
               "zo_keep_direction", "zo_carry_perturbation", "zo_cuda_graphs", "zo_stochastic_rounding",
-              "zo_probe"}
+              "zo_probe", "zo_offload"}
 
 
 def test_every_per_method_flag_is_derived_from_the_declarations():

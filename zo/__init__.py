@@ -2,6 +2,7 @@
 
     registry  ->  methods  ->  core  ->  sweeps  ->  backends (C, Triton)  ->  rule, noise
                                core  ->  probe (forward-time probes; imports only torch)
+                  offload  ->  core (weights streamed from host memory, --zo_offload; imported where used)
 
 The suite enters it at three points: the registry (`--zo_optim` name -> class, each method's hyper-parameters and
 default LR / ε), the optimizer protocol (`ZOOptimizer`: probe, step, settle, state, checkpoints) and

@@ -143,6 +143,7 @@ class ZOOptimizer(torch.optim.Optimizer):
     perturbation = property(lambda self: self._offset, doc="k of θ + k·ε·u, where the parameters rest (in place) or "
                             "where the forwards see them (probe_mode forward).")
     noise_calls = property(lambda self: self._sweeper.noise_calls, doc="Noise draws (per tensor, stream and chunk).")
+    sweeper = property(lambda self: self._sweeper, doc="The zo.sweeps.Sweeper (zo.offload defers its updates).")
     replays = property(lambda self: self._sweeper.replays, doc="Sweeps run as a replayed CUDA graph.")
 
     # -- what a method declares
@@ -257,8 +258,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._center = None                      # (Σℓ(θ), calls) of this step (center_loss)
         self._direction, self._restoring = 0, True
         self._sweeper.new_direction()
-        self._g = self._ok = None
-        self._update_cache: dict = {}
+        self._g, self._ok, self._update_cache = None, None, {}
         self._next = None  # (seed, step values) of the next step, for an update that carries its perturbation
 
     def state_dict(self):

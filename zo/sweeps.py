@@ -129,6 +129,10 @@ class Sweeper:
         self._layout = None
         self.count = self.noise_calls = self.replays = 0   # diagnostics, not saved (replays: CUDA graph sweeps)
         self.timings: list | None = None   # a list: each sweep appends (kind, seconds of host time) (benchmarks)
+        # zo.offload: `only` (ids) limits the sweeps to the resident tensors; `hold` takes each update step, its values
+        # frozen, for the streamed ones, which `apply` updates when they next reach the device
+        self.only: set[int] | None = None
+        self.hold: Callable[[SweepStep], None] | None = None
 
     # -- the optimizer's tensors
     def entries(self):
@@ -262,11 +266,29 @@ class Sweeper:
         """One pass over the trainable tensors.  kind: "perturb" θ += k·ε·u; "restore" the same, or the stash;
         "update" the restore fused with the update (and, with carry, the next step's +ε·u': fused tensors only)."""
         self.count += 1
+        if kind == "update" and self.hold is not None:
+            step = self.frozen(step)
+            self.hold(step)
         if self.timings is None:
             return self._dispatch(kind, step, k, carry)
         begin = time.perf_counter()
         self._dispatch(kind, step, k, carry)
         self.timings.append((kind, time.perf_counter() - begin))
+
+    def frozen(self, step: SweepStep) -> SweepStep:
+        """The step with every group's update values computed now: they read the optimizer's projected gradient, which
+        the next step replaces (an update deferred to a later sweep must keep this step's)."""
+        values = [step.update_values(i, group) for i, group in enumerate(self.host.param_groups)]
+        return step._replace(update_values=lambda group_index, group: values[group_index])
+
+    def apply(self, step: SweepStep, tensors) -> None:
+        """The update sweep of a frozen `step` over `tensors` alone (zo.offload: a streamed block when it arrives): per
+        tensor the arithmetic of the whole sweep, so the same bits."""
+        only, self.only = self.only, {id(p) for p in tensors}
+        try:
+            self._dispatch("update", step, 0, False)
+        finally:
+            self.only = only
 
     def _dispatch(self, kind, step, k, carry):
         """A replay of the sweep's captured CUDA graph where one serves, else the sweep tensor by tensor."""
@@ -276,7 +298,7 @@ class Sweeper:
             groups = ([step.update_values(i, g) for i, g in enumerate(self.host.param_groups)]
                       if kind == "update" else None)
             device_sweeps.load(step.seed, step.values, next_seed, next_values, groups)
-        if layout.graphable and self.cuda_graphs:
+        if layout.graphable and self.cuda_graphs and self.only is None:   # a graph replays every tensor
             # a sweep's launches depend only on the tensors and on constants (the kind, k, the probe offset, each
             # group's ε and direction); every per-step value is read from device memory, so one captured graph
             # serves every step.  The graph stores how many noise draws its capture counted.
@@ -301,7 +323,7 @@ class Sweeper:
         jobs, writebacks, touched, arrays, structured = [], [], [], {}, []
         slots, counted = [], 0   # the C updates' rounded-away counts (one slot a job) and the elements they cover
         for index, group_index, group, p in self.entries():
-            if not p.requires_grad:
+            if not p.requires_grad or (self.only is not None and id(p) not in self.only):
                 continue  # frozen after construction: untouched, index kept so other directions don't shift
             data = local_part(p).detach()
             contiguous = data.is_contiguous()
