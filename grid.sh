@@ -15,6 +15,8 @@
 # ⌊FORWARDS / its forward passes a step⌋ steps (2 for MeZO, 3 for HiZOO, N+1 for FZOO, ...; --zo_num_directions among
 # the extra flags counts); Adam's step is one forward and one backward, so Adam runs FORWARDS steps. Dev evaluation
 # and checkpoints every EVAL_STEPS steps, or every EVAL_FORWARDS forward passes.
+# STOP_AT (seconds since the epoch, as `date +%s` prints): no run starts at or after that time; runs already going
+# finish, the ones left are listed and the grid exits 1 (rerun to continue). For a machine lent for a fixed time.
 # JOBS runs at a time (default 1), each with THREADS torch threads (default: the cores / JOBS). A run holds a lock
 # ($OUT/locks/<name>.lock) while it trains, so two grids sharing a folder never run the same configuration: the second
 # skips it and says so.
@@ -39,6 +41,7 @@ EVAL_STEPS=${EVAL_STEPS:-4000}
 FORWARDS=${FORWARDS:-}
 EVAL_FORWARDS=${EVAL_FORWARDS:-}
 JOBS=${JOBS:-1}
+STOP_AT=${STOP_AT:-}
 OUT=${OUT:-result/grid}
 TASK_DEFAULTS=$(python "$HERE/tasks.py" defaults "$TASK") || exit 2
 eval "$TASK_DEFAULTS"
@@ -55,7 +58,7 @@ for LIST in LRS EPSS; do
         echo "grid.sh: $LIST is empty; give at least one value (or unset it for each method's registry value)" >&2; exit 2
     fi
 done
-for NUMBER in JOBS ${FORWARDS:+FORWARDS} ${EVAL_FORWARDS:+EVAL_FORWARDS} ${THREADS:+THREADS}; do
+for NUMBER in JOBS ${STOP_AT:+STOP_AT} ${FORWARDS:+FORWARDS} ${EVAL_FORWARDS:+EVAL_FORWARDS} ${THREADS:+THREADS}; do
     if ! [[ ${!NUMBER} =~ ^[1-9][0-9]*$ ]]; then echo "grid.sh: $NUMBER=${!NUMBER} is not a positive integer" >&2; exit 2; fi
 done
 if [ -n "$EVAL_FORWARDS" ] && [ -z "$FORWARDS" ]; then
@@ -80,7 +83,7 @@ if [ $# -gt 0 ]; then EXTRA=-x$(printf '%s\0' "$@" | cksum | cut -d' ' -f1); fi
 
 mkdir -p "$OUT/locks"
 declare -A RUN_NAME=() RUN_LOCK=()
-total=0; done_=0; ran=0; failed=(); busy=(); stop=0
+total=0; done_=0; ran=0; failed=(); busy=(); late=(); stop=0
 
 finish() {  # the run with this pid has ended with this status
     local pid=$1 status=$2 name=${RUN_NAME[$1]} fd=${RUN_LOCK[$1]}
@@ -154,6 +157,11 @@ for OPTIM in $OPTIMS; do for MODE in $MODES; do
         [ "$stop" -eq 0 ] || break 5
         reap "$JOBS"
         [ "$stop" -eq 0 ] || break 5
+        if [ -n "$STOP_AT" ] && [ "$(date +%s)" -ge "$STOP_AT" ]; then
+            echo "grid.sh: [$total] $NAME: not started (STOP_AT $STOP_AT has passed)"
+            late+=("$NAME")
+            continue
+        fi
         exec {lock}>"$OUT/locks/$NAME.lock"
         if ! flock -n "$lock"; then
             exec {lock}>&-
@@ -191,9 +199,12 @@ echo "grid.sh: $done_ of $total runs have results in $OUT ($ran run now, $((done
 if [ ${#busy[@]} -gt 0 ]; then
     printf 'grid.sh: running in another grid (rerun this command when it is done): %s\n' "${busy[@]}" >&2
 fi
+if [ ${#late[@]} -gt 0 ]; then
+    printf 'grid.sh: not started before STOP_AT (rerun this command to run them): %s\n' "${late[@]}" >&2
+fi
 if [ ${#failed[@]} -gt 0 ]; then
     printf 'grid.sh: failed: %s\n' "${failed[@]}" >&2
 fi
-if [ ${#failed[@]} -gt 0 ] || [ ${#busy[@]} -gt 0 ]; then
+if [ ${#failed[@]} -gt 0 ] || [ ${#busy[@]} -gt 0 ] || [ ${#late[@]} -gt 0 ]; then
     exit 1
 fi

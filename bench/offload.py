@@ -16,7 +16,7 @@ checks that the streamed weights equal the resident ones bit for bit, but its ti
 figures: the JSON says "gpu_measured": false and every GPU figure is null.
 
     python bench/offload.py --shape tiny                                  # CPU: the stand-in, end to end
-    python bench/offload.py --shape opt-13b --dtype float16 --memory_fraction 0.25 --seq 256
+    python bench/offload.py --shape opt-13b --dtype float16 --memory_gib 16 --batch 16 --seq 64
     python bench/offload.py --shape opt-66b --dtype float16 --plan_only   # the memory arithmetic alone
 Last line: one JSON object.
 """
@@ -59,11 +59,33 @@ def config_of(shape: str):
                      pad_token_id=1, bos_token_id=2, eos_token_id=2, **s)
 
 
-def build(config, dtype, device="cpu"):
+def build(config, dtype, device="cpu", init="tiled"):
+    """The model of a shape with random weights. init="hf": transformers' own initialisation (one serial random draw
+    per weight: minutes for a 13B model on the host); "tiled": every matrix a repeat of one seeded N(0, 0.02) tile,
+    norms 1 and biases 0 (the time of a copy). Step times and bytes do not depend on the values."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(0)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if init == "hf" or device == "meta":
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    if list(model.buffers()):   # to_empty would leave them unset (rotary tables, say): the OPT shapes have none
+        raise ValueError(f"{type(model).__name__} has buffers that a tiled init would leave unset; use --init hf")
+    model.to_empty(device=device)
+    n = 1 << 20
+    tile = torch.randn(n, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(device, dtype).repeat(2)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() < 2:   # norms' scales 1, every bias 0
+                p.fill_(0.0 if name.endswith("bias") else 1.0)
+                continue
+            shift, flat = (i * 104729) % n, p.view(-1)   # each matrix starts elsewhere in the tile
+            for start in range(0, flat.numel(), n):
+                chunk = flat[start:start + n]
+                chunk.copy_(tile[shift:shift + chunk.numel()])
+    model.tie_weights()
+    return model
 
 
 def plan(config, dtype, method) -> dict:
@@ -134,9 +156,12 @@ def run(args) -> dict:
               "plan": plan(config, dtype, args.method)}
     if args.plan_only:
         return report
+    if cuda and args.memory_gib:   # a cap in GiB is the fraction of this card's memory that it is
+        args.memory_fraction = min(1.0, args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
     if cuda and args.memory_fraction:
         torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
-    base = build(config, dtype)
+    report["memory_fraction"] = args.memory_fraction if cuda else None
+    base = build(config, dtype, init=args.init)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (args.batch, args.seq), generator=g)
     inputs = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
@@ -174,7 +199,7 @@ def run(args) -> dict:
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        model = twin if twin is not None else build(config, dtype, device)   # on CUDA: other random values
+        model = twin if twin is not None else build(config, dtype, device, args.init)   # on CUDA: other random values
         opt = make(model)
         opt.attach(model)
         resident = timed_steps(model, opt, inputs, args.warmup, args.steps, device)
@@ -202,6 +227,11 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--memory_fraction", type=float, default=None,
                         help="GPU memory cap, a fraction of the device's (torch.cuda.set_per_process_memory_fraction)")
+    parser.add_argument("--memory_gib", type=float, default=None,
+                        help="GPU memory cap in GiB (turned into --memory_fraction of this card)")
+    parser.add_argument("--init", default="tiled", choices=("tiled", "hf"),
+                        help="weights: a repeated seeded tile (seconds at any size) or transformers' init (minutes "
+                             "for 13B on the host); the figures do not depend on the values")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu"), help="cpu: the stand-in even with CUDA")
     parser.add_argument("--plan_only", action="store_true", help="the memory arithmetic alone (meta device)")
     args = parser.parse_args()
@@ -212,6 +242,10 @@ def main():
     for name in ("batch", "seq", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.memory_fraction is not None and args.memory_gib is not None:
+        parser.error("--memory_fraction and --memory_gib both cap the GPU memory; give one")
+    if args.memory_gib is not None and args.memory_gib <= 0:
+        parser.error(f"--memory_gib {args.memory_gib}: must be > 0")
     if args.memory_fraction is not None and not 0 < args.memory_fraction <= 1:
         parser.error(f"--memory_fraction {args.memory_fraction}: must lie in (0, 1]")
     report = run(args)

@@ -122,3 +122,19 @@ def test_a_forward_budget_gives_each_method_its_steps_and_locked_runs_are_left_t
         assert config["eval_steps"] == 3 // want and training["peak_rss_mb"] > 0
     again = grid(tmp_path, env)   # the lock is free now: the missing run, alone
     assert again.returncode == 0 and again.stdout.count(": running") == 1, again.stderr
+
+
+def test_no_run_starts_after_stop_at(tmp_path, tiny_llama_dir):
+    """STOP_AT (epoch seconds) is for a machine lent for a fixed time: finished runs are still skipped, nothing new
+    starts once it has passed, the runs left are named and the grid exits 1; a value that is no time is refused."""
+    import time as clock
+    env = environment(tmp_path, tiny_llama_dir, LRS="1e-3", STEPS="1")
+    assert grid(tmp_path, env).returncode == 0
+    late = grid(tmp_path, environment(tmp_path, tiny_llama_dir, LRS="1e-3 1e-4", STEPS="1",
+                                      STOP_AT=str(int(clock.time()) - 1)))
+    assert late.returncode == 1, late.stderr
+    assert late.stdout.count("result exists, skipped") == 1 and late.stdout.count(": running") == 0
+    assert "-lr1e-4-" in late.stderr and "not started before STOP_AT" in late.stderr
+    assert len(list((tmp_path / "grid").glob("*.json"))) == 1
+    bad = grid(tmp_path, environment(tmp_path, tiny_llama_dir, STOP_AT="soon"))
+    assert bad.returncode == 2 and "STOP_AT=soon is not a positive integer" in bad.stderr
