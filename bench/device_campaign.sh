@@ -5,12 +5,13 @@
 #
 #   bash bench/device_campaign.sh prepare      # here: .device/a (gguf wheel, task data, GGUF half 1, its sha256)
 #                                              #       .device/b (GGUF half 2); prints the two calls
-#   call 1, carry .device/a:  bash bench/device_campaign.sh offload   # streamed weights (bench/offload.py), ≤ 5 min
+#   call 1, carry .device/a:  bash bench/device_campaign.sh offload   # streamed weights, probe modes, ≤ 6 min
 #   call 2, carry .device/b:  bash bench/device_campaign.sh grid      # the comparison grids, until LIMIT
 #
 # offload: OPT-13B shape, fp16, batch 16 x 64, MeZO and ZO-AdaMU streamed under a 16 GiB cap; then uncapped, streamed
-#   against resident; then the next shape up streamed on the whole card; then the 66B memory plan. One JSON per run
-#   under $OUT, each bench run under its own timeout so that one slow phase cannot take the call.
+#   against resident; then the next shape up streamed on the whole card; then the 66B memory plan; then the step per
+#   probe mode (inplace, forward, onepass) at OPT-1.3B shape in fp16 (bench/zo_step.py, on the carried tokenizer).
+#   One JSON per run under $OUT, each under its own timeout so that one slow phase cannot take the call.
 # grid: joins the two halves (sha256 checked), converts the model, then grid.sh runs fp32 on the one GPU, JOBS at a
 #   time: SST2 LoRA at FORWARDS training forward passes over each method's LR list (the CPU grid's, docs/results.md),
 #   then seeds 1 and 2 at each method's dev-best LR (report.py), then the second task, each method at its selected
@@ -19,13 +20,14 @@
 #   trainer_state.json come back as one archive, $OUT/device-grid.tgz, with the log.
 #
 # Tested on the CPU with a tiny model (tests/test_scripts.py): MODEL set skips the GGUF, DATA names the task data.
-# Settings (environment): LIMIT (seconds this call may run, default 480), JOBS (8), THREADS (2), FORWARDS (2000),
+# Settings (environment): LIMIT (seconds this call may run, default 420), JOBS (8), THREADS (2), FORWARDS (2000),
 # EVAL_FORWARDS (500), SECOND_TASK (WIC; empty: none), OPTIMS, LRS_<optim>, MODEL, DATA, ROOT_OUT (where results go:
-# default a folder under /tmp), OFFLOAD_SHAPES.
+# default .device/grid), SIZES, BS; offload: OFFLOAD_SHAPES, OFFLOAD_ARGS, PROBE_SHAPE, PROBE_DTYPE, TOKENIZER,
+# TIMEOUT_SCALE (multiplies each bench run's timeout: a loaded CPU starts Python far slower than the GPU machine).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 START=$(date +%s)
-LIMIT=${LIMIT:-480}
+LIMIT=${LIMIT:-420}
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 TASK_DIRS="sst2 wic rte copa"   # the data folders the grids read (../shared does not travel)
 
@@ -44,10 +46,14 @@ print(pathlib.Path(s.origin).parent / '$GGUF_NAME' if s else '')")
     split -n 2 -d "$gguf" "$HERE/.device/part"
     mv "$HERE/.device/part00" "$HERE/.device/a/gguf.part00"; mv "$HERE/.device/part01" "$HERE/.device/b/gguf.part01"
     (cd "$(dirname "$gguf")" && sha256sum "$GGUF_NAME") > "$HERE/.device/a/gguf.sha256"
+    # the embedded tokenizer alone (3.5 MB) lets call 1 time random-weight shapes on real SST2 tokens
+    local converted; converted=$(python -c "import models; print(models.embedded_model_path())")
+    mkdir -p "$HERE/.device/a/tokenizer"
+    cp "$converted"/tokenizer.json "$converted"/tokenizer_config.json "$HERE/.device/a/tokenizer/"
     du -sh "$HERE/.device/a" "$HERE/.device/b"
-    # 15 minutes of device time: a start (1-2 min), call 1 (at most 270 s of timeouts), call 2 (LIMIT)
-    echo "call 1: run(carry=[\".device/a\"], command=\"bash bench/device_campaign.sh offload\", timeout_s=300)"
-    echo "call 2: run(carry=[\".device/b\"], command=\"LIMIT=480 bash bench/device_campaign.sh grid\", timeout_s=520)"
+    # 15 minutes of device time: a start (1-2 min), call 1 (at most 345 s of timeouts), call 2 (LIMIT)
+    echo "call 1: run(carry=[\".device/a\"], command=\"bash bench/device_campaign.sh offload\", timeout_s=360)"
+    echo "call 2: run(carry=[\".device/b\"], command=\"LIMIT=420 bash bench/device_campaign.sh grid\", timeout_s=450)"
 }
 
 out_dir() {  # $OUT on the device machine; a folder here otherwise
@@ -55,23 +61,33 @@ out_dir() {  # $OUT on the device machine; a folder here otherwise
 }
 
 offload() {
-    local out shapes shape method cap
+    local out shapes run_args
     out=$(out_dir); shapes=${OFFLOAD_SHAPES:-"opt-13b opt-30b opt-66b"}; set -- $shapes
+    read -r -a run_args <<< "${OFFLOAD_ARGS:---dtype float16 --batch 16 --seq 64}"   # the issue's run
     cd "$HERE"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
     bench() {  # name, seconds, bench/offload.py flags: the JSON line into $out/name.json, the log beside it
         local name=$1 seconds=$2; shift 2
         echo "device_campaign.sh: offload $name ($*)"
-        timeout "$seconds" python bench/offload.py "$@" > "$out/offload-$name.log" 2>&1 || echo "  exit $? (see offload-$name.log)"
-        tail -n 1 "$out/offload-$name.log" | python -c "import json, sys; json.loads(sys.stdin.read())" 2>/dev/null \
-            && tail -n 1 "$out/offload-$name.log" > "$out/offload-$name.json"
+        timeout $((seconds * ${TIMEOUT_SCALE:-1})) python bench/offload.py "$@" > "$out/offload-$name.log" 2>&1 || echo "  exit $? (see offload-$name.log)"
+        if tail -n 1 "$out/offload-$name.log" | python -c "import json, sys; json.load(sys.stdin)" 2>/dev/null; then
+            tail -n 1 "$out/offload-$name.log" > "$out/offload-$name.json"
+        fi
     }
     # the issue's run under the cap (resident does not fit there), then the uncapped card for the resident step
-    bench "$1-mezo-16gib" 60 --shape "$1" --dtype float16 --batch 16 --seq 64 --method mezo --memory_gib 16
-    bench "$1-zo_adamu-16gib" 50 --shape "$1" --dtype float16 --batch 16 --seq 64 --method zo_adamu --memory_gib 16
-    bench "$1-mezo-full" 60 --shape "$1" --dtype float16 --batch 16 --seq 64 --method mezo
-    bench "$2-mezo-full" 80 --shape "$2" --dtype float16 --batch 16 --seq 64 --method mezo
+    bench "$1-mezo-16gib" 60 --shape "$1" "${run_args[@]}" --method mezo --memory_gib 16
+    bench "$1-zo_adamu-16gib" 50 --shape "$1" "${run_args[@]}" --method zo_adamu --memory_gib 16
+    bench "$1-mezo-full" 60 --shape "$1" "${run_args[@]}" --method mezo
+    bench "$2-mezo-full" 80 --shape "$2" "${run_args[@]}" --method mezo
     bench "$3-plan" 20 --shape "$3" --dtype float16 --plan_only
+    local tokenizer=${TOKENIZER:-$HERE/.device/a/tokenizer} step=${PROBE_SHAPE:-random:opt-1.3b}
+    echo "device_campaign.sh: probe modes ($step, ${PROBE_DTYPE:-float16})"
+    timeout $((75 * ${TIMEOUT_SCALE:-1})) python bench/zo_step.py --model "$step" --tokenizer "$tokenizer" --probe_modes all \
+        --dtype "${PROBE_DTYPE:-float16}" \
+        --reps 3 --no_reference --data_dir "${DATA:-$HERE/.device/a/data}" > "$out/probe-modes.log" 2>&1 || echo "  exit $? (see probe-modes.log)"
+    if tail -n 1 "$out/probe-modes.log" | python -c "import json, sys; json.load(sys.stdin)" 2>/dev/null; then
+        tail -n 1 "$out/probe-modes.log" > "$out/probe-modes.json"
+    fi
     ls "$out"
 }
 

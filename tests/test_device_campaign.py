@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import tarfile
-import time
 
 from conftest import ROOT, shared_data_or_skip
 
@@ -51,14 +50,16 @@ def test_the_grid_phase_runs_every_stage_and_returns_one_archive(tmp_path, tiny_
     assert not list((tmp_path / "work" / "sst2-lora-4").glob("*-lr3e-2-*.json"))
 
 
-def test_the_offload_phase_writes_one_report_per_bench_run(tmp_path):
-    begin = time.monotonic()
-    done = campaign(tmp_path, "offload", OFFLOAD_SHAPES="tiny tiny tiny", CUDA_VISIBLE_DEVICES="")
+def test_the_offload_phase_writes_one_report_per_bench_run(tmp_path, tiny_llama_dir):
+    done = campaign(tmp_path, "offload", OFFLOAD_SHAPES="tiny tiny tiny", CUDA_VISIBLE_DEVICES="",
+                    OFFLOAD_ARGS="--dtype float32 --batch 2 --seq 16", PROBE_SHAPE="random:tiny", PROBE_DTYPE="float32",
+                    TOKENIZER=str(tiny_llama_dir), DATA=str(shared_data_or_skip()), TIMEOUT_SCALE="20")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     reports = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("offload-*.json")}
     assert set(reports) == {"offload-tiny-mezo-16gib.json", "offload-tiny-zo_adamu-16gib.json",
                             "offload-tiny-mezo-full.json", "offload-tiny-plan.json"}, done.stdout
+    probes = json.loads((tmp_path / "out" / "probe-modes.json").read_text())   # the step per probe mode
+    assert all(f"S_mezo_{mode}" in json.dumps(probes) for mode in ("forward", "onepass")), probes
     assert all(r["gpu_measured"] is False for r in reports.values())
     assert reports["offload-tiny-mezo-full.json"]["equal_weights"] is True
     assert "streamed" not in reports["offload-tiny-plan.json"]
-    assert time.monotonic() - begin < 600
