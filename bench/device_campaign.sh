@@ -5,12 +5,14 @@
 #
 #   bash bench/device_campaign.sh prepare      # here: .device/a (gguf wheel, task data, GGUF half 1, its sha256)
 #                                              #       .device/b (GGUF half 2); prints the two calls
-#   call 1, carry .device/a:  bash bench/device_campaign.sh offload   # streamed weights, probe modes, ≤ 6 min
+#   call 1, carry .device/a:  bash bench/device_campaign.sh offload   # streaming, probe modes, run.py: ≤ 8 min
 #   call 2, carry .device/b:  bash bench/device_campaign.sh grid      # the comparison grids, until LIMIT
 #
 # offload: OPT-13B shape, fp16, batch 16 x 64, MeZO and ZO-AdaMU streamed under a 16 GiB cap; then uncapped, streamed
 #   against resident; then the next shape up streamed on the whole card; then the 66B memory plan; then the step per
-#   probe mode (inplace, forward, onepass) at OPT-1.3B shape in fp16 (bench/zo_step.py, on the carried tokenizer).
+#   probe mode (inplace, forward, onepass) at OPT-1.3B shape in fp16 (bench/zo_step.py, on the carried tokenizer);
+#   then run.py through HF's Trainer streamed against resident, and a streamed resume (bench/offload_trainer.py): that
+#   the Trainer and accelerate leave streamed blocks where zo.offload put them on CUDA.
 #   One JSON per run under $OUT, each under its own timeout so that one slow phase cannot take the call.
 # grid: joins the two halves (sha256 checked), converts the model, then grid.sh runs fp32 on the one GPU, JOBS at a
 #   time: SST2 LoRA at FORWARDS training forward passes over each method's LR list (the CPU grid's, docs/results.md),
@@ -20,14 +22,14 @@
 #   trainer_state.json come back as one archive, $OUT/device-grid.tgz, with the log.
 #
 # Tested on the CPU with a tiny model (tests/test_scripts.py): MODEL set skips the GGUF, DATA names the task data.
-# Settings (environment): LIMIT (seconds this call may run, default 420), JOBS (8), THREADS (2), FORWARDS (2000),
+# Settings (environment): LIMIT (seconds this call may run, default 360), JOBS (8), THREADS (2), FORWARDS (2000),
 # EVAL_FORWARDS (500), SECOND_TASK (WIC; empty: none), OPTIMS, LRS_<optim>, MODEL, DATA, ROOT_OUT (where results go:
-# default .device/grid), SIZES, BS; offload: OFFLOAD_SHAPES, OFFLOAD_ARGS, PROBE_SHAPE, PROBE_DTYPE, TOKENIZER,
+# default .device/grid), SIZES, BS; offload: OFFLOAD_SHAPES, OFFLOAD_ARGS, PROBE_SHAPE, PROBE_DTYPE, TRAINER_SHAPE, TOKENIZER,
 # TIMEOUT_SCALE (multiplies each bench run's timeout: a loaded CPU starts Python far slower than the GPU machine).
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 START=$(date +%s)
-LIMIT=${LIMIT:-420}
+LIMIT=${LIMIT:-360}
 GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 TASK_DIRS="sst2 wic rte copa"   # the data folders the grids read (../shared does not travel)
 
@@ -51,9 +53,10 @@ print(pathlib.Path(s.origin).parent / '$GGUF_NAME' if s else '')")
     mkdir -p "$HERE/.device/a/tokenizer"
     cp "$converted"/tokenizer.json "$converted"/tokenizer_config.json "$HERE/.device/a/tokenizer/"
     du -sh "$HERE/.device/a" "$HERE/.device/b"
-    # 15 minutes of device time: a start (1-2 min), call 1 (at most 345 s of timeouts), call 2 (LIMIT)
-    echo "call 1: run(carry=[\".device/a\"], command=\"bash bench/device_campaign.sh offload\", timeout_s=360)"
-    echo "call 2: run(carry=[\".device/b\"], command=\"LIMIT=420 bash bench/device_campaign.sh grid\", timeout_s=450)"
+    # 15 minutes of device time: a start (1-2 min), call 1 (at most 495 s of timeouts, far less if all goes well),
+    # call 2 (LIMIT)
+    echo "call 1: run(carry=[\".device/a\"], command=\"bash bench/device_campaign.sh offload\", timeout_s=500)"
+    echo "call 2: run(carry=[\".device/b\"], command=\"LIMIT=360 bash bench/device_campaign.sh grid\", timeout_s=400)"
 }
 
 out_dir() {  # $OUT on the device machine; a folder here otherwise
@@ -61,33 +64,30 @@ out_dir() {  # $OUT on the device machine; a folder here otherwise
 }
 
 offload() {
-    local out shapes run_args
+    local out shapes run_args tokenizer data scale=${TIMEOUT_SCALE:-1}
     out=$(out_dir); shapes=${OFFLOAD_SHAPES:-"opt-13b opt-30b opt-66b"}; set -- $shapes
     read -r -a run_args <<< "${OFFLOAD_ARGS:---dtype float16 --batch 16 --seq 64}"   # the issue's run
+    tokenizer=${TOKENIZER:-$HERE/.device/a/tokenizer}; data=${DATA:-$HERE/.device/a/data}
     cd "$HERE"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
-    bench() {  # name, seconds, bench/offload.py flags: the JSON line into $out/name.json, the log beside it
+    bench() {  # name, seconds, script, its flags: the last line (JSON) into $out/name.json, the log beside it
         local name=$1 seconds=$2; shift 2
-        echo "device_campaign.sh: offload $name ($*)"
-        timeout $((seconds * ${TIMEOUT_SCALE:-1})) python bench/offload.py "$@" > "$out/offload-$name.log" 2>&1 || echo "  exit $? (see offload-$name.log)"
-        if tail -n 1 "$out/offload-$name.log" | python -c "import json, sys; json.load(sys.stdin)" 2>/dev/null; then
-            tail -n 1 "$out/offload-$name.log" > "$out/offload-$name.json"
+        echo "device_campaign.sh: $name ($*)"
+        timeout $((seconds * scale)) python "$@" > "$out/$name.log" 2>&1 || echo "  exit $? (see $name.log)"
+        if tail -n 1 "$out/$name.log" | python -c "import json, sys; json.load(sys.stdin)" 2>/dev/null; then
+            tail -n 1 "$out/$name.log" > "$out/$name.json"
         fi
     }
     # the issue's run under the cap (resident does not fit there), then the uncapped card for the resident step
-    bench "$1-mezo-16gib" 60 --shape "$1" "${run_args[@]}" --method mezo --memory_gib 16
-    bench "$1-zo_adamu-16gib" 50 --shape "$1" "${run_args[@]}" --method zo_adamu --memory_gib 16
-    bench "$1-mezo-full" 60 --shape "$1" "${run_args[@]}" --method mezo
-    bench "$2-mezo-full" 80 --shape "$2" "${run_args[@]}" --method mezo
-    bench "$3-plan" 20 --shape "$3" --dtype float16 --plan_only
-    local tokenizer=${TOKENIZER:-$HERE/.device/a/tokenizer} step=${PROBE_SHAPE:-random:opt-1.3b}
-    echo "device_campaign.sh: probe modes ($step, ${PROBE_DTYPE:-float16})"
-    timeout $((75 * ${TIMEOUT_SCALE:-1})) python bench/zo_step.py --model "$step" --tokenizer "$tokenizer" --probe_modes all \
-        --dtype "${PROBE_DTYPE:-float16}" \
-        --reps 3 --no_reference --data_dir "${DATA:-$HERE/.device/a/data}" > "$out/probe-modes.log" 2>&1 || echo "  exit $? (see probe-modes.log)"
-    if tail -n 1 "$out/probe-modes.log" | python -c "import json, sys; json.load(sys.stdin)" 2>/dev/null; then
-        tail -n 1 "$out/probe-modes.log" > "$out/probe-modes.json"
-    fi
+    bench "offload-$1-mezo-16gib" 60 bench/offload.py --shape "$1" "${run_args[@]}" --method mezo --memory_gib 16
+    bench "offload-$1-zo_adamu-16gib" 50 bench/offload.py --shape "$1" "${run_args[@]}" --method zo_adamu --memory_gib 16
+    bench "offload-$1-mezo-full" 60 bench/offload.py --shape "$1" "${run_args[@]}" --method mezo
+    bench "offload-$2-mezo-full" 80 bench/offload.py --shape "$2" "${run_args[@]}" --method mezo
+    bench "offload-$3-plan" 20 bench/offload.py --shape "$3" --dtype float16 --plan_only
+    bench probe-modes 75 bench/zo_step.py --model "${PROBE_SHAPE:-random:opt-1.3b}" --tokenizer "$tokenizer" \
+        --probe_modes all --dtype "${PROBE_DTYPE:-float16}" --reps 3 --no_reference --data_dir "$data"
+    bench offload-trainer 150 bench/offload_trainer.py --tokenizer "$tokenizer" --shape "${TRAINER_SHAPE:-opt-125m}" \
+        --data_dir "$data" --timeout $((45 * scale)) --keep "$out"
     ls "$out"
 }
 

@@ -53,13 +53,18 @@ def test_the_grid_phase_runs_every_stage_and_returns_one_archive(tmp_path, tiny_
 def test_the_offload_phase_writes_one_report_per_bench_run(tmp_path, tiny_llama_dir):
     done = campaign(tmp_path, "offload", OFFLOAD_SHAPES="tiny tiny tiny", CUDA_VISIBLE_DEVICES="",
                     OFFLOAD_ARGS="--dtype float32 --batch 2 --seq 16", PROBE_SHAPE="random:tiny", PROBE_DTYPE="float32",
+                    TRAINER_SHAPE="tiny",
                     TOKENIZER=str(tiny_llama_dir), DATA=str(shared_data_or_skip()), TIMEOUT_SCALE="20")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    reports = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("offload-*.json")}
+    reports = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out").glob("offload-tiny-*.json")}
     assert set(reports) == {"offload-tiny-mezo-16gib.json", "offload-tiny-zo_adamu-16gib.json",
                             "offload-tiny-mezo-full.json", "offload-tiny-plan.json"}, done.stdout
     probes = json.loads((tmp_path / "out" / "probe-modes.json").read_text())   # the step per probe mode
     assert all(f"S_mezo_{mode}" in json.dumps(probes) for mode in ("forward", "onepass")), probes
+    trainer = json.loads((tmp_path / "out" / "offload-trainer.json").read_text())   # run.py through the Trainer
+    assert trainer["ran"] == {"resident": True, "streamed": True, "resumed": True}, trainer
+    assert trainer["streamed_equals_resident"] and trainer["resumed_equals_streamed"], trainer
+    assert trainer["resumed_from_checkpoint"] and trainer["offload"]["blocks"] == 2
     assert all(r["gpu_measured"] is False for r in reports.values())
     assert reports["offload-tiny-mezo-full.json"]["equal_weights"] is True
     assert "streamed" not in reports["offload-tiny-plan.json"]
