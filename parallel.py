@@ -15,6 +15,7 @@ one the Hugging Face Trainer's setup initialises: NCCL on GPUs, gloo on CPUs).
 * `directions_of_rank(q)` / `share_directions(optimizer, q)`: direction parallelism, where every rank probes its
   block of a step's q directions on the same batch, and the (direction, g) sums are all-reduced so every rank
   records the others' and applies all q updates (3 numbers and a count per direction cross the network).
+* `finish(clean)`: the process group torn down at the end of a run, after a barrier when the run ended cleanly.
 * `max_over_ranks(value)`: the largest of an int over the ranks (a signal received by one process stops all of them
   at the same step).
 * `local_part(p)` / `shard_offset(p)`: the part of a (possibly FSDP2-sharded) tensor this process holds, and where
@@ -159,6 +160,17 @@ def reshard(model) -> None:
 def barrier() -> None:
     if initialised():
         dist.barrier()
+
+
+def finish(clean: bool) -> None:
+    """The end of a process under torchrun: every rank waits for the others (only after a clean end: a rank that
+    failed would leave them waiting until torchrun stops them), then the process group goes. A gloo group left to the
+    interpreter's exit can abort a rank whose peer has already closed its side ("terminate called without an active
+    exception", SIGABRT, after the run had written its result)."""
+    if dist.is_available() and dist.is_initialized():
+        if clean and dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def local_part(p: torch.Tensor) -> torch.Tensor:

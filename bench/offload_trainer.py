@@ -1,4 +1,4 @@
-"""run.py with streamed weights (--zo_offload cpu) through HF's Trainer, against the resident run, and a streamed resume.
+"""run.py with streamed weights (--zo_offload cpu) through HF's Trainer against the resident run, and a streamed resume.
 
 On a GPU this is what the CPU tests cannot show: that the Trainer and accelerate leave the streamed blocks where
 zo.offload put them (host memory, uploaded block by block) and that a checkpoint of a streamed run resumes. Three runs
