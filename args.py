@@ -211,6 +211,11 @@ class _ZOCoreArguments:
     def optimizer_class(self):
         return zo_methods.get(self.zo_optim)
 
+    def known_class(self):
+        """The optimizer class, or None for a --zo_optim outside the registry: validation reports that once, as an
+        unavailable choice, and its other checks skip what needs the class."""
+        return zo_methods.OPTIMIZERS.get(self.zo_optim)
+
     def num_directions(self) -> int:
         """Directions a step: --zo_num_directions, or the optimizer's default."""
         return self.zo_num_directions or self.optimizer_class().default_directions
@@ -536,14 +541,13 @@ def check(config: RunConfig) -> list[str]:
     if spec is not None and train.non_diff and train.train_as_classification and spec.generation:
         problems.append("--non_diff on a generation task scores generations; drop --train_as_classification.")
     if train.trainer == "zo":
-        if zo_args.zo_optim in zo_methods.OPTIMIZERS and hf.max_steps > 0:
+        if zo_args.known_class() and hf.max_steps > 0:
             try:   # what the method builds from its flags and the run's length (ZO-AdaMU's schedule)
                 zo_args.optimizer_kwargs(hf.max_steps)
             except ValueError as error:
                 problems.append(str(error))
         if zo_args.zo_stochastic_rounding:
-            refused = (zo_args.optimizer_class().stochastic_rounding_refused()
-                       if zo_args.zo_optim in zo_methods.OPTIMIZERS else "")
+            refused = zo_args.known_class() and zo_args.known_class().stochastic_rounding_refused()
             if refused:
                 problems.append(f"--zo_stochastic_rounding with --zo_optim {zo_args.zo_optim}: {refused}.")
             if not (model.load_float16 or model.load_bfloat16):
@@ -597,7 +601,7 @@ def offload_problems(config: RunConfig) -> list[str]:
         problems.append("--zo_offload cpu streams each block once per forward, but --zo_probe inplace writes θ±εu into "
                         "every weight three times a step (every block at once); add --zo_probe onepass (one pass "
                         "per step) or forward.")
-    refused = (zo.offload.refusal(zo_args.optimizer_class()) if zo_args.zo_optim in zo_methods.OPTIMIZERS else "")
+    refused = zo_args.known_class() and zo.offload.refusal(zo_args.known_class())
     if refused:
         problems.append(f"--zo_offload cpu applies each step's element-wise update to a block when it next arrives; "
                         f"--zo_optim {zo_args.zo_optim}: {refused}. Use one of "
@@ -616,9 +620,10 @@ def offload_problems(config: RunConfig) -> list[str]:
 def direction_problems(config: RunConfig) -> list[str]:
     """--zo_num_directions within the optimizer's bounds; --zo_parallel directions splits them evenly over ranks."""
     zo_args = config.zo
-    if zo_args.zo_optim not in zo_methods.OPTIMIZERS:
+    cls = zo_args.known_class()
+    if cls is None:
         return []  # reported as an unavailable choice
-    cls, q = zo_args.optimizer_class(), zo_args.num_directions()
+    q = zo_args.num_directions()
     problems = []
     if q < cls.min_directions:
         problems.append(f"--zo_num_directions {q}: {zo_args.zo_optim} needs at least {cls.min_directions}.")

@@ -150,17 +150,17 @@ def run(args) -> dict:
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     dtype, config = DTYPES[args.dtype], config_of(args.shape)
+    fraction = args.memory_fraction
+    if cuda and args.memory_gib:   # a cap in GiB is the fraction of this card's memory that it is
+        fraction = min(1.0, args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
     report = {"shape": args.shape, "dtype": args.dtype, "method": args.method, "batch": args.batch, "seq": args.seq,
               "device": torch.cuda.get_device_name(device) if cuda else "cpu stand-in (no GPU)",
-              "gpu_measured": cuda, "memory_fraction": args.memory_fraction if cuda else None,
+              "gpu_measured": cuda, "memory_fraction": fraction if cuda else None,
               "plan": plan(config, dtype, args.method)}
     if args.plan_only:
         return report
-    if cuda and args.memory_gib:   # a cap in GiB is the fraction of this card's memory that it is
-        args.memory_fraction = min(1.0, args.memory_gib * 2**30 / torch.cuda.get_device_properties(device).total_memory)
-    if cuda and args.memory_fraction:
-        torch.cuda.set_per_process_memory_fraction(args.memory_fraction, device)
-    report["memory_fraction"] = args.memory_fraction if cuda else None
+    if cuda and fraction:
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
     base = build(config, dtype, init=args.init)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, config.vocab_size, (args.batch, args.seq), generator=g)

@@ -27,16 +27,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from offload import SHAPES  # noqa: E402
+from offload import SHAPES, config_of  # noqa: E402
 
 
 def save_model(folder: Path, tokenizer_dir: str, shape: str) -> None:
     import torch
-    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+    from transformers import AutoTokenizer, OPTForCausalLM
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = OPTConfig(vocab_size=len(tokenizer), word_embed_proj_dim=SHAPES[shape]["hidden_size"],
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, **SHAPES[shape])
+    config = config_of(shape)   # bench/offload.py's shape, with this tokenizer's vocabulary and special ids
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
     OPTForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
