@@ -541,13 +541,14 @@ def check(config: RunConfig) -> list[str]:
     if spec is not None and train.non_diff and train.train_as_classification and spec.generation:
         problems.append("--non_diff on a generation task scores generations; drop --train_as_classification.")
     if train.trainer == "zo":
-        if zo_args.known_class() and hf.max_steps > 0:
+        cls = zo_args.known_class()
+        if cls and hf.max_steps > 0:
             try:   # what the method builds from its flags and the run's length (ZO-AdaMU's schedule)
                 zo_args.optimizer_kwargs(hf.max_steps)
             except ValueError as error:
                 problems.append(str(error))
         if zo_args.zo_stochastic_rounding:
-            refused = zo_args.known_class() and zo_args.known_class().stochastic_rounding_refused()
+            refused = cls and cls.stochastic_rounding_refused()
             if refused:
                 problems.append(f"--zo_stochastic_rounding with --zo_optim {zo_args.zo_optim}: {refused}.")
             if not (model.load_float16 or model.load_bfloat16):
@@ -601,7 +602,8 @@ def offload_problems(config: RunConfig) -> list[str]:
         problems.append("--zo_offload cpu streams each block once per forward, but --zo_probe inplace writes θ±εu into "
                         "every weight three times a step (every block at once); add --zo_probe onepass (one pass "
                         "per step) or forward.")
-    refused = zo_args.known_class() and zo.offload.refusal(zo_args.known_class())
+    cls = zo_args.known_class()
+    refused = cls and zo.offload.refusal(cls)
     if refused:
         problems.append(f"--zo_offload cpu applies each step's element-wise update to a block when it next arrives; "
                         f"--zo_optim {zo_args.zo_optim}: {refused}. Use one of "
