@@ -161,9 +161,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         return None, ""
 
     @classmethod
+    def sweeps_itself(cls) -> bool:
+        """Whether it sweeps some tensors itself (sweep_tensor), outside the update sweep that zo.offload defers."""
+        return cls.sweep_tensor is not ZOOptimizer.sweep_tensor
+
+    @classmethod
     def stochastic_rounding_refused(cls) -> str:
         """Why the method cannot round its updates stochastically ('' where it can): it sweeps some tensors itself."""
-        return "" if cls.sweep_tensor is ZOOptimizer.sweep_tensor else (
+        return "" if not cls.sweeps_itself() else (
             f"{cls.title} writes its low-rank updates itself, not through the element-wise update sweep that rounds "
             "stochastically: use a method with element-wise directions, or round to nearest")
 
@@ -176,10 +181,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     @classmethod
     def memory(cls) -> str:
         """The memory this method adds to inference, for --help and the logs."""
-        if not cls.buffers:
-            return f"{cls.title}: no memory beyond the model (inference memory)"
-        return (f"{cls.title}: +{len(cls.buffers)} x trainable params ({', '.join(cls.buffers)}, "
-                f"{cls.buffer_note})")
+        return (f"{cls.title}: +{len(cls.buffers)} x trainable params ({', '.join(cls.buffers)}, {cls.buffer_note})"
+                if cls.buffers else f"{cls.title}: no memory beyond the model (inference memory)")
 
     @classmethod
     def compose(cls, parts: dict, *, max_steps: int) -> dict:
@@ -237,13 +240,9 @@ class ZOOptimizer(torch.optim.Optimizer):
             st.update(zo_kind=self.name, zo_step=0, zo_skipped=torch.zeros((), dtype=torch.int64, device=first.device))
         return st
 
-    @property
-    def step_count(self) -> int:
-        return self._global_state()["zo_step"]
-
-    @property
-    def skipped_steps(self) -> torch.Tensor:
-        return self._global_state()["zo_skipped"]
+    step_count = property(lambda self: self._global_state()["zo_step"], doc="Steps taken, skipped ones included.")
+    skipped_steps = property(lambda self: self._global_state()["zo_skipped"],
+                             doc="Steps skipped (g not finite), an int64 0-dim tensor on the device (no host sync).")
 
     def memory_buffers(self) -> dict[str, int]:
         """Elements held beside the model now: the state buffers, the exact-restore stash and the kept noise."""

@@ -67,7 +67,7 @@ def refusal(cls: type[ZOOptimizer]) -> str:
     if own:
         return (f"{cls.title} has its own {', '.join(own)} (it measures a loss at θ, judges candidate updates or probes "
                 "one side), which a deferred element-wise update cannot follow")
-    if cls.stochastic_rounding_refused() or cls.extra_state:   # the core's test of a method sweeping tensors itself
+    if cls.sweeps_itself() or cls.extra_state:
         return f"{cls.title} sweeps low-rank factors itself ({', '.join(cls.extra_state) or 'sweep_tensor'})"
     return ""
 
