@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+import runs
+
 logger = logging.getLogger(__name__)
 
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -70,6 +72,10 @@ def embedded_model_path() -> Path:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        # mkdtemp makes the folder 0700 and safetensors its file 0600: a cache shared by a group (ZO_MODEL_CACHE)
+        # would be the converting user's alone, so both follow the umask as every other file here
+        os.chmod(staging, 0o777 & ~runs.current_umask())
+        runs.weights_follow_umask(staging)
         if target.exists():  # a concurrent conversion finished first
             shutil.rmtree(staging)
         else:

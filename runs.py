@@ -286,7 +286,7 @@ def _write_json(path: Path, payload: dict) -> None:
             json.dump(payload, stream, indent=4, default=str)
             stream.flush()
             os.fsync(stream.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, 0o666 & ~current_umask())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -294,7 +294,8 @@ def _write_json(path: Path, payload: dict) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (os can only read it by setting it)."""
     mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
     os.umask(mask)
     return mask
@@ -304,7 +305,7 @@ def weights_follow_umask(folder: Path) -> None:
     """Give the weight files in `folder` (a checkpoint, or where --save_model saved) the permissions the umask allows,
     as every other file a run writes. safetensors (0.8) writes each file into a temporary file created with mode 0600
     and renames it into place (safetensors issue #782), so weights were readable by their owner alone."""
-    mode = 0o666 & ~_umask()
+    mode = 0o666 & ~current_umask()
     for path in Path(folder).glob("*.safetensors"):
         if path.is_file() and path.stat().st_mode & 0o777 != mode:
             os.chmod(path, mode)
