@@ -128,7 +128,8 @@ def _prefix_limit(sequences, option_lens) -> int:
     return min(len(s) - n - 1 for s, n in zip(sequences, option_lens))
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token rows right-aligned in one block, pad_id and mask 0 on the left."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -139,7 +140,7 @@ def _left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor,
     return ids.to(device), mask.to(device)
 
 
-def _cache_name(model) -> str:
+def cache_keyword(model) -> str:
     """transformers renamed the `past_key_values` argument/output to `cache`; support both spellings. A peft
     `PeftModel` (LoRA) passes every keyword to the model it wraps, whose signature is the one that counts."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,7 +167,7 @@ def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id
     # The evaluation-wide prefix leaves every group at least one token of its own, so no row is all padding.
     shared_len = min(_common_prefix_len(all_sequences), _prefix_limit(all_sequences, all_lens), min(group_prefix) - 1)
     shared_len = max(shared_len, 0)
-    cache_name = _cache_name(model)
+    cache_name = cache_keyword(model)
     shared_cache = None
     if shared_len > 0:
         out = model(input_ids=torch.tensor([all_sequences[0][:shared_len]], device=device), use_cache=True)
@@ -184,7 +185,7 @@ def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id
             cache = copy.deepcopy(shared_cache)
             cache.batch_repeat_interleave(len(batch))
         own = [groups[g][0][0][shared_len:group_prefix[g]] for g in batch]
-        ids, mask = _left_pad(own, pad_id, device)
+        ids, mask = left_pad(own, pad_id, device)
         full_mask = torch.cat([prefix_mask, mask], dim=1)
         out = model(input_ids=ids, attention_mask=full_mask, use_cache=True, **{cache_name: cache},
                     position_ids=_positions(mask, torch.full((len(batch),), shared_len, device=device)),
@@ -200,7 +201,7 @@ def score_options(model, groups: list[tuple[list[list[int]], list[int]]], pad_id
                 row_lens.append(n)
                 row_starts.append(group_prefix[g])
         cache.batch_select_indices(torch.tensor(row_group, device=device))
-        ids, mask = _left_pad(rows, pad_id, device)
+        ids, mask = left_pad(rows, pad_id, device)
         keep = max(row_lens) + 1
         out = model(input_ids=ids, attention_mask=torch.cat([full_mask[row_group], mask], dim=1), use_cache=True,
                     **{cache_name: cache}, position_ids=_positions(mask, torch.tensor(row_starts, device=device)),
@@ -269,7 +270,7 @@ def shared_prefix(model, prompts: Sequence[Sequence[int]], min_length: int = 16)
         return None
     out = model(input_ids=torch.tensor([list(prompts[0][:length])], device=model_device(model)), use_cache=True,
                 logits_to_keep=1)
-    return SharedPrefix(length, getattr(out, _cache_name(model)))
+    return SharedPrefix(length, getattr(out, cache_keyword(model)))
 
 
 @torch.inference_mode()
@@ -306,7 +307,7 @@ def _hf_generate(model, tokens: TokenizerSettings, prompts, options: GenerationO
     """`generate` on the left-padded batch, with the largest budget of the batch (a row past its own budget is cut
     afterwards, so every row keeps the reference's per-example limit)."""
     device = model_device(model)
-    ids, mask = _left_pad(prompts, tokens.pad_id, device)
+    ids, mask = left_pad(prompts, tokens.pad_id, device)
     if max(budgets) == 0:
         return [[] for _ in prompts]
     kwargs: dict[str, Any] = dict(do_sample=options.sampling, num_beams=options.num_beams,
@@ -406,7 +407,7 @@ def greedy_tokens(model, prompts: list[list[int]], stops: Sequence[int], budgets
     queue = deque(i for i, budget in enumerate(budgets) if budget > 0)
     limit = batch_size or max(len(queue), 1)
     device = model_device(model)
-    cache_name = _cache_name(model)
+    cache_name = cache_keyword(model)
     stop_set = set(stops)
 
     def finished(row: int, token: int) -> bool:

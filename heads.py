@@ -242,7 +242,7 @@ def default_cs() -> list[float]:
     return torch.logspace(-4, 4, 10, dtype=torch.float64).tolist()  # sklearn's Cs=10
 
 
-def _objective(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
+def logistic_objective(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's (>= 1.1) scaled multinomial objective mean_i CE(W x_i, y_i) + |W|^2 / (2 C N), and its gradient.
 
     Analytic gradient: ∂/∂W = (softmax(X Wᵀ) − onehot(y))ᵀ X / N + W / (C N). No autograd needed.
@@ -278,7 +278,7 @@ def fit_logistic(X: torch.Tensor, y: torch.Tensor, num_classes: int, C: float, t
 
     def closure():
         with torch.no_grad():
-            loss, grad = _objective(W, X, y, C)
+            loss, grad = logistic_objective(W, X, y, C)
         W.grad = grad
         return loss
 
@@ -380,4 +380,4 @@ def fit_linear_probe(model, batches: Iterable[dict], early_stopping: bool = Fals
 
 __all__ = ["enable_head_tuning", "has_head_tuning", "disable_head_tuning", "LinearProbe", "apply_linear_probe", "remove_linear_probe",
            "collect_features", "fit_logistic", "fit_probe_from_features", "fit_linear_probe", "stratified_folds",
-           "default_cs"]
+           "default_cs", "logistic_objective"]

@@ -14,7 +14,7 @@ Design decisions:
   model, through its public code paths, so LoRA needs no special handling in trainer_zo. It forwards every keyword
   (`position_ids`, the cache, `logits_to_keep`) to the model, and `generate`, `config` and the input embeddings are
   the model's; the one difference is its `forward` signature, so callers that pick arguments from it look at
-  `model.get_base_model().forward` (evaluator._cache_name).
+  `model.get_base_model().forward` (evaluator.cache_keyword).
 * dtype: LoRA weights stay fp32 even for fp16/bf16 models (peft's default `autocast_adapter_dtype=True`; peft casts
   the layer input to the adapter dtype for the LoRA branch and the result back to the model dtype). For ZO this
   matters: stored in bf16 (8 significant bits), θ ± ε·z would be rounded by up to 0.4 % of |θ|, a large fraction of

@@ -234,8 +234,8 @@ def test_tol_is_a_bound_on_the_scaled_gradient():
     y = torch.randint(0, 3, (60,), generator=g)
     loose, n_loose = heads.fit_logistic(X, y, 3, C=10.0, tol=1e-2)
     tight, n_tight = heads.fit_logistic(X, y, 3, C=10.0, tol=1e-6)
-    assert heads._objective(loose, X, y, 10.0)[1].abs().max() <= 1e-2
-    assert heads._objective(tight, X, y, 10.0)[1].abs().max() <= 1e-6
+    assert heads.logistic_objective(loose, X, y, 10.0)[1].abs().max() <= 1e-2
+    assert heads.logistic_objective(tight, X, y, 10.0)[1].abs().max() <= 1e-6
     assert n_loose < n_tight
 
 

@@ -125,7 +125,7 @@ def test_adapted_model_keeps_the_evaluator_interface(mode):
     model = adapt("llama", mode)
     # LoRA: peft's wrapper, which forwards everything to the model (and the HF Trainer knows how to checkpoint)
     assert isinstance(model, PeftModel if mode == "lora" else PreTrainedModel) and model.config.model_type == "llama"
-    assert evaluator._cache_name(model) == "cache"  # no fallback to the deprecated past_key_values keyword
+    assert evaluator.cache_keyword(model) == "cache"  # no fallback to the deprecated past_key_values keyword
     assert model.get_input_embeddings().num_embeddings == VOCAB
     ids = torch.tensor([[256, 1, 2, 3], [PAD, 256, 4, 5]])
     mask = (ids != PAD).long()
@@ -236,7 +236,7 @@ def test_prefix_evaluator_scores_equal_unbatched(kind):
 def test_prefix_left_padded_batch_equals_rows(kind):
     model = adapt(kind, "prefix")
     rows = [[256, 11, 12, 13, 14, 15, 16], [256, 21, 22], [256, 31, 32, 33, 34]]
-    ids, mask = evaluator._left_pad(rows, PAD, "cpu")
+    ids, mask = evaluator.left_pad(rows, PAD, "cpu")
     with torch.no_grad():
         batched = model(input_ids=ids, attention_mask=mask).logits  # positions come from the mask
         for i, row in enumerate(rows):
@@ -247,7 +247,7 @@ def test_prefix_left_padded_batch_equals_rows(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefix_generation_with_cache_equals_without(kind):
     model = adapt(kind, "prefix")
-    ids, mask = evaluator._left_pad([[256, 5, 6, 7, 8, 9], [256, 10, 11]], PAD, "cpu")
+    ids, mask = evaluator.left_pad([[256, 5, 6, 7, 8, 9], [256, 10, 11]], PAD, "cpu")
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=PAD, eos_token_id=None, output_scores=True,
                   return_dict_in_generate=True)
     with torch.no_grad():
