@@ -242,7 +242,8 @@ def default_cs() -> list[float]:
     return torch.logspace(-4, 4, 10, dtype=torch.float64).tolist()  # sklearn's Cs=10
 
 
-def logistic_objective(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, C: float) -> tuple[torch.Tensor, torch.Tensor]:
+def logistic_objective(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
+                       C: float) -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's (>= 1.1) scaled multinomial objective mean_i CE(W x_i, y_i) + |W|^2 / (2 C N), and its gradient.
 
     Analytic gradient: ∂/∂W = (softmax(X Wᵀ) − onehot(y))ᵀ X / N + W / (C N). No autograd needed.
